@@ -1,0 +1,99 @@
+"""The eager backend: optimize() swaps confirmed MoE blocks for FusedMoE modules; report() returns its log.
+
+Place in the pipeline: the top of the eager path (cli and __init__ call it). The input model is left untouched unless
+`inplace=True`: the passes run on a structural copy that shares every unchanged parameter and buffer with the input
+(as torch.compile's wrapper does), so no weights are duplicated except where a layout had to be rewritten. Either
+way, any failure leaves the user's model as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import warnings
+import weakref
+from typing import Any
+
+from torch import nn
+
+from ..errors import MoECompileError
+from ..passes.log import Report
+from ..passes.manager import PassContext, PassManager
+
+_REPORTS: "weakref.WeakKeyDictionary[nn.Module, Report]" = weakref.WeakKeyDictionary()
+_OPTIONS = {"seed": int}
+
+
+def _structural_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every parameter and buffer with `model`."""
+    memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _check_options(options: dict) -> dict:
+    for key, value in options.items():
+        if key not in _OPTIONS:
+            raise MoECompileError(f"optimize: unknown option {key!r}; options are {sorted(_OPTIONS)} "
+                                  "(and verify, strict, inplace)")
+        if not isinstance(value, _OPTIONS[key]):
+            raise MoECompileError(f"optimize: option {key!r} must be {_OPTIONS[key].__name__}, "
+                                  f"got {type(value).__name__}")
+    return options
+
+
+def optimize(model: nn.Module, *, verify: bool = True, strict: bool = False, inplace: bool = False,
+             **options) -> nn.Module:
+    """Replace every MoE block of `model` that moecompile can describe and confirm with a `FusedMoE`.
+
+    verify: compare each replacement with the original block on random inputs before swapping it in (a block that
+        disagrees is left as it was). With verify=False the spec is still read by execution, but not re-checked.
+    strict: raise MoECompileError if any candidate block is left alone (the model is then not changed).
+    inplace: rewrite `model` itself instead of returning a rewritten structural copy.
+    options: seed (int, default 0) for the random inputs and weights used to read and confirm blocks.
+
+    Returns the optimized model; `moecompile.report(model)` gives the pass log.
+    """
+    if not isinstance(model, nn.Module):
+        raise MoECompileError(f"optimize: expected a torch.nn.Module, got {type(model).__name__}")
+    options = _check_options(options)
+    if next(model.parameters(), None) is None:
+        raise MoECompileError(f"optimize: {type(model).__name__} has no parameters; pass the model, not its class "
+                              "or an empty container")
+    target = model if inplace else _structural_copy(model)
+    report = Report(model_type=type(model).__name__,
+                    options={"verify": verify, "strict": strict, "inplace": inplace, **options})
+    ctx = PassContext(model=target, report=report, verify=verify, seed=options.get("seed", 0))
+    manager = PassManager()
+    # Detect, describe, confirm: they never modify the model.
+    for p in manager.passes[:-1]:
+        _run_pass(p, ctx)
+    if not report.blocks:
+        report.message = (f"no MoE block found in {type(model).__name__}: nothing was changed. moecompile looks for "
+                          "a router weight [E, H] beside E experts (a ModuleList of MLPs or [E, ...] weights)")
+        warnings.warn("moecompile: " + report.message, stacklevel=2)
+        _REPORTS[model] = report
+        return model
+    if strict and report.left:
+        lines = "; ".join(f"layer {b.path}: {b.reason}" for b in report.left)
+        raise MoECompileError(f"optimize(strict=True): {len(report.left)} MoE block(s) left alone: {lines}. "
+                              "Pass strict=False to keep them as they are")
+    _run_pass(manager.passes[-1], ctx)
+    _REPORTS[target] = report
+    _REPORTS[model] = report
+    if report.left:
+        warnings.warn(f"moecompile: {len(report.left)} of {len(report.blocks)} MoE blocks left as they were; "
+                      "see moecompile.report(model)", stacklevel=2)
+    return target
+
+
+def _run_pass(p, ctx: PassContext) -> None:
+    PassManager([p]).run(ctx)
+
+
+def report(model: nn.Module) -> Report:
+    """The report of the last optimize() of `model` (the input or the returned model)."""
+    try:
+        return _REPORTS[model]
+    except KeyError:
+        raise MoECompileError(f"report: {type(model).__name__} has not been through moecompile.optimize(); "
+                              "call optimize(model) first") from None

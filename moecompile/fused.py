@@ -1,0 +1,60 @@
+"""FusedMoE: the module a confirmed block is replaced by; it holds the spec and the canonical weights.
+
+Place in the pipeline: the eager lowering target of the fuse pass. It depends on spec.py and reference.py only; it
+computes with the reference (grouped by expert) until the Triton kernels plug in behind `forward`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import MoECompileError
+from .reference import moe_forward
+from .spec import MoESpec, MoEWeights
+
+
+class FusedMoE(nn.Module):
+    """One MoE block described by `spec`; accepts [..., H] inputs and returns what the original block returned.
+
+    Weight tensors given as `nn.Parameter` are registered as parameters (and shared with the source module when the
+    layout needed no copy); plain tensors become buffers (e.g. a correction bias that is not trained by gradient).
+    """
+
+    def __init__(self, spec: MoESpec, weights: MoEWeights, *, source_path: str = ""):
+        super().__init__()
+        weights.check(spec)
+        self.spec = spec
+        self.source_path = source_path
+        self._weight_names: list[str] = []
+        for name, tensor in weights.items():
+            if tensor is None:
+                continue
+            if isinstance(tensor, nn.Parameter):
+                self.register_parameter(name, tensor)
+            else:
+                self.register_buffer(name, tensor)
+            self._weight_names.append(name)
+
+    def weights(self) -> MoEWeights:
+        return MoEWeights(**{name: getattr(self, name) for name in self._weight_names})
+
+    def forward(self, hidden_states: torch.Tensor):
+        H = self.spec.hidden_size
+        if hidden_states.shape[-1] != H:
+            raise MoECompileError(
+                f"FusedMoE {self.source_path or '<block>'}: input's last dimension is {hidden_states.shape[-1]}, "
+                f"the block's hidden size is {H}; pass hidden states of shape [..., {H}]")
+        lead_shape = hidden_states.shape[:-1]
+        x = hidden_states.reshape(-1, H)
+        y, routing = moe_forward(self.spec, self.weights(), x)
+        y = y.reshape(*lead_shape, H)
+        extra = self.spec.extra_output
+        if extra == "none":
+            return y
+        if extra == "router_logits":
+            return y, routing.logits.to(hidden_states.dtype)
+        return y, routing.topk_weights().to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        return self.spec.summary()

@@ -1,0 +1,100 @@
+"""Confirm: run the original block and its FusedMoE replacement on fresh random inputs and compare.
+
+Place in the pipeline: detect -> describe -> **confirm** -> fuse. A block is fused only when the replacement
+matches the original in float32 (max abs error <= FP32_RTOL of the output's scale) with the real weights and with
+re-randomised weights, at several token counts (1, 7, 3x7 and a 256-token sequence, where expert capacity or other
+batch-dependent routing would show). The error in the model's own dtype is measured too; there routing ties can flip
+a few tokens, so it is judged by its mean (NATIVE_MEAN_RTOL), not its maximum.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..capture import call_block
+from ..fused import FusedMoE
+from .describe import Description, randomized_copy
+
+FP32_RTOL = 1e-4
+NATIVE_MEAN_RTOL = 2e-2
+CONFIRM_SHAPES = ((1, 1), (1, 7), (3, 7), (1, 256))
+
+
+@dataclass
+class Confirmation:
+    ok: bool
+    max_abs_error: float
+    rel_error: float
+    native_max_abs_error: float | None
+    native_mean_rel_error: float | None
+    detail: str
+    tokens: list[int]
+
+
+def _compare(original: nn.Module, replacement: nn.Module, x: torch.Tensor, rank: int) -> tuple[float, float, float]:
+    """(max abs error, max |original output|, mean abs error / mean |output|), hidden states and aux output."""
+    inp = x if rank == 3 else x.reshape(-1, x.shape[-1])
+    (want, want_aux), _ = call_block(original, inp)
+    got = replacement(inp)
+    got, got_aux = (got, None) if isinstance(got, torch.Tensor) else got
+    pairs = [(got, want)] + ([(got_aux, want_aux)] if want_aux is not None else [])
+    max_err, scale, mean_rel = 0.0, 0.0, 0.0
+    for is_aux, (g, w) in enumerate(pairs):
+        if g is None or g.shape != w.shape:
+            return float("inf"), 1.0, float("inf")
+        if w.numel() == 0:
+            continue
+        if is_aux and g.shape[-1] != replacement.spec.num_experts:  # top-k weights: compare order-free
+            g, w = g.float().sort(-1).values, w.float().sort(-1).values
+        diff = (g.float() - w.float()).abs()
+        max_err = max(max_err, diff.max().item())
+        scale = max(scale, w.float().abs().max().item())
+        mean_rel = max(mean_rel, diff.mean().item() / max(w.float().abs().mean().item(), 1e-12))
+    return max_err, scale, mean_rel
+
+
+@torch.no_grad()
+def confirm(block: nn.Module, description: Description, *, seed: int = 0) -> Confirmation:
+    """Compare `block` with FusedMoE(description) as described in the module docstring."""
+    param = next(block.parameters())
+    device, dtype = param.device, param.dtype
+    rank = description.input_rank
+    H = description.spec.hidden_size
+    gen = torch.Generator().manual_seed(seed + 7)
+    was_training = [(m, m.training) for m in block.modules()]
+    try:
+        block.eval()
+        block32 = block if dtype == torch.float32 else copy.deepcopy(block).float()
+        checks = [("real weights", block32), ("re-randomised weights", randomized_copy(block, seed + 3))]
+        max_err, rel, tokens = 0.0, 0.0, []
+        for label, original in checks:
+            fused = FusedMoE(description.spec, description.extract(original))
+            for batch, seq in CONFIRM_SHAPES:
+                x = torch.randn(batch, seq, H, generator=gen).to(device)
+                err, scale, _ = _compare(original, fused, x, rank)
+                if label == "real weights":
+                    max_err, tokens = max(max_err, err), tokens + [batch * seq]
+                rel_here = err / max(scale, 1e-6)
+                if not rel_here <= FP32_RTOL:
+                    return Confirmation(False, err, rel_here, None, None,
+                                        f"float32 mismatch with {label} at {batch}x{seq} tokens: max abs error "
+                                        f"{err:.3e} (rel {rel_here:.2e} > {FP32_RTOL:.0e})", tokens)
+                if label == "real weights":
+                    rel = max(rel, rel_here)
+        native_err = native_mean = None
+        if dtype != torch.float32:
+            fused_native = FusedMoE(description.spec, description.extract(block))
+            x = torch.randn(3, 7, H, generator=gen).to(device=device, dtype=dtype)
+            native_err, _, native_mean = _compare(block, fused_native, x, rank)
+            if not native_mean <= NATIVE_MEAN_RTOL:
+                return Confirmation(False, max_err, rel, native_err, native_mean,
+                                    f"{dtype} mismatch: mean relative error {native_mean:.2e} > {NATIVE_MEAN_RTOL}",
+                                    tokens)
+        return Confirmation(True, max_err, rel, native_err, native_mean, "", tokens)
+    finally:
+        for module, mode in was_training:
+            module.training = mode

@@ -1,0 +1,635 @@
+"""Detect, step 2: read a proposed candidate into an MoESpec and a recipe for its canonical weights.
+
+Place in the pipeline: detect (propose) -> **describe** -> confirm -> fuse.
+
+Structure gives a small set of hypotheses (which tensor is the router, the gate/up/down roles and layouts of the
+expert weights, k and the scaling factor from the module's attributes); execution picks among them. Each hypothesis is
+run through the reference and compared with the candidate itself, on a float32 copy of the candidate whose tensors
+are re-randomised (so a zero-initialised bias cannot hide) and on fresh random inputs. The experts are matched on
+their own where they can be called alone (a ModuleList expert, an HF `*Experts` module), which keeps the joint
+search over router hypotheses small. Where nothing matches, describe raises `DescribeError` with the closest
+hypothesis and its error: the candidate is then left alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import itertools
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..capture import call_block, op_census
+from ..reference import Routing, mlp, moe_forward, routed_experts, shared_experts
+from ..spec import ACTIVATIONS, MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
+from .detect import Candidate, TensorRef, is_mlp_like
+
+MATCH_RTOL = 1e-4  # fp32 max-abs error over max-abs output that counts as "computes the same thing"
+SEARCH_TOKENS = 24
+K_ATTRS = ("top_k", "num_experts_per_tok", "k", "topk", "moe_topk", "num_experts_per_token", "n_activated_experts",
+           "num_selected_experts", "experts_per_token")
+SCALE_ATTRS = ("routed_scaling_factor", "route_scale", "routed_scaling")
+GROUP_ATTRS = ("n_group", "num_group", "num_expert_group", "n_groups")
+TOPK_GROUP_ATTRS = ("topk_group", "topk_groups", "num_limited_groups")
+GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu")
+
+
+class DescribeError(Exception):
+    """The candidate could not be read into an MoESpec; the message says why (it goes to the pass log)."""
+
+
+Extract = Callable[[nn.Module], dict[str, torch.Tensor | None]]
+
+
+@dataclass
+class Description:
+    """What describe found: the spec, how to pull canonical weights out of a module shaped like the candidate, the
+    input rank the block accepts, and how the spec was read (for the pass log)."""
+
+    spec: MoESpec
+    extract: Callable[[nn.Module], MoEWeights]
+    input_rank: int
+    method: str
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tensor access relative to the candidate, so one recipe serves the original block and its randomised copy
+
+
+def _rel(candidate: Candidate, ref: TensorRef) -> tuple[str, str]:
+    owner = ref.owner_path[len(candidate.path):].lstrip(".") if candidate.path else ref.owner_path
+    return owner, ref.name
+
+
+def _get(block: nn.Module, where: tuple[str, str]) -> torch.Tensor:
+    owner = block.get_submodule(where[0]) if where[0] else block
+    return getattr(owner, where[1])
+
+
+def _canonical(source: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Keep the source Parameter itself when no copy was needed (shared storage, trained together); else a new
+    Parameter (or buffer tensor) holding the re-laid-out copy."""
+    if value is source or isinstance(value, nn.Parameter):
+        return value
+    value = value.detach().contiguous()
+    if isinstance(source, nn.Parameter):
+        return nn.Parameter(value, requires_grad=source.requires_grad)
+    return value
+
+
+def _fc1_layout(t: torch.Tensor, layout: str, inter: int, dim: int) -> torch.Tensor:
+    if layout in ("concat_gate_up", "none", "separate"):
+        return t
+    if layout == "concat_up_gate":
+        return torch.cat(t.split(inter, dim=dim)[::-1], dim=dim)
+    index = [slice(None)] * t.dim()
+    gate, up = list(index), list(index)
+    gate[dim], up[dim] = slice(0, None, 2), slice(1, None, 2)
+    return torch.cat([t[tuple(gate)], t[tuple(up)]], dim=dim)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# expert hypotheses
+
+
+@dataclass
+class ExpertsHypothesis:
+    spec: MLPSpec
+    extract: Extract  # block -> {"w1","w2","b1","b2"}
+
+
+def _activation_variants(base: MLPSpec, owner: nn.Module | None) -> list[MLPSpec]:
+    if not base.gated:
+        return [replace(base, activation=a) for a in ACTIVATIONS if a != "clamped_swiglu"]
+    out = [replace(base, activation=a) for a in GATED_ACTIVATIONS if a != "clamped_swiglu"]
+    alpha = getattr(owner, "alpha", None) if owner is not None else None
+    limit = getattr(owner, "limit", None) if owner is not None else None
+    cfg = getattr(owner, "config", None)
+    alpha = alpha if isinstance(alpha, (int, float)) else getattr(cfg, "swiglu_alpha", 1.702)
+    limit = limit if isinstance(limit, (int, float)) else getattr(cfg, "swiglu_limit", 7.0)
+    out.append(replace(base, activation="clamped_swiglu", activation_alpha=float(alpha), activation_limit=float(limit)))
+    return out
+
+
+def _order_by_declared_activation(variants: list[MLPSpec], owner: nn.Module | None) -> list[MLPSpec]:
+    """Try the activation the module itself names (act_fn / activation attribute) first."""
+    if owner is None:
+        return variants
+    names = " ".join(type(m).__name__.lower() for m in owner.modules()) + " " + " ".join(
+        str(getattr(getattr(owner, "config", None), a, "")) for a in ("hidden_act", "activation_function"))
+    if getattr(owner, "alpha", None) is not None and getattr(owner, "limit", None) is not None:
+        names += " clamped_swiglu"
+    return sorted(variants, key=lambda s: 0 if s.activation.replace("_", "") in names.replace("_", "") else 1)
+
+
+def _stacked_hypotheses(candidate: Candidate) -> list[ExpertsHypothesis]:
+    E, H = candidate.num_experts, candidate.hidden_size
+    refs = candidate.stacked
+    owner = candidate.stacked_owner
+    mats = [r for r in refs if r.tensor.dim() == 3]
+    bias_refs = [r for r in _expert_bias_refs(candidate)]
+    hyps: list[ExpertsHypothesis] = []
+    # Which tensor is "down": it maps I -> H, stored [E, H, I] or transposed [E, I, H].
+    for down in mats:
+        others = [m for m in mats if m is not down]
+        for down_t in (False, True):
+            d_shape = down.tensor.shape[1:]
+            if (d_shape[0] if not down_t else d_shape[1]) != H:
+                continue
+            inter = d_shape[1] if not down_t else d_shape[0]
+            fc1_options = []
+            for fc1 in others:
+                for t in (False, True):
+                    s = fc1.tensor.shape[1:]
+                    out_dim, in_dim = (s[0], s[1]) if not t else (s[1], s[0])
+                    if in_dim != H:
+                        continue
+                    if out_dim == 2 * inter:
+                        for layout in ("concat_gate_up", "interleaved", "concat_up_gate"):
+                            fc1_options.append(((fc1,), t, layout, True))
+                    if out_dim == inter:
+                        fc1_options.append(((fc1,), t, "none", False))
+            for g, u in itertools.permutations(others, 2):
+                for t in (False, True):
+                    shapes = [x.tensor.shape[1:] for x in (g, u)]
+                    if all(((s[0], s[1]) if not t else (s[1], s[0])) == (inter, H) for s in shapes):
+                        fc1_options.append(((g, u), t, "separate", True))
+            for fc1s, fc1_t, layout, gated in fc1_options:
+                if len(fc1s) + 1 != len(mats):
+                    continue  # every stacked matrix must have a role
+                base = MLPSpec(hidden_size=H, intermediate_size=inter, gated=gated, source_gate_up=layout,
+                               source_transposed=fc1_t, source_container="stacked",
+                               has_bias=_biases_fit(bias_refs, E, H, inter, gated))
+                extract = _stacked_extract(candidate, fc1s, fc1_t, layout, down, down_t, inter, gated,
+                                           bias_refs if base.has_bias else [])
+                for variant in _order_by_declared_activation(_activation_variants(base, owner), owner):
+                    hyps.append(ExpertsHypothesis(variant, extract))
+    # HF declares its layout: put the hypothesis it declares first.
+    if owner is not None and hasattr(owner, "is_transposed"):
+        declared = "concat_gate_up" if getattr(owner, "is_concatenated", True) else "interleaved"
+        hyps.sort(key=lambda h: (h.spec.source_transposed != owner.is_transposed,
+                                 h.spec.gated and h.spec.source_gate_up != declared))
+    return hyps
+
+
+def _expert_bias_refs(candidate: Candidate) -> list[TensorRef]:
+    E = candidate.num_experts
+    owners = {id(r.owner): (r.owner, r.owner_path) for r in candidate.stacked}
+    refs = []
+    for owner, owner_path in owners.values():
+        for name, tensor in itertools.chain(owner.named_parameters(recurse=False), owner.named_buffers(recurse=False)):
+            if tensor is not None and tensor.dim() == 2 and tensor.shape[0] == E:
+                refs.append(TensorRef(owner, owner_path, name))
+    return refs
+
+
+def _biases_fit(bias_refs: list[TensorRef], E: int, H: int, inter: int, gated: bool) -> bool:
+    sizes = sorted(r.tensor.shape[1] for r in bias_refs)
+    return len(sizes) == 2 and sorted([2 * inter if gated else inter, H]) == sizes
+
+
+def _stacked_extract(candidate, fc1s, fc1_t, layout, down, down_t, inter, gated, bias_refs) -> Extract:
+    fc1_where = [_rel(candidate, r) for r in fc1s]
+    down_where = _rel(candidate, down)
+    H = candidate.hidden_size
+    b1_where = b2_where = None
+    for r in bias_refs:
+        if r.tensor.shape[1] == H and b2_where is None:
+            b2_where = _rel(candidate, r)
+        else:
+            b1_where = _rel(candidate, r)
+
+    def extract(block: nn.Module) -> dict:
+        sources = [_get(block, w) for w in fc1_where]
+        parts = [s.transpose(1, 2) if fc1_t else s for s in sources]
+        w1 = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        w1 = _fc1_layout(w1, layout, inter, dim=1)
+        down_src = _get(block, down_where)
+        out = {
+            "w1": _canonical(sources[0], w1) if len(sources) == 1 else _canonical(sources[0], w1.contiguous()),
+            "w2": _canonical(down_src, down_src.transpose(1, 2) if down_t else down_src),
+            "b1": None, "b2": None,
+        }
+        if b1_where is not None:
+            b1_src = _get(block, b1_where)
+            out["b1"] = _canonical(b1_src, _fc1_layout(b1_src, layout, inter, dim=1))
+            out["b2"] = _get(block, b2_where)
+        return out
+
+    return extract
+
+
+def _linear_like(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """(relative name, weight, bias) for each weight matrix of an MLP-like module."""
+    found = []
+    for name, sub in module.named_modules():
+        for pname, p in sub.named_parameters(recurse=False):
+            if p.dim() == 2:
+                bias = getattr(sub, "bias", None) if pname == "weight" else None
+                found.append((f"{name}.{pname}" if name else pname, p, bias if isinstance(bias, torch.Tensor) else None))
+    return found
+
+
+def _mlp_hypotheses(module: nn.Module, H: int) -> list[tuple[MLPSpec, Callable[[nn.Module], dict]]]:
+    """Hypotheses for one MLP-like module: roles of its matrices (stored [out, in] or [in, out]) and activations."""
+    mats = _linear_like(module)
+    out: list[tuple[MLPSpec, Callable[[nn.Module], dict]]] = []
+
+    def oriented(w: torch.Tensor, want_in: int):  # -> (transposed?, out_dim) options
+        opts = []
+        if w.shape[1] == want_in:
+            opts.append((False, w.shape[0]))
+        if w.shape[0] == want_in and w.shape[0] != w.shape[1]:
+            opts.append((True, w.shape[1]))
+        return opts
+
+    for di, (dname, dw, db) in enumerate(mats):
+        for d_t, d_out in [(t, o) for t, o in ((False, dw.shape[0]), (True, dw.shape[1])) if o == H]:
+            inter = dw.shape[1] if not d_t else dw.shape[0]
+            rest = [m for i, m in enumerate(mats) if i != di]
+            options = []
+            if len(rest) == 1:
+                for t, o in oriented(rest[0][1], H):
+                    if o == 2 * inter:
+                        options += [((rest[0],), t, lay, True) for lay in ("concat_gate_up", "concat_up_gate",
+                                                                          "interleaved")]
+                    if o == inter:
+                        options.append(((rest[0],), t, "none", False))
+            elif len(rest) == 2:
+                for g, u in itertools.permutations(rest, 2):
+                    for t in (False, True):
+                        if all(any(tt == t and o == inter for tt, o in oriented(m[1], H)) for m in (g, u)):
+                            options.append(((g, u), t, "separate", True))
+            for fc1s, t, layout, gated in options:
+                has_bias = all(m[2] is not None for m in fc1s) and db is not None
+                if not has_bias and (any(m[2] is not None for m in fc1s) or db is not None):
+                    continue  # a bias on some layers only is not in the spec
+                base = MLPSpec(hidden_size=H, intermediate_size=inter, gated=gated, has_bias=has_bias,
+                               source_gate_up=layout, source_transposed=t, source_container="module")
+                names = [m[0] for m in fc1s]
+                extract = _module_extract(names, t, layout, dname, d_t, inter, has_bias)
+                for variant in _order_by_declared_activation(_activation_variants(base, module), module):
+                    out.append((variant, extract))
+    return out
+
+
+def _module_extract(fc1_names, fc1_t, layout, down_name, down_t, inter, has_bias):
+    def get(m: nn.Module, qual: str) -> torch.Tensor:
+        owner, _, name = qual.rpartition(".")
+        return getattr(m.get_submodule(owner) if owner else m, name)
+
+    def bias_of(m: nn.Module, qual: str):
+        owner, _, _ = qual.rpartition(".")
+        return getattr(m.get_submodule(owner) if owner else m, "bias", None)
+
+    def extract(m: nn.Module) -> dict:
+        ws = [get(m, n).t() if fc1_t else get(m, n) for n in fc1_names]
+        w1 = _fc1_layout(torch.cat(ws, 0) if len(ws) > 1 else ws[0], layout, inter, dim=0)
+        d = get(m, down_name)
+        out = {"w1": w1, "w2": d.t() if down_t else d, "b1": None, "b2": None}
+        if has_bias:
+            bs = [bias_of(m, n) for n in fc1_names]
+            out["b1"] = _fc1_layout(torch.cat(bs, 0) if len(bs) > 1 else bs[0], layout, inter, dim=0)
+            out["b2"] = bias_of(m, down_name)
+        return out
+
+    return extract
+
+
+def _match_mlp(module: nn.Module, H: int, x: torch.Tensor) -> tuple[MLPSpec, Callable[[nn.Module], dict]]:
+    """Pick the MLP hypothesis that reproduces `module(x)`; raise DescribeError otherwise."""
+    with torch.no_grad():
+        target = module(x)
+        if isinstance(target, tuple):
+            target = target[0]
+        best = (float("inf"), None)
+        for spec, extract in _mlp_hypotheses(module, H):
+            w = extract(module)
+            got = mlp(spec, x, w["w1"], w["w2"], w["b1"], w["b2"])
+            err = _rel_err(got, target)
+            if err <= MATCH_RTOL:
+                return spec, extract
+            best = min(best, (err, spec.activation), key=lambda b: b[0])
+    raise DescribeError(f"no MLP form reproduces {type(module).__name__} (closest: {best[1]}, rel err {best[0]:.2e})")
+
+
+def _list_hypothesis(candidate: Candidate, copy_block: nn.Module, x: torch.Tensor) -> ExpertsHypothesis:
+    experts = copy_block.get_submodule(_rel_module(candidate, candidate.experts_list_path))
+    spec, one = _match_mlp(experts[0], candidate.hidden_size, x)
+    spec = replace(spec, source_container="module_list")
+    list_path = _rel_module(candidate, candidate.experts_list_path)
+
+    def extract(block: nn.Module) -> dict:
+        per_expert = [one(e) for e in block.get_submodule(list_path)]
+        first = block.get_submodule(list_path)[0]
+        ref = next(first.parameters())
+        stacked = {}
+        for key in ("w1", "w2", "b1", "b2"):
+            if per_expert[0][key] is None:
+                stacked[key] = None
+            else:
+                stacked[key] = _canonical(ref, torch.stack([p[key] for p in per_expert]))
+        return stacked
+
+    return ExpertsHypothesis(spec, extract)
+
+
+def _rel_module(candidate: Candidate, path: str) -> str:
+    return path[len(candidate.path):].lstrip(".") if candidate.path else path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# router hypotheses
+
+
+def _attr(modules: list[nn.Module], names: tuple[str, ...]):
+    for m in modules:
+        for holder in (m, getattr(m, "config", None)):
+            if holder is None:
+                continue
+            for n in names:
+                v = getattr(holder, n, None)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    yield v
+
+
+def _router_hypotheses(candidate: Candidate, census: set[str], k_values: list[int]) -> list[dict]:
+    E = candidate.num_experts
+    modules = [candidate.module] + [r.owner for r in candidate.router]
+    scales = [float(v) for v in _attr(modules, SCALE_ATTRS)]
+    n_group = next((int(v) for v in _attr(modules, GROUP_ATTRS) if int(v) > 1 and E % int(v) == 0), 1)
+    topk_group = next((int(v) for v in _attr(modules, TOPK_GROUP_ATTRS) if 1 <= int(v) <= n_group), n_group)
+    forms = [("softmax", "score_then_select"), ("softmax", "select_then_score"), ("sigmoid", "score_then_select"),
+             ("sigmoid", "select_then_score"), ("none", "select_then_score")]
+    # The ops the block ran reorder the forms: a sigmoid and no softmax puts sigmoid first.
+    forms.sort(key=lambda f: 0 if f[0] in census else 1)
+    hyps: list[dict] = []
+    for k in k_values:
+        for scoring, order in forms:
+            for renorm in (False, True):
+                if renorm and scoring == "softmax" and order == "select_then_score":
+                    continue
+                for on_input in (False, True):
+                    for corr in [None] + ([v for v in candidate.vectors] if order == "score_then_select" else []):
+                        groups = [(1, 1, "top2_sum")]
+                        if n_group > 1:
+                            groups = [(n_group, topk_group, "top2_sum"), (n_group, topk_group, "max")] + groups
+                        for g, tg, gs in groups:
+                            if k > tg * E // g:
+                                continue
+                            hyps.append(dict(top_k=k, scoring=scoring, score_order=order, renormalize=renorm,
+                                             weight_on_input=on_input, correction=corr, n_group=g, topk_group=tg,
+                                             group_score=gs, scales=scales))
+    if "relu" in census or not k_values:
+        hyps.insert(0 if "topk" not in census else len(hyps),
+                    dict(top_k=None, scoring="relu", score_order="score_then_select", renormalize=False,
+                         weight_on_input=False, correction=None, n_group=1, topk_group=1, group_score="top2_sum",
+                         scales=scales))
+    return hyps
+
+
+def _k_values(candidate: Candidate) -> list[int]:
+    E = candidate.num_experts
+    modules = [candidate.module] + [r.owner for r in candidate.router]
+    declared = []
+    for v in _attr(modules, K_ATTRS):
+        if float(v).is_integer() and 1 <= int(v) <= E and int(v) not in declared:
+            declared.append(int(v))
+    return declared or list(range(1, min(E, 8) + 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the search
+
+
+def randomized_copy(block: nn.Module, seed: int) -> nn.Module:
+    """A float32 copy of `block` whose floating tensors are redrawn: N(0, 1/fan_in) for matrices (per expert for
+    3-D ones), N(0, 0.5) for vectors, so that biases initialised to zero take part in the comparison."""
+    dup = copy.deepcopy(block).float().eval()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for t in itertools.chain(dup.parameters(), dup.buffers()):
+            if not t.is_floating_point():
+                continue
+            std = (1.0 / t.shape[-1]) ** 0.5 if t.dim() >= 2 else 0.5
+            t.copy_(torch.randn(t.shape, generator=gen) * std)
+    return dup
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    if got.shape != want.shape:
+        return float("inf")
+    if want.numel() == 0:
+        return 0.0
+    err = (got.float() - want.float()).abs().max().item()
+    return err / max(want.float().abs().max().item(), 1e-6)
+
+
+def _router_weights(candidate: Candidate, block: nn.Module, hyp: dict) -> dict:
+    ref = candidate.router[0]
+    w = _get(block, _rel(candidate, ref))
+    E = candidate.num_experts
+    out = {"router_weight": w if w.shape[0] == E and w.shape[1] == candidate.hidden_size else w.t(),
+           "router_bias": None, "correction_bias": None}
+    owner_bias = getattr(ref.owner, "bias", None)
+    if isinstance(owner_bias, torch.Tensor) and owner_bias.numel() == E and ref.name == "weight":
+        out["router_bias"] = _get(block, (_rel(candidate, ref)[0], "bias"))
+    if hyp["correction"] is not None:
+        bias = _get(block, _rel(candidate, hyp["correction"]))
+        out["correction_bias"] = bias if bias.dim() == 1 else _canonical(bias, bias.reshape(E))
+    return out
+
+
+def describe(candidate: Candidate, *, seed: int = 0) -> Description:
+    """Read `candidate` into a Description, or raise DescribeError saying why it cannot be read."""
+    E, H = candidate.num_experts, candidate.hidden_size
+    probe = randomized_copy(candidate.module, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(1, SEARCH_TOKENS, H, generator=gen)
+    try:
+        with torch.no_grad():
+            target, input_rank = call_block(probe, x)
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's block is reported, not raised
+        raise DescribeError(f"calling the block on hidden states [..., {H}] failed: {type(exc).__name__}: {exc}")
+    y_target, aux = target
+    census = op_census(probe, x if input_rank == 3 else x[0])
+    method = "ops traced" if census else "ops not traced (search in default order)"
+    flat_x = x.reshape(-1, H)
+
+    # experts first, alone where the container can be called alone
+    if candidate.experts_list is not None:
+        expert_hyps = [_list_hypothesis(candidate, probe, flat_x[:8])]
+    else:
+        expert_hyps = _stacked_hypotheses(candidate)
+        if not expert_hyps:
+            raise DescribeError("expert tensors have no gate/up/down reading consistent with hidden size "
+                                f"{H}: shapes {[tuple(r.tensor.shape) for r in candidate.stacked]}")
+        alone = _match_stacked_alone(candidate, probe, expert_hyps, flat_x, gen)
+        if alone is not None:
+            expert_hyps = [alone]
+
+    shared_spec, shared_extract = _describe_shared(candidate, probe, flat_x[:8])
+    k_values = _k_values(candidate)
+    router_hyps = _router_hypotheses(candidate, census, k_values)
+    best = (float("inf"), "")
+    for eh in expert_hyps:
+        expert_weights = eh.extract(probe)
+        for rh in router_hyps:
+            for scale in rh["scales"] + [None]:
+                spec, weights = _assemble(candidate, probe, eh, expert_weights, rh, scale, shared_spec,
+                                          shared_extract, aux, flat_x)
+                if spec is None:
+                    continue
+                with torch.no_grad():
+                    if scale is None and not rh["weight_on_input"]:
+                        spec, weights = _fit_scale(spec, weights, flat_x, y_target)
+                    y, routing = moe_forward(spec, weights, flat_x)
+                err = max(_rel_err(y.reshape(y_target.shape), y_target), _aux_err(spec, routing, aux))
+                if err <= MATCH_RTOL:
+                    return Description(spec, _weights_recipe(candidate, eh, rh, spec, shared_extract),
+                                       input_rank, method)
+                if err < best[0]:
+                    best = (err, spec.summary())
+    raise DescribeError(f"no description reproduces the block (closest: {best[1] or 'none'}, "
+                        f"rel err {best[0]:.2e}); its routing or experts use a form moecompile does not express")
+
+
+def _match_stacked_alone(candidate, probe, hyps, flat_x, gen) -> ExpertsHypothesis | None:
+    """HF `*Experts` modules take (hidden_states, top_k_index, top_k_weights): match the experts on their own."""
+    owner = candidate.stacked_owner
+    rel_owner = _rel_module(candidate, next(r.owner_path for r in candidate.stacked if r.owner is owner))
+    module = probe.get_submodule(rel_owner) if rel_owner else probe
+    if module is probe:
+        return None
+    try:
+        params = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    if len(params) < 3:
+        return None
+    E, T = candidate.num_experts, flat_x.shape[0]
+    k = min(2, E)
+    idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=gen)
+    try:
+        with torch.no_grad():
+            target = module(flat_x, idx, w)
+    except Exception:  # noqa: BLE001 - not the HF calling convention: match jointly with the router instead
+        return None
+    if isinstance(target, tuple):
+        target = target[0]
+    routing = Routing(torch.zeros(T, E), torch.arange(T).repeat_interleave(k), idx.reshape(-1), w.reshape(-1), k)
+    dummy_router = RouterSpec(num_experts=E, top_k=k)
+    for h in hyps:
+        spec = MoESpec(router=dummy_router, experts=h.spec)
+        ew = h.extract(probe)
+        weights = MoEWeights(router_weight=torch.zeros(E, candidate.hidden_size), **ew)
+        with torch.no_grad():
+            got = routed_experts(spec, weights, flat_x, routing)
+        if _rel_err(got, target) <= MATCH_RTOL:
+            return h
+    return None
+
+
+def _describe_shared(candidate: Candidate, probe: nn.Module, x: torch.Tensor):
+    if not candidate.shared:
+        if candidate.shared_gate is not None:
+            raise DescribeError(f"{candidate.shared_gate[0]} looks like a shared-expert gate but no shared expert "
+                                "was found beside it")
+        return None, None
+    if len(candidate.shared) > 1:
+        names = ", ".join(p for p, _ in candidate.shared)
+        raise DescribeError(f"several shared-expert candidates ({names}); moecompile fuses one shared MLP per block")
+    shared_path, _ = candidate.shared[0]
+    rel = _rel_module(candidate, shared_path)
+    spec, extract = _match_mlp(probe.get_submodule(rel), candidate.hidden_size, x)
+    gate_rel = None
+    if candidate.shared_gate is not None:
+        gate_module = candidate.shared_gate[1]
+        if getattr(gate_module, "bias", None) is not None:
+            raise DescribeError(f"{candidate.shared_gate[0]} has a bias; the shared-expert gate in moecompile has none")
+        gate_rel = _rel_module(candidate, candidate.shared_gate[0])
+    shared_spec = SharedExpertSpec(mlp=replace(spec, source_container="module"), sigmoid_gate=gate_rel is not None)
+
+    def shared_extract(block: nn.Module) -> dict:
+        module = block.get_submodule(rel)
+        source = next(module.parameters())
+        out = {f"shared_{k}": (None if v is None else _canonical(source, v)) for k, v in extract(module).items()}
+        out["shared_gate"] = block.get_submodule(gate_rel).weight if gate_rel else None
+        return out
+
+    return shared_spec, shared_extract
+
+
+def _assemble(candidate, block, eh, expert_weights, rh, scale, shared_spec, shared_extract, aux, flat_x):
+    E = candidate.num_experts
+    router_w = _router_weights(candidate, block, rh)
+    extra = "none"
+    if aux is not None:
+        if aux.shape[-1] == E and aux.numel() == flat_x.shape[0] * E:
+            extra = "router_logits"
+        elif rh["top_k"] is not None and aux.shape[-1] == rh["top_k"] and aux.numel() == flat_x.shape[0] * rh["top_k"]:
+            extra = "topk_weights"
+        else:
+            return None, None
+    try:
+        router = RouterSpec(
+            num_experts=E, top_k=rh["top_k"], scoring=rh["scoring"],
+            selection="all_positive" if rh["top_k"] is None else ("grouped_topk" if rh["n_group"] > 1 else "topk"),
+            score_order=rh["score_order"], renormalize=rh["renormalize"],
+            renorm_min=1e-20 if rh["renormalize"] else 0.0, scaling_factor=1.0 if scale is None else scale,
+            has_bias=router_w["router_bias"] is not None, has_correction_bias=rh["correction"] is not None,
+            n_group=rh["n_group"], topk_group=rh["topk_group"], group_score=rh["group_score"],
+            weight_on_input=rh["weight_on_input"])
+        spec = MoESpec(router=router, experts=eh.spec, shared=shared_spec, extra_output=extra)
+    except ValueError:
+        return None, None
+    shared_w = shared_extract(block) if shared_extract else {}
+    weights = MoEWeights(**router_w, **expert_weights, **shared_w)
+    return spec, weights
+
+
+def _fit_scale(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, y_target: torch.Tensor):
+    """Least-squares scaling factor of the routed sum, rounded to 1.0 when it is within rounding of it."""
+    routing_spec = replace(spec, shared=None, extra_output="none")
+    y_routed, _ = moe_forward(routing_spec, weights, x)
+    y_rest = y_target.reshape(y_routed.shape).float()
+    if spec.shared is not None:
+        y_rest = y_rest - shared_experts(spec, weights, x)
+    denom = (y_routed.float() * y_routed.float()).sum().item()
+    if denom == 0:
+        return spec, weights
+    c = (y_rest * y_routed.float()).sum().item() / denom
+    if abs(c - 1.0) < 1e-5 or not (c > 0):
+        return spec, weights
+    return replace(spec, router=replace(spec.router, scaling_factor=c)), weights
+
+
+def _aux_err(spec: MoESpec, routing: Routing, aux: torch.Tensor | None) -> float:
+    if aux is None:
+        return 0.0
+    if spec.extra_output == "router_logits":
+        got = routing.logits
+    else:
+        got = routing.topk_weights()
+        # HF returns the k weights in top-k order; compare as sorted sets so an equal-valued order does not matter
+        return _rel_err(got.sort(dim=-1).values, aux.reshape(got.shape).float().sort(dim=-1).values)
+    return _rel_err(got, aux.reshape(got.shape).float())
+
+
+def _weights_recipe(candidate, eh, rh, spec, shared_extract) -> Callable[[nn.Module], MoEWeights]:
+    def extract(block: nn.Module) -> MoEWeights:
+        w = MoEWeights(**_router_weights(candidate, block, rh), **eh.extract(block),
+                       **(shared_extract(block) if shared_extract else {}))
+        src = _get(block, _rel(candidate, candidate.router[0]))
+        w.router_weight = _canonical(src, w.router_weight)
+        w.check(spec)
+        return w
+
+    return extract
+
+
+__all__ = ["Description", "DescribeError", "describe", "randomized_copy", "is_mlp_like"]

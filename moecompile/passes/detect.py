@@ -1,0 +1,175 @@
+"""Detect, step 1: propose MoE block candidates from module structure alone (no execution).
+
+Place in the pipeline: capture -> **detect (propose)** -> describe (read the spec) -> confirm -> fuse.
+
+A candidate is the smallest module holding both
+  - experts: a ModuleList of E structurally identical MLP-like modules, or 3-D tensors with a common leading E held by
+    one module and its direct children (HF `*Experts` classes, hand-written einsum/bmm forms), and
+  - a router: a 2-D tensor of shape [E, H] (or [H, E]) outside the experts, where H is a dimension of the experts.
+Its other MLP-like children are shared-expert candidates; a [1, H] linear child is a shared-expert gate candidate.
+A linear into top-k with no experts beside it (pooling, retrieval, sampling heads) is never proposed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TensorRef:
+    """A parameter or buffer of the model, by owning module and attribute name."""
+
+    owner: nn.Module
+    owner_path: str
+    name: str
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return getattr(self.owner, self.name)
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.owner_path}.{self.name}" if self.owner_path else self.name
+
+
+@dataclass
+class Candidate:
+    """A proposed MoE block; describe.py reads it into an MoESpec or says why it cannot."""
+
+    path: str
+    module: nn.Module
+    num_experts: int
+    hidden_size: int
+    router: list[TensorRef]  # [E, H] / [H, E] tensors outside the experts, most likely first
+    experts_list: nn.ModuleList | None = None
+    experts_list_path: str = ""
+    stacked: list[TensorRef] = field(default_factory=list)  # 3-D tensors with leading E
+    stacked_owner: nn.Module | None = None  # the module holding most of them (an HF *Experts module)
+    vectors: list[TensorRef] = field(default_factory=list)  # [E] tensors: router or correction bias candidates
+    shared: list[tuple[str, nn.Module]] = field(default_factory=list)
+    shared_gate: tuple[str, nn.Module] | None = None
+
+
+def _own_tensors(module: nn.Module):
+    yield from module.named_parameters(recurse=False)
+    yield from ((n, b) for n, b in module.named_buffers(recurse=False) if b is not None)
+
+
+def _matrices(module: nn.Module) -> list[torch.Tensor]:
+    return [p for _, p in module.named_parameters() if p.dim() == 2]
+
+
+def is_mlp_like(module: nn.Module) -> bool:
+    """Two or three weight matrices, only 1-D tensors besides, no nested module lists: an expert-shaped MLP."""
+    if any(isinstance(m, (nn.ModuleList, nn.ModuleDict)) for m in module.modules()):
+        return False
+    tensors = [p for _, p in module.named_parameters()]
+    mats = [p for p in tensors if p.dim() == 2]
+    return 2 <= len(mats) <= 3 and all(p.dim() in (1, 2) for p in tensors) and min(min(m.shape) for m in mats) > 1
+
+
+def mlp_hidden_size(module: nn.Module) -> int | None:
+    """The model dimension of an MLP-like module: the dimension every weight matrix has (in or out)."""
+    mats = _matrices(module)
+    common = set(mats[0].shape)
+    for m in mats[1:]:
+        common &= set(m.shape)
+    return next(iter(common)) if len(common) == 1 else None
+
+
+def _same_structure(modules: list[nn.Module]) -> bool:
+    def signature(m: nn.Module):
+        return [(n, tuple(p.shape)) for n, p in m.named_parameters()]
+    first = signature(modules[0])
+    return all(signature(m) == first for m in modules[1:])
+
+
+def _expert_groups(module: nn.Module, path: str):
+    """(kind, E, payload) for expert collections held directly by `module`."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.ModuleList) and len(child) >= 1 and all(is_mlp_like(m) for m in child):
+            if _same_structure(list(child)):
+                yield "list", len(child), (name, child)
+    stacked: dict[int, list[TensorRef]] = {}
+    holders = [(path, module)] + [(f"{path}.{n}" if path else n, c) for n, c in module.named_children()]
+    for holder_path, holder in holders:
+        for name, tensor in _own_tensors(holder):
+            if tensor.dim() == 3:
+                stacked.setdefault(tensor.shape[0], []).append(TensorRef(holder, holder_path, name))
+    for E, refs in stacked.items():
+        if len(refs) >= 2:
+            yield "stacked", E, refs
+
+
+def _expert_dims(kind: str, payload) -> set[int]:
+    if kind == "list":
+        return {d for p in _matrices(payload[1][0]) for d in p.shape}
+    return {d for ref in payload for d in ref.tensor.shape[1:]}
+
+
+def _inside(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r + ".") for r in roots if r)
+
+
+def propose(model: nn.Module) -> list[Candidate]:
+    """All candidates in `model`, in module order. Where candidates nest, the innermost wins: an outer module that
+    holds a block's tensors through a child (a decoder layer around a hand-written block) is not the block."""
+    found: list[Candidate] = []
+    for path, module in model.named_modules():
+        for kind, E, payload in _expert_groups(module, path):
+            candidate = _find_router(module, path, kind, E, payload)
+            if candidate is not None:
+                found.append(candidate)
+                break
+    paths = [c.path for c in found]
+    return [c for c in found
+            if not any(other != c.path and (c.path == "" or other.startswith(c.path + ".")) for other in paths)]
+
+
+def _find_router(module: nn.Module, path: str, kind: str, E: int, payload) -> Candidate | None:
+    expert_dims = _expert_dims(kind, payload)
+    experts_roots = []
+    if kind == "list":
+        experts_roots.append(f"{path}.{payload[0]}" if path else payload[0])
+    stacked_ids = {id(r.tensor) for r in payload} if kind == "stacked" else set()
+    routers: list[TensorRef] = []
+    vectors: list[TensorRef] = []
+    for sub_path, sub in module.named_modules(prefix=path):
+        if _inside(sub_path, experts_roots):
+            continue
+        for name, tensor in _own_tensors(sub):
+            if id(tensor) in stacked_ids:
+                continue
+            ref = TensorRef(sub, sub_path, name)
+            if tensor.dim() == 2 and tensor.shape[0] == E and tensor.shape[1] in expert_dims:
+                routers.append(ref)
+            elif tensor.dim() == 2 and tensor.shape[1] == E and tensor.shape[0] in expert_dims and E not in expert_dims:
+                routers.append(ref)
+            elif tensor.dim() == 1 and tensor.shape[0] == E:
+                vectors.append(ref)
+    if not routers:
+        return None
+    # Prefer a tensor named like a router, then the first found.
+    routers.sort(key=lambda r: 0 if any(w in r.qualname.lower() for w in ("gate", "router", "route")) else 1)
+    router_weight = routers[0].tensor
+    H = router_weight.shape[1] if router_weight.shape[0] == E else router_weight.shape[0]
+    candidate = Candidate(path=path, module=module, num_experts=E, hidden_size=H, router=routers, vectors=vectors)
+    if kind == "list":
+        candidate.experts_list_path, candidate.experts_list = experts_roots[0], payload[1]
+    else:
+        candidate.stacked = payload
+        owners = {id(r.owner): r.owner for r in payload}
+        candidate.stacked_owner = max(owners.values(), key=lambda o: sum(r.owner is o for r in payload))
+    router_owners = {id(r.owner) for r in routers}
+    for name, child in module.named_children():
+        child_path = f"{path}.{name}" if path else name
+        if child is candidate.experts_list or child is candidate.stacked_owner or id(child) in router_owners:
+            continue
+        if isinstance(child, nn.Linear) and tuple(child.weight.shape) == (1, H):
+            candidate.shared_gate = (child_path, child)
+        elif is_mlp_like(child) and mlp_hidden_size(child) == H:
+            candidate.shared.append((child_path, child))
+    return candidate

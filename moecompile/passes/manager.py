@@ -1,0 +1,147 @@
+"""The pass manager and the passes optimize() runs: detect -> describe -> confirm -> fuse.
+
+Place in the pipeline: the driver. Each pass is a small unit with a name, a docstring saying what it changes, and
+`run(context) -> bool` (did it modify the model). The manager knows nothing about any single pass; it times each and
+records it in the report. Per-block failures are recorded on the block (decision "left" and the reason), never raised,
+except by the fuse pass, which swaps all confirmed blocks in or none.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..fused import FusedMoE
+from .confirm import confirm
+from .describe import DescribeError, Description, describe
+from .detect import Candidate, propose
+from .log import BlockRecord, PassRun, Report
+
+
+@dataclass
+class PassContext:
+    """What the passes share: the model being rewritten, the report, and per-block working state."""
+
+    model: nn.Module
+    report: Report
+    verify: bool = True
+    seed: int = 0
+    candidates: dict[str, Candidate] = field(default_factory=dict)
+    descriptions: dict[str, Description] = field(default_factory=dict)
+
+    def record(self, path: str) -> BlockRecord:
+        return next(b for b in self.report.blocks if b.path == path)
+
+    def pending(self) -> list[BlockRecord]:
+        return [b for b in self.report.blocks if b.decision == "pending"]
+
+
+class DetectPass:
+    """Propose candidate blocks by structure. Changes nothing in the model."""
+
+    name = "detect"
+
+    def run(self, ctx: PassContext) -> bool:
+        for candidate in propose(ctx.model):
+            ctx.candidates[candidate.path] = candidate
+            dtype = str(next(candidate.module.parameters()).dtype).replace("torch.", "")
+            ctx.report.blocks.append(BlockRecord(path=candidate.path, module_type=type(candidate.module).__name__,
+                                                 dtype=dtype))
+        return False
+
+
+class DescribePass:
+    """Read each candidate into an MoESpec by execution on a randomised copy. Changes nothing in the model."""
+
+    name = "describe"
+
+    def run(self, ctx: PassContext) -> bool:
+        for record in ctx.pending():
+            start = time.perf_counter()
+            try:
+                description = describe(ctx.candidates[record.path], seed=ctx.seed)
+            except DescribeError as exc:
+                record.leave(str(exc))
+            except Exception as exc:  # noqa: BLE001 - a block we cannot read is reported, the rest go on
+                record.leave(f"reading the block failed: {type(exc).__name__}: {exc}")
+            else:
+                ctx.descriptions[record.path] = description
+                record.spec, record.spec_summary = description.spec.to_dict(), description.spec.summary()
+                record.method = description.method
+            record.seconds += time.perf_counter() - start
+        return False
+
+
+class ConfirmPass:
+    """Compare each described block with its FusedMoE replacement; leave those that disagree."""
+
+    name = "confirm"
+
+    def run(self, ctx: PassContext) -> bool:
+        for record in ctx.pending():
+            start = time.perf_counter()
+            if not ctx.verify:
+                record.reason = "not verified (verify=False): spec read by execution on a randomised copy only"
+                continue
+            try:
+                result = confirm(ctx.candidates[record.path].module, ctx.descriptions[record.path], seed=ctx.seed)
+            except Exception as exc:  # noqa: BLE001
+                record.leave(f"confirmation failed to run: {type(exc).__name__}: {exc}")
+            else:
+                record.max_abs_error, record.rel_error = result.max_abs_error, result.rel_error
+                record.native_max_abs_error = result.native_max_abs_error
+                record.native_mean_rel_error = result.native_mean_rel_error
+                record.confirm_tokens = result.tokens
+                if not result.ok:
+                    record.leave(f"replacement disagrees with the original: {result.detail}")
+            record.seconds += time.perf_counter() - start
+        return False
+
+
+class FusePass:
+    """Replace every confirmed block with a FusedMoE, all at once: if any replacement fails, none is left in."""
+
+    name = "fuse"
+
+    def run(self, ctx: PassContext) -> bool:
+        ready = ctx.pending()
+        replacements = []
+        for record in ready:
+            candidate = ctx.candidates[record.path]
+            fused = FusedMoE(ctx.descriptions[record.path].spec,
+                             ctx.descriptions[record.path].extract(candidate.module), source_path=record.path)
+            fused.train(candidate.module.training)
+            replacements.append((record, fused))
+        swapped: list[tuple[nn.Module, str, nn.Module]] = []
+        try:
+            for record, fused in replacements:
+                parent_path, _, name = record.path.rpartition(".")
+                parent = ctx.model.get_submodule(parent_path) if parent_path else ctx.model
+                swapped.append((parent, name, getattr(parent, name)))
+                setattr(parent, name, fused)
+        except BaseException:
+            for parent, name, original in reversed(swapped):
+                setattr(parent, name, original)
+            raise
+        for record, _ in replacements:
+            record.decision = "fused"
+        return bool(replacements)
+
+
+DEFAULT_PASSES = (DetectPass, DescribePass, ConfirmPass, FusePass)
+
+
+class PassManager:
+    """Runs passes in order over one context and records each run in the report."""
+
+    def __init__(self, passes=DEFAULT_PASSES):
+        self.passes = [p() if isinstance(p, type) else p for p in passes]
+
+    def run(self, ctx: PassContext) -> Report:
+        for p in self.passes:
+            start = time.perf_counter()
+            modified = p.run(ctx)
+            ctx.report.passes.append(PassRun(p.name, time.perf_counter() - start, modified))
+        return ctx.report

@@ -1,0 +1,170 @@
+"""Plain PyTorch reference of an `MoESpec`: what every kernel, rewrite and export is checked against.
+
+Place in the pipeline: depends on spec.py only. Routing runs in fp32; each expert runs in the input's dtype on just
+the tokens that chose it (grouped by expert, no work for unchosen pairs); the weighted sum accumulates in fp32.
+It is differentiable (autograd flows to the input, the router and the expert weights) and handles zero tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .spec import MLPSpec, MoESpec, MoEWeights, RouterSpec
+
+
+@dataclass
+class Routing:
+    """The routing of T tokens as P (token, expert, weight) pairs, plus the [T, E] logits.
+
+    For top-k routers P = T*k and the pairs are token-major (token t's k choices are pairs t*k .. t*k+k-1), so
+    `weight.view(T, k)` is the per-token combine weights. For ReLU routing P varies with the input.
+    """
+
+    logits: torch.Tensor  # [T, E] fp32
+    token_index: torch.Tensor  # [P] int64
+    expert_index: torch.Tensor  # [P] int64
+    weight: torch.Tensor  # [P] fp32
+    top_k: int | None
+
+    def topk_weights(self) -> torch.Tensor:
+        assert self.top_k is not None, "a variable-k routing has no [T, k] weights"
+        return self.weight.view(-1, self.top_k)
+
+    def active_per_token(self, num_tokens: int) -> torch.Tensor:
+        return torch.bincount(self.token_index, minlength=num_tokens)
+
+
+def activation(spec: MLPSpec, x: torch.Tensor) -> torch.Tensor:
+    """The elementwise activation of a plain MLP (or of the gate half of a gated one)."""
+    name = spec.activation
+    if name == "silu":
+        return F.silu(x)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu(x)
+    if name == "relu2":
+        return F.relu(x).square()
+    raise ValueError(f"activation {name!r} has no elementwise form")
+
+
+def glu(spec: MLPSpec, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Combine the gate and up projections of a gated MLP."""
+    if spec.activation == "clamped_swiglu":  # gpt-oss
+        gate = gate.clamp(max=spec.activation_limit)
+        up = up.clamp(min=-spec.activation_limit, max=spec.activation_limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * spec.activation_alpha))
+    return activation(spec, gate) * up
+
+
+def mlp(spec: MLPSpec, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+        b1: torch.Tensor | None = None, b2: torch.Tensor | None = None) -> torch.Tensor:
+    """One expert in canonical layout: w1 [F, H] (gate rows then up rows when gated), w2 [H, I]."""
+    h = F.linear(x, w1, b1)
+    if spec.gated:
+        gate, up = h.split(spec.intermediate_size, dim=-1)
+        h = glu(spec, gate, up)
+    else:
+        h = activation(spec, h)
+    return F.linear(h, w2, b2)
+
+
+def _score(scoring: str, values: torch.Tensor) -> torch.Tensor:
+    if scoring == "softmax":
+        return values.softmax(dim=-1)
+    if scoring == "sigmoid":
+        return values.sigmoid()
+    if scoring == "relu":
+        return values.relu()
+    return values
+
+
+def _grouped_topk(router: RouterSpec, choice: torch.Tensor) -> torch.Tensor:
+    """Top-k restricted to the best `topk_group` of `n_group` expert groups (DeepSeek-V2/V3)."""
+    T, E = choice.shape
+    grouped = choice.view(T, router.n_group, E // router.n_group)
+    if router.group_score == "max":
+        group_scores = grouped.amax(dim=-1)
+    else:
+        group_scores = grouped.topk(min(2, E // router.n_group), dim=-1).values.sum(dim=-1)
+    group_idx = group_scores.topk(router.topk_group, dim=-1).indices
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+    expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(T, E)
+    return choice.masked_fill(~expert_mask, float("-inf")).topk(router.top_k, dim=-1).indices
+
+
+def route(router: RouterSpec, weights: MoEWeights, x: torch.Tensor) -> Routing:
+    """Router logits, selection and combine weights for x [T, H]."""
+    bias = None if weights.router_bias is None else weights.router_bias.float()
+    logits = F.linear(x.float(), weights.router_weight.float(), bias)
+    T = x.shape[0]
+    if router.selection == "all_positive":
+        gates = logits.relu()
+        token_index, expert_index = (gates > 0).nonzero(as_tuple=True)
+        weight = gates[token_index, expert_index] * router.scaling_factor
+        return Routing(logits, token_index, expert_index, weight, None)
+
+    correction = None if weights.correction_bias is None else weights.correction_bias.float()
+    if router.score_order == "score_then_select":
+        scores = _score(router.scoring, logits)
+        choice = scores if correction is None else scores + correction
+        idx = choice.topk(router.top_k, dim=-1).indices if router.selection == "topk" else _grouped_topk(router, choice)
+        topk_w = scores.gather(1, idx)
+    else:
+        choice = logits if correction is None else logits + correction
+        idx = choice.topk(router.top_k, dim=-1).indices if router.selection == "topk" else _grouped_topk(router, choice)
+        topk_w = _score(router.scoring, logits.gather(1, idx))
+    if router.renormalize:
+        topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True).clamp(min=router.renorm_min)
+    topk_w = topk_w * router.scaling_factor
+    token_index = torch.arange(T, device=x.device).repeat_interleave(router.top_k)
+    return Routing(logits, token_index, idx.reshape(-1), topk_w.reshape(-1), router.top_k)
+
+
+def routed_experts(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Sum over each token's chosen experts, computed expert by expert on its tokens only. Returns fp32 [T, H]."""
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    if routing.expert_index.numel() == 0:
+        return out
+    order = torch.argsort(routing.expert_index, stable=True)
+    tokens_by_expert = routing.token_index[order]
+    weight_by_expert = routing.weight[order]
+    counts = torch.bincount(routing.expert_index, minlength=spec.num_experts).tolist()
+    e_spec, on_input = spec.experts, spec.router.weight_on_input
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        tokens = tokens_by_expert[start:start + count]
+        w = weight_by_expert[start:start + count, None]
+        start += count
+        expert_in = x[tokens]
+        if on_input:
+            expert_in = (expert_in.float() * w).to(x.dtype)
+        b1 = None if weights.b1 is None else weights.b1[expert]
+        b2 = None if weights.b2 is None else weights.b2[expert]
+        expert_out = mlp(e_spec, expert_in, weights.w1[expert], weights.w2[expert], b1, b2).float()
+        out = out.index_add(0, tokens, expert_out if on_input else expert_out * w)
+    return out
+
+
+def shared_experts(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> torch.Tensor:
+    shared = spec.shared
+    y = mlp(shared.mlp, x, weights.shared_w1, weights.shared_w2, weights.shared_b1, weights.shared_b2).float()
+    if shared.sigmoid_gate:
+        y = y * torch.sigmoid(F.linear(x, weights.shared_gate).float())
+    return y
+
+
+def moe_forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+    """The block on x [T, H]: output [T, H] in x's dtype, and the routing it used."""
+    routing = route(spec.router, weights, x)
+    y = routed_experts(spec, weights, x, routing)
+    if spec.shared is not None:
+        y = y + shared_experts(spec, weights, x)
+    return y.to(x.dtype), routing

@@ -1,0 +1,234 @@
+"""The MoE description: one frozen record of what a router + experts block computes.
+
+Place in the pipeline: detect reads a block into an `MoESpec` plus `MoEWeights` (canonical tensors); routing
+rewrites map spec -> spec; lowering (FusedMoE, kernels, export) specialises on it. `reference.py` computes it.
+
+What a block computes, in the canonical form every field below refers to (x: [T, H]):
+
+    logits  = x @ router_weight.T (+ router_bias)                      router_weight: [E, H]
+    score_then_select:  scores = score(logits); chosen = select(scores (+ correction_bias)); w = scores[chosen]
+    select_then_score:  chosen = select(logits (+ correction_bias));   w = score(logits[chosen]) over the chosen
+    w = w / max(sum(w), renorm_min) if renormalize;  w = w * scaling_factor
+    y = sum over chosen e of  w_e * expert_e(x)       (or expert_e(w_e * x) when weight_on_input)
+      + shared(x) (* sigmoid(x @ shared_gate.T) when the shared expert is gated)
+    expert_e(x) = down_e(glu(gate_e(x), up_e(x))) + b2_e   (gated)   |   down_e(act(up_e(x))) + b2_e   (plain)
+
+Canonical expert weights: w1 [E, F, H] with F = 2*I (gate rows first, then up rows) for gated experts and F = I for
+plain ones; b1 [E, F]; w2 [E, H, I]; b2 [E, H]. Top-1 routing is top-k with k = 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Scoring = Literal["softmax", "sigmoid", "relu", "none"]
+Selection = Literal["topk", "grouped_topk", "all_positive"]
+ScoreOrder = Literal["score_then_select", "select_then_score"]
+GroupScore = Literal["max", "top2_sum"]
+Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu"]
+GateUpLayout = Literal["separate", "concat_gate_up", "concat_up_gate", "interleaved", "none"]
+ExtraOutput = Literal["none", "router_logits", "topk_weights"]
+
+SCORINGS: tuple[str, ...] = ("softmax", "sigmoid", "relu", "none")
+SELECTIONS: tuple[str, ...] = ("topk", "grouped_topk", "all_positive")
+ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu")
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How a token's experts and their combine weights are chosen."""
+
+    num_experts: int
+    top_k: int | None  # None only for selection == "all_positive" (a variable number per token)
+    scoring: Scoring = "softmax"
+    selection: Selection = "topk"
+    score_order: ScoreOrder = "score_then_select"
+    renormalize: bool = False
+    renorm_min: float = 0.0  # denominator floor: max(sum, renorm_min); DeepSeek adds 1e-20, Ernie clamps
+    scaling_factor: float = 1.0
+    has_bias: bool = False  # added to the logits
+    has_correction_bias: bool = False  # added to the scores for selection only (DeepSeek-V3 e_score_correction_bias)
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: GroupScore = "top2_sum"
+    weight_on_input: bool = False  # Llama 4: expert_e(w_e * x) instead of w_e * expert_e(x)
+
+    def __post_init__(self) -> None:
+        _check(self.num_experts >= 1, f"num_experts must be >= 1, got {self.num_experts}")
+        _check(self.scoring in SCORINGS, f"scoring {self.scoring!r} is not one of {SCORINGS}")
+        _check(self.selection in SELECTIONS, f"selection {self.selection!r} is not one of {SELECTIONS}")
+        if self.selection == "all_positive":
+            _check(self.top_k is None, "all_positive selection takes no top_k")
+            _check(self.scoring == "relu", "all_positive selection needs relu scoring (ReMoE)")
+        else:
+            _check(self.top_k is not None and 1 <= self.top_k <= self.num_experts,
+                   f"top_k must be in 1..{self.num_experts}, got {self.top_k}")
+        if self.selection == "grouped_topk":
+            _check(self.num_experts % self.n_group == 0,
+                   f"num_experts {self.num_experts} is not divisible by n_group {self.n_group}")
+            _check(1 <= self.topk_group <= self.n_group, f"topk_group must be in 1..{self.n_group}")
+            _check(self.top_k <= self.topk_group * self.num_experts // self.n_group,
+                   "top_k exceeds the experts in the chosen groups")
+
+    @property
+    def is_variable_k(self) -> bool:
+        return self.selection == "all_positive"
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """One expert MLP (routed or shared) in canonical form, and how its weights were laid out in the source."""
+
+    hidden_size: int
+    intermediate_size: int
+    gated: bool = True
+    activation: Activation = "silu"
+    activation_alpha: float = 1.702  # clamped_swiglu only: glu = g * sigmoid(alpha * g)
+    activation_limit: float = 7.0  # clamped_swiglu only: gate clamped above, up clamped to [-limit, limit]
+    has_bias: bool = False
+    source_gate_up: GateUpLayout = "concat_gate_up"  # layout in the source module (canonical is concat_gate_up)
+    source_transposed: bool = False  # source stored [in, out] per expert instead of [out, in]
+    source_container: Literal["stacked", "module_list", "module"] = "stacked"
+
+    def __post_init__(self) -> None:
+        _check(self.activation in ACTIVATIONS, f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        _check(not (self.activation == "clamped_swiglu" and not self.gated), "clamped_swiglu needs a gated MLP")
+        _check(self.hidden_size >= 1 and self.intermediate_size >= 1, "sizes must be positive")
+
+    @property
+    def fc1_rows(self) -> int:
+        return 2 * self.intermediate_size if self.gated else self.intermediate_size
+
+
+@dataclass(frozen=True)
+class SharedExpertSpec:
+    """Experts every token goes through, beside the routed ones (all shared experts fused into one MLP)."""
+
+    mlp: MLPSpec
+    sigmoid_gate: bool = False  # Qwen2-MoE: shared(x) * sigmoid(x @ shared_gate.T)
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """The whole block: router, routed experts, shared experts, and what the block returns."""
+
+    router: RouterSpec
+    experts: MLPSpec
+    shared: SharedExpertSpec | None = None
+    extra_output: ExtraOutput = "none"  # the block returns (y, router_logits) or (y, topk_weights)
+
+    def __post_init__(self) -> None:
+        if self.shared is not None:
+            _check(self.shared.mlp.hidden_size == self.experts.hidden_size, "shared expert hidden size differs")
+        _check(not (self.extra_output == "topk_weights" and self.router.is_variable_k),
+               "a variable-k router has no [T, k] weights to return")
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.num_experts
+
+    @property
+    def hidden_size(self) -> int:
+        return self.experts.hidden_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MoESpec:
+        shared = data.get("shared")
+        return cls(
+            router=RouterSpec(**data["router"]),
+            experts=MLPSpec(**data["experts"]),
+            shared=None if shared is None else SharedExpertSpec(mlp=MLPSpec(**shared["mlp"]),
+                                                                sigmoid_gate=shared["sigmoid_gate"]),
+            extra_output=data.get("extra_output", "none"),
+        )
+
+    def summary(self) -> str:
+        """One line for a person: 'softmax>top2 renorm | gated silu E=8 H=32 I=64 | shared(gated)'."""
+        r = self.router
+        sel = "relu>all_positive" if r.is_variable_k else (
+            f"{r.scoring}>top{r.top_k}" if r.score_order == "score_then_select" else f"top{r.top_k}>{r.scoring}")
+        if r.selection == "grouped_topk":
+            sel += f" groups {r.topk_group}/{r.n_group}"
+        tags = [sel]
+        if r.renormalize:
+            tags.append("renorm")
+        if r.scaling_factor != 1.0:
+            tags.append(f"x{r.scaling_factor:g}")
+        if r.has_bias:
+            tags.append("bias")
+        if r.has_correction_bias:
+            tags.append("corr_bias")
+        if r.weight_on_input:
+            tags.append("weight_on_input")
+        e = self.experts
+        mlp = f"{'gated' if e.gated else 'plain'} {e.activation} E={r.num_experts} H={e.hidden_size} I={e.intermediate_size}"
+        parts = [" ".join(tags), mlp]
+        if self.shared is not None:
+            parts.append(f"shared I={self.shared.mlp.intermediate_size}" + (" gated" if self.shared.sigmoid_gate else ""))
+        return " | ".join(parts)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+@dataclass
+class MoEWeights:
+    """Canonical tensors of one block (see the module docstring for shapes). Optional ones are None."""
+
+    router_weight: torch.Tensor
+    w1: torch.Tensor
+    w2: torch.Tensor
+    router_bias: torch.Tensor | None = None
+    correction_bias: torch.Tensor | None = None
+    b1: torch.Tensor | None = None
+    b2: torch.Tensor | None = None
+    shared_w1: torch.Tensor | None = None
+    shared_w2: torch.Tensor | None = None
+    shared_b1: torch.Tensor | None = None
+    shared_b2: torch.Tensor | None = None
+    shared_gate: torch.Tensor | None = None  # [1, H]
+
+    def check(self, spec: MoESpec) -> None:
+        """Raise ValueError if a tensor's presence or shape disagrees with the spec."""
+        E, H, e = spec.num_experts, spec.hidden_size, spec.experts
+        want: dict[str, tuple[int, ...] | None] = {
+            "router_weight": (E, H),
+            "router_bias": (E,) if spec.router.has_bias else None,
+            "correction_bias": (E,) if spec.router.has_correction_bias else None,
+            "w1": (E, e.fc1_rows, H),
+            "w2": (E, H, e.intermediate_size),
+            "b1": (E, e.fc1_rows) if e.has_bias else None,
+            "b2": (E, H) if e.has_bias else None,
+        }
+        s = spec.shared
+        want.update({
+            "shared_w1": (s.mlp.fc1_rows, H) if s else None,
+            "shared_w2": (H, s.mlp.intermediate_size) if s else None,
+            "shared_b1": (s.mlp.fc1_rows,) if s and s.mlp.has_bias else None,
+            "shared_b2": (H,) if s and s.mlp.has_bias else None,
+            "shared_gate": (1, H) if s and s.sigmoid_gate else None,
+        })
+        for name, shape in want.items():
+            tensor = getattr(self, name)
+            if shape is None and tensor is not None:
+                raise ValueError(f"weights.{name} is set but the spec has no such tensor")
+            if shape is not None and (tensor is None or tuple(tensor.shape) != shape):
+                got = None if tensor is None else tuple(tensor.shape)
+                raise ValueError(f"weights.{name} should have shape {shape}, got {got}")
+
+    def items(self):
+        for field in dataclasses.fields(self):
+            yield field.name, getattr(self, field.name)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
