@@ -38,9 +38,10 @@ def call_block(block: nn.Module, x: torch.Tensor) -> tuple[tuple[torch.Tensor, t
         except Exception:  # noqa: BLE001
             raise first from None
     y, aux = split_output(out)
-    want = x.shape if rank == 3 else (x.numel() // x.shape[-1], x.shape[-1])
-    if tuple(y.shape) != tuple(want):
-        raise TypeError(f"the block maps {tuple(want)} to {tuple(y.shape)}; an MoE block keeps the shape")
+    flat = (x.numel() // x.shape[-1], x.shape[-1])
+    if tuple(y.shape) not in (tuple(x.shape if rank == 3 else flat), flat):
+        raise TypeError(f"the block maps {tuple(x.shape)} to {tuple(y.shape)}; an MoE block keeps the shape "
+                        "(or flattens the tokens)")
     return (y, aux), rank
 
 

@@ -48,7 +48,8 @@ class FusedMoE(nn.Module):
         lead_shape = hidden_states.shape[:-1]
         x = hidden_states.reshape(-1, H)
         y, routing = moe_forward(self.spec, self.weights(), x)
-        y = y.reshape(*lead_shape, H)
+        if not self.spec.flat_output:
+            y = y.reshape(*lead_shape, H)
         extra = self.spec.extra_output
         if extra == "none":
             return y

@@ -1,6 +1,6 @@
 """Plain PyTorch reference of an `MoESpec`: what every kernel, rewrite and export is checked against.
 
-Place in the pipeline: depends on spec.py only. Routing runs in fp32; each expert runs in the input's dtype on just
+Place in the pipeline: depends on spec.py only. Routing runs in fp32 (fp64 for fp64 input); each expert runs in the input's dtype on just
 the tokens that chose it (grouped by expert, no work for unchosen pairs); the weighted sum accumulates in fp32.
 It is differentiable (autograd flows to the input, the router and the expert weights) and handles zero tokens.
 """
@@ -98,10 +98,15 @@ def _grouped_topk(router: RouterSpec, choice: torch.Tensor) -> torch.Tensor:
     return choice.masked_fill(~expert_mask, float("-inf")).topk(router.top_k, dim=-1).indices
 
 
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def route(router: RouterSpec, weights: MoEWeights, x: torch.Tensor) -> Routing:
     """Router logits, selection and combine weights for x [T, H]."""
-    bias = None if weights.router_bias is None else weights.router_bias.float()
-    logits = F.linear(x.float(), weights.router_weight.float(), bias)
+    acc = _acc_dtype(x)
+    bias = None if weights.router_bias is None else weights.router_bias.to(acc)
+    logits = F.linear(x.to(acc), weights.router_weight.to(acc), bias)
     T = x.shape[0]
     if router.selection == "all_positive":
         gates = logits.relu()
@@ -109,7 +114,7 @@ def route(router: RouterSpec, weights: MoEWeights, x: torch.Tensor) -> Routing:
         weight = gates[token_index, expert_index] * router.scaling_factor
         return Routing(logits, token_index, expert_index, weight, None)
 
-    correction = None if weights.correction_bias is None else weights.correction_bias.float()
+    correction = None if weights.correction_bias is None else weights.correction_bias.to(acc)
     if router.score_order == "score_then_select":
         scores = _score(router.scoring, logits)
         choice = scores if correction is None else scores + correction
@@ -127,8 +132,10 @@ def route(router: RouterSpec, weights: MoEWeights, x: torch.Tensor) -> Routing:
 
 
 def routed_experts(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """Sum over each token's chosen experts, computed expert by expert on its tokens only. Returns fp32 [T, H]."""
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    """Sum over each token's chosen experts, computed expert by expert on its tokens only. Returns [T, H] in at
+    least fp32."""
+    acc = _acc_dtype(x)
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=acc, device=x.device)
     if routing.expert_index.numel() == 0:
         return out
     order = torch.argsort(routing.expert_index, stable=True)
@@ -145,19 +152,20 @@ def routed_experts(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, routing:
         start += count
         expert_in = x[tokens]
         if on_input:
-            expert_in = (expert_in.float() * w).to(x.dtype)
+            expert_in = (expert_in.to(acc) * w).to(x.dtype)
         b1 = None if weights.b1 is None else weights.b1[expert]
         b2 = None if weights.b2 is None else weights.b2[expert]
-        expert_out = mlp(e_spec, expert_in, weights.w1[expert], weights.w2[expert], b1, b2).float()
+        expert_out = mlp(e_spec, expert_in, weights.w1[expert], weights.w2[expert], b1, b2).to(acc)
         out = out.index_add(0, tokens, expert_out if on_input else expert_out * w)
     return out
 
 
 def shared_experts(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> torch.Tensor:
     shared = spec.shared
-    y = mlp(shared.mlp, x, weights.shared_w1, weights.shared_w2, weights.shared_b1, weights.shared_b2).float()
+    acc = _acc_dtype(x)
+    y = mlp(shared.mlp, x, weights.shared_w1, weights.shared_w2, weights.shared_b1, weights.shared_b2).to(acc)
     if shared.sigmoid_gate:
-        y = y * torch.sigmoid(F.linear(x, weights.shared_gate).float())
+        y = y * torch.sigmoid(F.linear(x, weights.shared_gate).to(acc))
     return y
 
 

@@ -121,6 +121,7 @@ class MoESpec:
     experts: MLPSpec
     shared: SharedExpertSpec | None = None
     extra_output: ExtraOutput = "none"  # the block returns (y, router_logits) or (y, topk_weights)
+    flat_output: bool = False  # the block returns [T, H] for [..., H] input (Llama 4)
 
     def __post_init__(self) -> None:
         if self.shared is not None:
@@ -148,6 +149,7 @@ class MoESpec:
             shared=None if shared is None else SharedExpertSpec(mlp=MLPSpec(**shared["mlp"]),
                                                                 sigmoid_gate=shared["sigmoid_gate"]),
             extra_output=data.get("extra_output", "none"),
+            flat_output=data.get("flat_output", False),
         )
 
     def summary(self) -> str:

@@ -73,11 +73,13 @@ def optimize(model: nn.Module, *, verify: bool = True, strict: bool = False, inp
         warnings.warn("moecompile: " + report.message, stacklevel=2)
         _REPORTS[model] = report
         return model
-    if strict and report.left:
-        lines = "; ".join(f"layer {b.path}: {b.reason}" for b in report.left)
-        raise MoECompileError(f"optimize(strict=True): {len(report.left)} MoE block(s) left alone: {lines}. "
+    left = [b for b in report.blocks if b.decision == "left"]
+    if strict and left:
+        lines = "; ".join(f"layer {b.path or '<root>'}: {b.reason}" for b in left)
+        raise MoECompileError(f"optimize(strict=True): {len(left)} MoE block(s) left alone: {lines}. "
                               "Pass strict=False to keep them as they are")
     _run_pass(manager.passes[-1], ctx)
+    target = ctx.model  # the FusedMoE itself when the whole model was one block
     _REPORTS[target] = report
     _REPORTS[model] = report
     if report.left:

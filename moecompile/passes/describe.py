@@ -238,16 +238,19 @@ def _mlp_hypotheses(module: nn.Module, H: int) -> list[tuple[MLPSpec, Callable[[
     mats = _linear_like(module)
     out: list[tuple[MLPSpec, Callable[[nn.Module], dict]]] = []
 
+    linear_weights = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
+
     def oriented(w: torch.Tensor, want_in: int):  # -> (transposed?, out_dim) options
         opts = []
         if w.shape[1] == want_in:
             opts.append((False, w.shape[0]))
-        if w.shape[0] == want_in and w.shape[0] != w.shape[1]:
+        if w.shape[0] == want_in and w.shape[0] != w.shape[1] and id(w) not in linear_weights:
             opts.append((True, w.shape[1]))
         return opts
 
     for di, (dname, dw, db) in enumerate(mats):
-        for d_t, d_out in [(t, o) for t, o in ((False, dw.shape[0]), (True, dw.shape[1])) if o == H]:
+        down_orients = ((False, dw.shape[0]),) if id(dw) in linear_weights else ((False, dw.shape[0]), (True, dw.shape[1]))
+        for d_t, d_out in [(t, o) for t, o in down_orients if o == H]:
             inter = dw.shape[1] if not d_t else dw.shape[0]
             rest = [m for i, m in enumerate(mats) if i != di]
             options = []
@@ -307,8 +310,11 @@ def _match_mlp(module: nn.Module, H: int, x: torch.Tensor) -> tuple[MLPSpec, Cal
             target = target[0]
         best = (float("inf"), None)
         for spec, extract in _mlp_hypotheses(module, H):
-            w = extract(module)
-            got = mlp(spec, x, w["w1"], w["w2"], w["b1"], w["b2"])
+            try:
+                w = extract(module)
+                got = mlp(spec, x, w["w1"], w["w2"], w["b1"], w["b2"])
+            except RuntimeError:  # a role assignment whose shapes do not compose (e.g. biases of other sizes)
+                continue
             err = _rel_err(got, target)
             if err <= MATCH_RTOL:
                 return spec, extract
@@ -480,7 +486,7 @@ def describe(candidate: Candidate, *, seed: int = 0) -> Description:
         for rh in router_hyps:
             for scale in rh["scales"] + [None]:
                 spec, weights = _assemble(candidate, probe, eh, expert_weights, rh, scale, shared_spec,
-                                          shared_extract, aux, flat_x)
+                                          shared_extract, aux, flat_x, input_rank == 3 and y_target.dim() == 2)
                 if spec is None:
                     continue
                 with torch.no_grad():
@@ -564,7 +570,7 @@ def _describe_shared(candidate: Candidate, probe: nn.Module, x: torch.Tensor):
     return shared_spec, shared_extract
 
 
-def _assemble(candidate, block, eh, expert_weights, rh, scale, shared_spec, shared_extract, aux, flat_x):
+def _assemble(candidate, block, eh, expert_weights, rh, scale, shared_spec, shared_extract, aux, flat_x, flat_out):
     E = candidate.num_experts
     router_w = _router_weights(candidate, block, rh)
     extra = "none"
@@ -584,7 +590,7 @@ def _assemble(candidate, block, eh, expert_weights, rh, scale, shared_spec, shar
             has_bias=router_w["router_bias"] is not None, has_correction_bias=rh["correction"] is not None,
             n_group=rh["n_group"], topk_group=rh["topk_group"], group_score=rh["group_score"],
             weight_on_input=rh["weight_on_input"])
-        spec = MoESpec(router=router, experts=eh.spec, shared=shared_spec, extra_output=extra)
+        spec = MoESpec(router=router, experts=eh.spec, shared=shared_spec, extra_output=extra, flat_output=flat_out)
     except ValueError:
         return None, None
     shared_w = shared_extract(block) if shared_extract else {}

@@ -71,13 +71,9 @@ def is_mlp_like(module: nn.Module) -> bool:
     return 2 <= len(mats) <= 3 and all(p.dim() in (1, 2) for p in tensors) and min(min(m.shape) for m in mats) > 1
 
 
-def mlp_hidden_size(module: nn.Module) -> int | None:
-    """The model dimension of an MLP-like module: the dimension every weight matrix has (in or out)."""
-    mats = _matrices(module)
-    common = set(mats[0].shape)
-    for m in mats[1:]:
-        common &= set(m.shape)
-    return next(iter(common)) if len(common) == 1 else None
+def serves_hidden_size(module: nn.Module, H: int) -> bool:
+    """Every weight matrix of the MLP-like `module` has H as its input or output dimension."""
+    return all(H in p.shape for p in _matrices(module))
 
 
 def _same_structure(modules: list[nn.Module]) -> bool:
@@ -144,11 +140,13 @@ def _find_router(module: nn.Module, path: str, kind: str, E: int, payload) -> Ca
             if id(tensor) in stacked_ids:
                 continue
             ref = TensorRef(sub, sub_path, name)
+            if tensor.dim() == 2 and "bias" in name.lower():
+                continue  # per-expert biases [E, X] sit beside the stacked weights; a router is a weight
             if tensor.dim() == 2 and tensor.shape[0] == E and tensor.shape[1] in expert_dims:
                 routers.append(ref)
             elif tensor.dim() == 2 and tensor.shape[1] == E and tensor.shape[0] in expert_dims and E not in expert_dims:
                 routers.append(ref)
-            elif tensor.dim() == 1 and tensor.shape[0] == E:
+            elif tensor.numel() == E and max(tensor.shape) == E and tensor.dim() <= 2:
                 vectors.append(ref)
     if not routers:
         return None
@@ -170,6 +168,6 @@ def _find_router(module: nn.Module, path: str, kind: str, E: int, payload) -> Ca
             continue
         if isinstance(child, nn.Linear) and tuple(child.weight.shape) == (1, H):
             candidate.shared_gate = (child_path, child)
-        elif is_mlp_like(child) and mlp_hidden_size(child) == H:
+        elif is_mlp_like(child) and serves_hidden_size(child, H):
             candidate.shared.append((child_path, child))
     return candidate

@@ -117,6 +117,9 @@ class FusePass:
         swapped: list[tuple[nn.Module, str, nn.Module]] = []
         try:
             for record, fused in replacements:
+                if record.path == "":  # the model itself is the block: the FusedMoE becomes the model
+                    ctx.model = fused
+                    continue
                 parent_path, _, name = record.path.rpartition(".")
                 parent = ctx.model.get_submodule(parent_path) if parent_path else ctx.model
                 swapped.append((parent, name, getattr(parent, name)))

@@ -1,0 +1,126 @@
+"""Tiny HF transformers MoE models built from their config classes (no hub download), for coverage and tests.
+
+Place in the pipeline: outside it; a source of real models. `moe_families()` lists every model type of the installed
+transformers whose modeling code has an MoE block (an `*Experts` class, a `use_experts_implementation` decorator, or a
+class named *MoE* / *SparseMoe* / *SparseMLP*); `build(model_type, experts_implementation)` shrinks the config's sizes
+generically and builds the CausalLM (or base) model with random weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import torch
+
+_MOE_CLASS = re.compile(r"^class \w*(Experts|MoE|Moe|SparseMoe|SparseMLP)\w*\(", re.M)
+
+# Size knobs found across MoE configs, and the small value each gets when the config has it.
+SMALL_SIZES: dict[str, object] = {
+    "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 48, "shared_expert_intermediate_size": 48,
+    "ffn_hidden_size": 96, "expert_intermediate_size": 48, "num_hidden_layers": 2, "num_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 128,
+    "max_position_embeddings": 128, "num_experts": 8, "num_local_experts": 8, "n_routed_experts": 8,
+    "moe_num_experts": 8, "num_experts_per_tok": 2, "moe_k": 2, "moe_topk": 2, "n_shared_experts": 1,
+    "n_group": 2, "topk_group": 1, "first_k_dense_replace": 0, "decoder_sparse_step": 1, "moe_layer_freq": 1,
+    "kv_lora_rank": 16, "q_lora_rank": 24, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+    "qk_head_dim": 16, "d_model": 64, "d_ff": 96, "d_kv": 16, "num_heads": 4, "expert_capacity": 64,
+    "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+    "mamba_d_state": 8, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_dt_rank": 8, "sliding_window": 64,
+    "global_attn_every_n_layers": 2, "attn_layer_period": 2, "expert_layer_period": 1, "expert_layer_offset": 0,
+}
+
+
+def _models_dir() -> Path:
+    import transformers
+
+    return Path(transformers.__file__).parent / "models"
+
+
+def moe_families() -> list[str]:
+    """Model folders of the installed transformers whose modeling code holds an MoE block, sorted."""
+    found = []
+    for folder in sorted(p for p in _models_dir().iterdir() if p.is_dir()):
+        text = "".join(f.read_text(errors="ignore") for f in folder.glob("modeling_*.py"))
+        if "use_experts_implementation" in text or _MOE_CLASS.search(text):
+            found.append(folder.name)
+    return found
+
+
+def _config_and_model_classes(family: str):
+    from transformers.models.auto import configuration_auto, modeling_auto
+
+    mapping = configuration_auto.CONFIG_MAPPING_NAMES
+    types = [t for t in mapping if t == family] + [t for t in mapping if t == f"{family}_text"]
+    if not types:
+        raise LookupError(f"{family}: no config class registered for this model type")
+    model_type = types[-1] if f"{family}_text" in types else types[0]
+    config_cls = getattr(importlib.import_module("transformers"), mapping[model_type])
+    for table in (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, modeling_auto.MODEL_MAPPING_NAMES):
+        name = table.get(model_type)
+        if name:
+            return config_cls, getattr(importlib.import_module("transformers"), name)
+    raise LookupError(f"{family}: no CausalLM or base model class for model type {model_type}")
+
+
+def small_config(family: str, experts_implementation: str | None = None):
+    config_cls, _ = _config_and_model_classes(family)
+    config = config_cls()
+    for key, value in SMALL_SIZES.items():
+        if hasattr(config, key) and not isinstance(getattr(config, key), (list, dict)):
+            setattr(config, key, value)
+    if hasattr(config, "qk_rope_head_dim"):
+        config.head_dim = config.qk_rope_head_dim  # MLA: rotary runs over the rope part of each head
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(getattr(config, name, None), int):
+            setattr(config, name, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[name])
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list) and types:
+        # keep one layer of each kind (hybrid attention / linear attention / mamba families need both)
+        distinct = list(dict.fromkeys(types))
+        layers = max(2, len(distinct))
+        try:
+            config.num_hidden_layers = layers
+            config.layer_types = (distinct * layers)[:layers]
+        except AttributeError:
+            pass  # a derived property (Jamba): its period knobs above set it
+    for name in ("mlp_only_layers",):
+        if isinstance(getattr(config, name, None), list):
+            setattr(config, name, [])
+    if experts_implementation is not None:
+        config._experts_implementation = experts_implementation
+    return config
+
+
+def build(family: str, experts_implementation: str | None = None, *, seed: int = 0,
+          dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A tiny random-weight model of `family` in eval mode."""
+    _, model_cls = _config_and_model_classes(family)
+    config = small_config(family, experts_implementation)
+    torch.manual_seed(seed)
+    kwargs = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
+    try:
+        model = model_cls._from_config(config, **kwargs)
+    except (TypeError, ValueError):
+        model = model_cls._from_config(config)
+    return model.to(dtype).eval()
+
+
+def has_experts_implementation(model: torch.nn.Module) -> bool:
+    """Whether the model's experts switch implementation with `experts_implementation`."""
+    return any(hasattr(m, "is_concatenated") and hasattr(m, "has_gate") for m in model.modules())
+
+
+def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 9, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    vocab = getattr(model.config, "vocab_size", 128)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    return {"input_ids": ids}
+
+
+def model_output(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """The model's main output: logits for a CausalLM, the last hidden state for a base model."""
+    with torch.no_grad():
+        out = model(**inputs, use_cache=False) if "use_cache" in model.forward.__code__.co_varnames else model(**inputs)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state

@@ -1,0 +1,179 @@
+"""Hand-written MoE modules in the forms users write, and look-alikes that are not MoE. Shared test fixtures."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, H, I, bias=False):
+        super().__init__()
+        self.w1 = nn.Linear(H, I, bias=bias)
+        self.w3 = nn.Linear(H, I, bias=bias)
+        self.w2 = nn.Linear(I, H, bias=bias)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, H, I):
+        super().__init__()
+        self.fc1 = nn.Linear(H, I)
+        self.fc2 = nn.Linear(I, H)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class ListMoE(nn.Module):
+    """Experts as a ModuleList of SwiGLU MLPs, softmax -> top-k -> renormalise, loop with torch.where/index_add_."""
+
+    def __init__(self, H=32, I=48, E=6, k=2):
+        super().__init__()
+        self.router = nn.Linear(H, E, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(H, I) for _ in range(E))
+        self.k = k
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = self.router(x).softmax(-1)
+        w, idx = probs.topk(self.k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(idx == e)
+            if token.numel():
+                out.index_add_(0, token, expert(x[token]) * w[token, slot, None])
+        return out.reshape(shape)
+
+
+class EinsumMoE(nn.Module):
+    """Stacked weights used with einsum, dense 'compute every expert then mask', top-k before softmax."""
+
+    def __init__(self, H=32, I=40, E=4, k=2):
+        super().__init__()
+        self.gate = nn.Parameter(torch.randn(E, H) / H**0.5)
+        self.w_in = nn.Parameter(torch.randn(E, H, 2 * I) / H**0.5)  # [E, in, out], gate/up concatenated
+        self.w_out = nn.Parameter(torch.randn(E, I, H) / I**0.5)
+        self.k = k
+
+    def forward(self, x):  # [T, H] only
+        logits = x @ self.gate.t()
+        top, idx = logits.topk(self.k, dim=-1)
+        weights = torch.zeros_like(logits).scatter(1, idx, top.softmax(-1))
+        h = torch.einsum("th,ehf->etf", x, self.w_in)
+        g, u = h.chunk(2, dim=-1)
+        y = torch.einsum("eti,eih->eth", F.silu(g) * u, self.w_out)
+        return torch.einsum("eth,te->th", y, weights)
+
+
+class ReluRouterMoE(nn.Module):
+    """ReMoE: gates = ReLU(x W_r), every expert with a positive gate runs; plain GELU experts with biases."""
+
+    def __init__(self, H=24, I=32, E=8):
+        super().__init__()
+        self.router = nn.Linear(H, E, bias=False)
+        self.experts = nn.ModuleList(GeluMLP(H, I) for _ in range(E))
+
+    def forward(self, x):
+        gates = F.relu(self.router(x))
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out + gates[..., e:e + 1] * expert(x)
+        return out
+
+
+class Top1SharedMoE(nn.Module):
+    """Top-1 sigmoid router, a shared expert with a sigmoid gate beside the routed ones, 3-D [T, H] input."""
+
+    def __init__(self, H=32, I=24, E=5):
+        super().__init__()
+        self.gate = nn.Linear(H, E, bias=True)
+        self.experts = nn.ModuleList(SwiGLU(H, I) for _ in range(E))
+        self.shared_expert = SwiGLU(H, 2 * I)
+        self.shared_expert_gate = nn.Linear(H, 1, bias=False)
+
+    def forward(self, x):
+        scores = torch.sigmoid(self.gate(x))
+        w, idx = scores.max(dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            mask = idx == e
+            if mask.any():
+                out[mask] = expert(x[mask]) * w[mask, None]
+        return out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+
+
+class Block(nn.Module):
+    """A transformer-ish block holding an MoE at depth: norm -> moe -> residual."""
+
+    def __init__(self, moe: nn.Module, H: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(H)
+        self.ffn = nn.Sequential(moe)
+
+    def forward(self, x):
+        return x + self.ffn(self.norm(x))
+
+
+class DeepModel(nn.Module):
+    def __init__(self, H=32):
+        super().__init__()
+        self.embed = nn.Linear(8, H)
+        self.layers = nn.ModuleList([Block(ListMoE(H=H), H), Block(SwiGLU(H, 64), H), Block(ListMoE(H=H, E=4, k=1), H)])
+        self.head = nn.Linear(H, 8)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
+class TopKPooling(nn.Module):
+    """Look-alike: a linear scores tokens, top-k picks which to keep (pooling). Not an MoE."""
+
+    def __init__(self, H=32, E=8, k=2):
+        super().__init__()
+        self.score = nn.Linear(H, E)
+        self.proj = nn.Linear(H, H)
+        self.k = k
+
+    def forward(self, x):
+        s = self.score(x).softmax(-1)
+        w, _ = s.topk(self.k, dim=-1)
+        return self.proj(x) * w.sum(-1, keepdim=True)
+
+
+class Retrieval(nn.Module):
+    """Look-alike: a query projection against a memory bank [E, H] and top-k retrieval."""
+
+    def __init__(self, H=32, E=16, k=4):
+        super().__init__()
+        self.memory = nn.Parameter(torch.randn(E, H))
+        self.values = nn.Parameter(torch.randn(E, H))
+        self.query = nn.Linear(H, H)
+        self.k = k
+
+    def forward(self, x):
+        scores = self.query(x) @ self.memory.t()
+        w, idx = scores.topk(self.k, dim=-1)
+        return (w.softmax(-1).unsqueeze(-1) * self.values[idx]).sum(-2)
+
+
+class LayerStack(nn.Module):
+    """Look-alike: a ModuleList of identical MLPs used in sequence (not experts) beside a [4, H] embedding."""
+
+    def __init__(self, H=32):
+        super().__init__()
+        self.type_embedding = nn.Parameter(torch.randn(4, H))
+        self.mlps = nn.ModuleList(GeluMLP(H, 2 * H) for _ in range(4))
+
+    def forward(self, x):
+        for m in self.mlps:
+            x = x + m(x)
+        return x + self.type_embedding[0]

@@ -1,0 +1,85 @@
+"""Detection of hand-written MoE forms (at any depth) and leaving look-alikes alone. fp32 tolerance 1e-5 abs."""
+import pytest
+import torch
+
+import handwritten as hw
+import moecompile
+from moecompile.passes.describe import DescribeError, describe
+from moecompile.passes.detect import propose
+
+FORMS = {
+    "module_list_where_index_add": (hw.ListMoE, (3, 7, 32), "softmax>top2 renorm | gated silu E=6"),
+    "einsum_dense_mask_topk_softmax": (hw.EinsumMoE, (21, 32), "gated silu E=4 H=32 I=40"),
+    "relu_router": (hw.ReluRouterMoE, (3, 7, 24), "relu>all_positive | plain gelu E=8"),
+    "top1_sigmoid_shared_gated": (hw.Top1SharedMoE, (3, 7, 32), "sigmoid>top1 bias | gated silu E=5 H=32 I=24 | shared I=48 gated"),
+}
+
+
+@pytest.mark.parametrize("name", FORMS)
+def test_handwritten_forms_fused_and_match(name, quiet):
+    cls, shape, summary = FORMS[name]
+    torch.manual_seed(0)
+    model = cls().eval()
+    optimized = moecompile.optimize(model, strict=True)
+    record = moecompile.report(optimized).blocks[0]
+    assert record.decision == "fused" and summary in record.spec_summary
+    assert isinstance(optimized, moecompile.FusedMoE)  # the whole model was the block
+    for _ in range(3):  # fresh inputs each time
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(optimized(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_blocks_found_at_depth(quiet):
+    torch.manual_seed(0)
+    model = hw.DeepModel().eval()
+    optimized = moecompile.optimize(model)
+    paths = [b.path for b in moecompile.report(optimized).fused]
+    assert paths == ["layers.0.ffn.0", "layers.2.ffn.0"]
+    assert isinstance(optimized.layers[0].ffn[0], moecompile.FusedMoE)
+    assert not isinstance(optimized.layers[1].ffn[0], moecompile.FusedMoE)  # a dense SwiGLU is not an MoE
+    x = torch.randn(3, 7, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [hw.TopKPooling, hw.Retrieval])
+def test_lookalikes_not_proposed(cls):
+    assert propose(cls()) == []
+
+
+def test_lookalike_layer_stack_left_alone(quiet):
+    model = hw.LayerStack().eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        before = model(x)
+    optimized = moecompile.optimize(model)
+    rep = moecompile.report(optimized)
+    assert all(b.decision == "left" and b.reason for b in rep.blocks)
+    assert not any(isinstance(m, moecompile.FusedMoE) for m in optimized.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x), before)
+
+
+class Sparsemixer(torch.nn.Module):
+    """A router moecompile does not express: expert chosen by top-1 of (logits + a fixed per-token jitter)."""
+
+    def __init__(self, H=32, E=4):
+        super().__init__()
+        self.router = torch.nn.Linear(H, E, bias=False)
+        self.experts = torch.nn.ModuleList(hw.SwiGLU(H, 16) for _ in range(E))
+
+    def forward(self, x):
+        logits = self.router(x)
+        idx = (logits + torch.sin(1000 * x[..., :4])).argmax(-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            m = idx == e
+            out[m] = expert(x[m])
+        return out
+
+
+def test_unsupported_router_reported_with_closest_error():
+    candidate = propose(Sparsemixer())[0]
+    with pytest.raises(DescribeError, match="no description reproduces the block .*rel err"):
+        describe(candidate)
