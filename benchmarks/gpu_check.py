@@ -28,13 +28,13 @@ def main():
     print(json.dumps({k: v for k, v in info.items() if k != "rows"}))
     warnings.filterwarnings("ignore")
     for family in FAMILIES:
-        for impl in ("eager", "grouped_mm", "batched_mm"):
+        impls = ("eager", "grouped_mm", "batched_mm") if hf_zoo.has_experts_implementation(hf_zoo.build(family)) \
+            else ("n/a",)
+        for impl in impls:
             for dtype in (torch.float32, torch.bfloat16):
                 row = dict(family=family, impl=impl, dtype=str(dtype).split(".")[1])
                 try:
-                    model = hf_zoo.build(family, impl).to("cuda", dtype)
-                    if impl != "eager" and not hf_zoo.has_experts_implementation(model):
-                        continue
+                    model = hf_zoo.build(family, None if impl == "n/a" else impl).to("cuda", dtype)
                     inputs = {k: v.cuda() for k, v in hf_zoo.example_inputs(model, batch=3, seq=7).items()}
                     want = hf_zoo.model_output(model, inputs).float()
                     optimized = moecompile.optimize(model)

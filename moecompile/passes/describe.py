@@ -453,8 +453,9 @@ def describe(candidate: Candidate, *, seed: int = 0) -> Description:
     """Read `candidate` into a Description, or raise DescribeError saying why it cannot be read."""
     E, H = candidate.num_experts, candidate.hidden_size
     probe = randomized_copy(candidate.module, seed)
+    device = next(probe.parameters()).device
     gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(1, SEARCH_TOKENS, H, generator=gen)
+    x = torch.randn(1, SEARCH_TOKENS, H, generator=gen).to(device)
     try:
         with torch.no_grad():
             target, input_rank = call_block(probe, x)
@@ -518,8 +519,9 @@ def _match_stacked_alone(candidate, probe, hyps, flat_x, gen) -> ExpertsHypothes
         return None
     E, T = candidate.num_experts, flat_x.shape[0]
     k = min(2, E)
-    idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
-    w = torch.rand(T, k, generator=gen)
+    device = flat_x.device
+    idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]).to(device)
+    w = torch.rand(T, k, generator=gen).to(device)
     try:
         with torch.no_grad():
             target = module(flat_x, idx, w)
@@ -527,12 +529,13 @@ def _match_stacked_alone(candidate, probe, hyps, flat_x, gen) -> ExpertsHypothes
         return None
     if isinstance(target, tuple):
         target = target[0]
-    routing = Routing(torch.zeros(T, E), torch.arange(T).repeat_interleave(k), idx.reshape(-1), w.reshape(-1), k)
+    routing = Routing(torch.zeros(T, E, device=device), torch.arange(T, device=device).repeat_interleave(k),
+                      idx.reshape(-1), w.reshape(-1), k)
     dummy_router = RouterSpec(num_experts=E, top_k=k)
     for h in hyps:
         spec = MoESpec(router=dummy_router, experts=h.spec)
         ew = h.extract(probe)
-        weights = MoEWeights(router_weight=torch.zeros(E, candidate.hidden_size), **ew)
+        weights = MoEWeights(router_weight=torch.zeros(E, candidate.hidden_size, device=device), **ew)
         with torch.no_grad():
             got = routed_experts(spec, weights, flat_x, routing)
         if _rel_err(got, target) <= MATCH_RTOL:
