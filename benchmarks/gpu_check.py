@@ -28,9 +28,7 @@ def main():
     print(json.dumps({k: v for k, v in info.items() if k != "rows"}))
     warnings.filterwarnings("ignore")
     for family in FAMILIES:
-        impls = ("eager", "grouped_mm", "batched_mm") if hf_zoo.has_experts_implementation(hf_zoo.build(family)) \
-            else ("n/a",)
-        for impl in impls:
+        for impl in hf_zoo.experts_implementations(family):
             for dtype in (torch.float32, torch.bfloat16):
                 row = dict(family=family, impl=impl, dtype=str(dtype).split(".")[1])
                 try:

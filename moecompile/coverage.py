@@ -21,7 +21,6 @@ import torch
 from . import hf_zoo
 from .backends.eager import optimize, report
 
-IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 LOGITS_RTOL = 1e-4  # fp32: max abs error on the output over its max abs value
 FAMILY_SECONDS = 180  # a family that takes longer (a hang in its modeling code) becomes an "error" row
 
@@ -50,12 +49,10 @@ def cover_family(family: str) -> list[dict]:
     """One row per experts implementation (one row 'n/a' for families without the switch)."""
     rows = []
     try:
-        probe = hf_zoo.build(family)
+        impls = hf_zoo.experts_implementations(family)
     except Exception as exc:  # noqa: BLE001 - a family that does not build is a row, not a crash
         return [dict(family=family, impl="-", status="not built", found=0, fused=0, rel_err=None,
                      note=_short(f"{type(exc).__name__}: {exc}"))]
-    impls = IMPLEMENTATIONS if hf_zoo.has_experts_implementation(probe) else ("n/a",)
-    del probe
     for impl in impls:
         start = time.perf_counter()
         row = dict(family=family, impl=impl, found=0, fused=0, rel_err=None, note="")

@@ -112,6 +112,14 @@ def has_experts_implementation(model: torch.nn.Module) -> bool:
     return any(hasattr(m, "is_concatenated") and hasattr(m, "has_gate") for m in model.modules())
 
 
+EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+
+
+def experts_implementations(family: str) -> tuple[str, ...]:
+    """The experts implementations `family` switches between, or ("n/a",) for a family without the switch."""
+    return EXPERTS_IMPLEMENTATIONS if has_experts_implementation(build(family)) else ("n/a",)
+
+
 def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 9, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     vocab = getattr(model.config, "vocab_size", 128)

@@ -9,15 +9,12 @@ from moecompile import hf_zoo
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
             "granitemoe", "granitemoeshared", "llama4", "glm4_moe", "minimax", "hunyuan_v1_moe", "dots1", "flint",
             "nemotron_h", "aria", "kimi_linear", "exaone_moe"]
-IMPLS = ["eager", "grouped_mm", "batched_mm"]
+IMPLS = list(hf_zoo.EXPERTS_IMPLEMENTATIONS)
 
 
 def _build(family, impl):
-    probe = hf_zoo.build(family)
-    if not hf_zoo.has_experts_implementation(probe):
-        if impl != "eager":
-            return None
-        return probe
+    if hf_zoo.experts_implementations(family) == ("n/a",):  # no switch: run once, under "eager"
+        return hf_zoo.build(family) if impl == "eager" else None
     return hf_zoo.build(family, impl)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import MoECompileError
 from ..passes.log import Report
-from ..passes.manager import PassContext, PassManager
+from ..passes.manager import ANALYSIS_PASSES, FusePass, PassContext, PassManager
 
 _REPORTS: "weakref.WeakKeyDictionary[nn.Module, Report]" = weakref.WeakKeyDictionary()
 _OPTIONS = {"seed": int}
@@ -63,10 +63,7 @@ def optimize(model: nn.Module, *, verify: bool = True, strict: bool = False, inp
     report = Report(model_type=type(model).__name__,
                     options={"verify": verify, "strict": strict, "inplace": inplace, **options})
     ctx = PassContext(model=target, report=report, verify=verify, seed=options.get("seed", 0))
-    manager = PassManager()
-    # Detect, describe, confirm: they never modify the model.
-    for p in manager.passes[:-1]:
-        _run_pass(p, ctx)
+    PassManager(ANALYSIS_PASSES).run(ctx)
     if not report.blocks:
         report.message = (f"no MoE block found in {type(model).__name__}: nothing was changed. moecompile looks for "
                           "a router weight [E, H] beside E experts (a ModuleList of MLPs or [E, ...] weights)")
@@ -78,7 +75,7 @@ def optimize(model: nn.Module, *, verify: bool = True, strict: bool = False, inp
         lines = "; ".join(f"layer {b.path or '<root>'}: {b.reason}" for b in left)
         raise MoECompileError(f"optimize(strict=True): {len(left)} MoE block(s) left alone: {lines}. "
                               "Pass strict=False to keep them as they are")
-    _run_pass(manager.passes[-1], ctx)
+    PassManager([FusePass]).run(ctx)
     target = ctx.model  # the FusedMoE itself when the whole model was one block
     _REPORTS[target] = report
     _REPORTS[model] = report
@@ -86,10 +83,6 @@ def optimize(model: nn.Module, *, verify: bool = True, strict: bool = False, inp
         warnings.warn(f"moecompile: {len(report.left)} of {len(report.blocks)} MoE blocks left as they were; "
                       "see moecompile.report(model)", stacklevel=2)
     return target
-
-
-def _run_pass(p, ctx: PassContext) -> None:
-    PassManager([p]).run(ctx)
 
 
 def report(model: nn.Module) -> Report:

@@ -209,7 +209,7 @@ def _stacked_extract(candidate, fc1s, fc1_t, layout, down, down_t, inter, gated,
         w1 = _fc1_layout(w1, layout, inter, dim=1)
         down_src = _get(block, down_where)
         out = {
-            "w1": _canonical(sources[0], w1) if len(sources) == 1 else _canonical(sources[0], w1.contiguous()),
+            "w1": _canonical(sources[0], w1),
             "w2": _canonical(down_src, down_src.transpose(1, 2) if down_t else down_src),
             "b1": None, "b2": None,
         }

@@ -133,7 +133,8 @@ class FusePass:
         return bool(replacements)
 
 
-DEFAULT_PASSES = (DetectPass, DescribePass, ConfirmPass, FusePass)
+ANALYSIS_PASSES = (DetectPass, DescribePass, ConfirmPass)  # read the model, never modify it
+DEFAULT_PASSES = ANALYSIS_PASSES + (FusePass,)
 
 
 class PassManager:
