@@ -47,7 +47,8 @@ class FusedMoE(nn.Module):
                 f"the block's hidden size is {H}; pass hidden states of shape [..., {H}]")
         lead_shape = hidden_states.shape[:-1]
         x = hidden_states.reshape(-1, H)
-        y, routing = moe_forward(self.spec, self.weights(), x)
+        seq_len = hidden_states.shape[-2] if hidden_states.dim() >= 2 and x.shape[0] else None
+        y, routing = moe_forward(self.spec, self.weights(), x, seq_len)
         if not self.spec.flat_output:
             y = y.reshape(*lead_shape, H)
         extra = self.spec.extra_output

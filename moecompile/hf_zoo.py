@@ -25,10 +25,12 @@ SMALL_SIZES: dict[str, object] = {
     "moe_num_experts": 8, "num_experts_per_tok": 2, "moe_k": 2, "moe_topk": 2, "n_shared_experts": 1,
     "n_group": 2, "topk_group": 1, "first_k_dense_replace": 0, "decoder_sparse_step": 1, "moe_layer_freq": 1,
     "kv_lora_rank": 16, "q_lora_rank": 24, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
-    "qk_head_dim": 16, "d_model": 64, "d_ff": 96, "d_kv": 16, "num_heads": 4, "expert_capacity": 64,
+    "qk_head_dim": 16, "d_model": 64, "d_ff": 96, "d_kv": 16, "num_heads": 4, "expert_capacity": 3, "num_decoder_layers": 2,
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
-    "mamba_d_state": 8, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_dt_rank": 8, "sliding_window": 64,
-    "global_attn_every_n_layers": 2, "attn_layer_period": 2, "expert_layer_period": 1, "expert_layer_offset": 0,
+    "mamba_d_state": 8, "mamba_d_conv": 4, "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_expand": 2, "mamba_dt_rank": 8, "sliding_window": 64,
+    "global_attn_every_n_layers": 2, "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 1,
+    "expert_layer_offset": 0, "moe_top_k": 2, "n_layers": 2, "n_heads": 4, "d_model": 64,
+    "index_n_heads": 2, "index_head_dim": 16, "index_topk": 8,
 }
 
 
@@ -64,14 +66,48 @@ def _config_and_model_classes(family: str):
     raise LookupError(f"{family}: no CausalLM or base model class for model type {model_type}")
 
 
+def _shrink(config) -> None:
+    """Set every size knob of `config` and of its sub-configs (DBRX keeps attention and FFN in their own) small."""
+    from transformers import PretrainedConfig
+
+    for key, value in SMALL_SIZES.items():
+        if hasattr(config, key) and not isinstance(getattr(config, key), (list, dict, PretrainedConfig)):
+            setattr(config, key, value)
+    for name, sub in list(vars(config).items()):
+        if isinstance(sub, PretrainedConfig) and name != "text_config":
+            _shrink(sub)
+
+
+def _reads_mrope(family: str) -> bool:
+    return any("mrope_section" in f.read_text(errors="ignore") for f in (_models_dir() / family).glob("modeling_*.py"))
+
+
 def small_config(family: str, experts_implementation: str | None = None):
     config_cls, _ = _config_and_model_classes(family)
     config = config_cls()
-    for key, value in SMALL_SIZES.items():
-        if hasattr(config, key) and not isinstance(getattr(config, key), (list, dict)):
-            setattr(config, key, value)
+    _shrink(config)
     if hasattr(config, "qk_rope_head_dim"):
-        config.head_dim = config.qk_rope_head_dim  # MLA: rotary runs over the rope part of each head
+        # MLA: rotary runs over the rope part of each head (which is all of head_dim unless the rope is partial)
+        rope = getattr(config, "rope_parameters", None) or {}
+        config.head_dim = int(config.qk_rope_head_dim / rope.get("partial_rotary_factor", 1.0))
+    if hasattr(config, "kv_lora_rank") and hasattr(config, "num_key_value_heads"):
+        config.num_key_value_heads = config.num_attention_heads  # MLA expands the latent to every head
+    # no KV cache: a hybrid model whose tiny config holds only linear-attention layers cannot size one
+    config.use_cache = False
+    attn = getattr(config, "attn_config", None)
+    if attn is not None and not hasattr(attn, "rope_theta"):
+        # DBRX's default config in transformers 5.23 does not run: its attention reads rope_theta, which the config
+        # no longer sets, and clamps with clip_qkv, which defaults to None
+        attn.rope_theta = 10000.0
+        attn.clip_qkv = attn.clip_qkv or 8.0
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and ("mrope_section" in rope or _reads_mrope(family)):
+        # multimodal rope: the sections split the rotary half of head_dim, which the shrink made small
+        half = int(getattr(config, "head_dim", 16) * rope.get("partial_rotary_factor", 1.0)) // 2
+        sections = rope.get("mrope_section") or [8, 12, 12]  # the default GLM-4V's rotary embedding falls back to
+        scaled = [max(1, s * half // sum(sections)) for s in sections]
+        scaled[-1] += half - sum(scaled)
+        rope["mrope_section"] = scaled
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if isinstance(getattr(config, name, None), int):
             setattr(config, name, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[name])
@@ -85,6 +121,12 @@ def small_config(family: str, experts_implementation: str | None = None):
             config.layer_types = (distinct * layers)[:layers]
         except AttributeError:
             pass  # a derived property (Jamba): its period knobs above set it
+    mlp_types = getattr(config, "mlp_layer_types", None)
+    if isinstance(mlp_types, list) and mlp_types:
+        # every layer an MoE layer (DeepSeek-V3.2 and kin start with dense layers)
+        sparse = [t for t in dict.fromkeys(mlp_types) if t != "dense"]
+        if sparse:
+            config.mlp_layer_types = [sparse[0]] * config.num_hidden_layers
     for name in ("mlp_only_layers",):
         if isinstance(getattr(config, name, None), list):
             setattr(config, name, [])
@@ -124,11 +166,13 @@ def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 9, seed: i
     gen = torch.Generator().manual_seed(seed)
     vocab = getattr(model.config, "vocab_size", 128)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    if getattr(model.config, "is_encoder_decoder", False):
+        return {"input_ids": ids, "decoder_input_ids": ids[:, : max(1, seq // 2)]}
     return {"input_ids": ids}
 
 
 def model_output(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     """The model's main output: logits for a CausalLM, the last hidden state for a base model."""
     with torch.no_grad():
-        out = model(**inputs, use_cache=False) if "use_cache" in model.forward.__code__.co_varnames else model(**inputs)
+        out = model(**inputs)
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state

@@ -98,12 +98,37 @@ def _grouped_topk(router: RouterSpec, choice: torch.Tensor) -> torch.Tensor:
     return choice.masked_fill(~expert_mask, float("-inf")).topk(router.top_k, dim=-1).indices
 
 
+def _sparsemixer(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's sparsemixer routing as it runs in eval mode: two rounds, each taking the best remaining logit and
+    weighing it by a softmax over the logits within a relative gap of 2 * jitter_eps of it."""
+    remaining = logits
+    picks, picked_weights = [], []
+    for _ in range(2):
+        best, pick = remaining.max(dim=-1, keepdim=True)
+        far = (best - logits) / logits.abs().clamp(min=best) > 2 * jitter_eps
+        picked_weights.append(remaining.masked_fill(far, float("-inf")).softmax(dim=-1).gather(1, pick))
+        picks.append(pick)
+        remaining = remaining.scatter(1, pick, float("-inf"))
+    return torch.cat(picks, dim=1), torch.cat(picked_weights, dim=1)
+
+
+def _within_capacity(idx: torch.Tensor, router: RouterSpec, seq_len: int) -> torch.Tensor:
+    """[T, k] mask: whether a choice is among the first expert_capacity choices of its expert in its sequence.
+    Dropped choices keep their slot with weight 0, so the pairs stay token-major."""
+    T, k = idx.shape
+    if T == 0:
+        return torch.ones_like(idx, dtype=torch.float32)
+    chosen = F.one_hot(idx, router.num_experts).sum(dim=1)  # [T, E]
+    priority = chosen.view(-1, seq_len, router.num_experts).cumsum(dim=1).view(T, -1)
+    return (priority.gather(1, idx) <= router.expert_capacity).to(torch.float32)
+
+
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def route(router: RouterSpec, weights: MoEWeights, x: torch.Tensor) -> Routing:
-    """Router logits, selection and combine weights for x [T, H]."""
+def route(router: RouterSpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None = None) -> Routing:
+    """Router logits, selection and combine weights for x [T, H], T = sequences * seq_len (one sequence if None)."""
     acc = _acc_dtype(x)
     bias = None if weights.router_bias is None else weights.router_bias.to(acc)
     logits = F.linear(x.to(acc), weights.router_weight.to(acc), bias)
@@ -114,6 +139,11 @@ def route(router: RouterSpec, weights: MoEWeights, x: torch.Tensor) -> Routing:
         weight = gates[token_index, expert_index] * router.scaling_factor
         return Routing(logits, token_index, expert_index, weight, None)
 
+    if router.selection == "sparsemixer":
+        idx, topk_w = _sparsemixer(logits, router.jitter_eps)
+        topk_w = topk_w * router.scaling_factor
+        token_index = torch.arange(T, device=x.device).repeat_interleave(2)
+        return Routing(logits, token_index, idx.reshape(-1), topk_w.reshape(-1), 2)
     correction = None if weights.correction_bias is None else weights.correction_bias.to(acc)
     if router.score_order == "score_then_select":
         scores = _score(router.scoring, logits)
@@ -127,6 +157,8 @@ def route(router: RouterSpec, weights: MoEWeights, x: torch.Tensor) -> Routing:
     if router.renormalize:
         topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True).clamp(min=router.renorm_min)
     topk_w = topk_w * router.scaling_factor
+    if router.expert_capacity is not None:
+        topk_w = topk_w * _within_capacity(idx, router, seq_len or max(T, 1))
     token_index = torch.arange(T, device=x.device).repeat_interleave(router.top_k)
     return Routing(logits, token_index, idx.reshape(-1), topk_w.reshape(-1), router.top_k)
 
@@ -169,10 +201,14 @@ def shared_experts(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> torch
     return y
 
 
-def moe_forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
-    """The block on x [T, H]: output [T, H] in x's dtype, and the routing it used."""
-    routing = route(spec.router, weights, x)
+def moe_forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor,
+                seq_len: int | None = None) -> tuple[torch.Tensor, Routing]:
+    """The block on x [T, H]: output [T, H] in x's dtype, and the routing it used. `seq_len` splits the T tokens
+    into sequences for an expert capacity (None: one sequence)."""
+    routing = route(spec.router, weights, x, seq_len)
     y = routed_experts(spec, weights, x, routing)
     if spec.shared is not None:
         y = y + shared_experts(spec, weights, x)
+    if spec.has_output_bias:
+        y = y + weights.output_bias.to(y.dtype)
     return y.to(x.dtype), routing

@@ -9,8 +9,13 @@ What a block computes, in the canonical form every field below refers to (x: [T,
     score_then_select:  scores = score(logits); chosen = select(scores (+ correction_bias)); w = scores[chosen]
     select_then_score:  chosen = select(logits (+ correction_bias));   w = score(logits[chosen]) over the chosen
     w = w / max(sum(w), renorm_min) if renormalize;  w = w * scaling_factor
+    expert_capacity (Switch Transformers): within one sequence (the input's second-to-last dim), only the first
+                 expert_capacity tokens in order that chose expert e get it; for the others that choice weighs 0
+    sparsemixer (PhiMoE, eval): k = 2 rounds; round r picks the best remaining logit m_r and weighs it by a softmax
+                 over the logits l with (m_r - l) / max(|l|, m_r) <= 2 * jitter_eps (earlier picks excluded)
     y = sum over chosen e of  w_e * expert_e(x)       (or expert_e(w_e * x) when weight_on_input)
       + shared(x) (* sigmoid(x @ shared_gate.T) when the shared expert is gated)
+      + output_bias                                   (one [H] vector for the whole block: JetMoE)
     expert_e(x) = down_e(glu(gate_e(x), up_e(x))) + b2_e   (gated)   |   down_e(act(up_e(x))) + b2_e   (plain)
 
 Canonical expert weights: w1 [E, F, H] with F = 2*I (gate rows first, then up rows) for gated experts and F = I for
@@ -27,7 +32,7 @@ from typing import Literal
 import torch
 
 Scoring = Literal["softmax", "sigmoid", "relu", "none"]
-Selection = Literal["topk", "grouped_topk", "all_positive"]
+Selection = Literal["topk", "grouped_topk", "all_positive", "sparsemixer"]
 ScoreOrder = Literal["score_then_select", "select_then_score"]
 GroupScore = Literal["max", "top2_sum"]
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu"]
@@ -35,7 +40,7 @@ GateUpLayout = Literal["separate", "concat_gate_up", "concat_up_gate", "interlea
 ExtraOutput = Literal["none", "router_logits", "topk_weights"]
 
 SCORINGS: tuple[str, ...] = ("softmax", "sigmoid", "relu", "none")
-SELECTIONS: tuple[str, ...] = ("topk", "grouped_topk", "all_positive")
+SELECTIONS: tuple[str, ...] = ("topk", "grouped_topk", "all_positive", "sparsemixer")
 ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu")
 
 
@@ -57,6 +62,8 @@ class RouterSpec:
     topk_group: int = 1
     group_score: GroupScore = "top2_sum"
     weight_on_input: bool = False  # Llama 4: expert_e(w_e * x) instead of w_e * expert_e(x)
+    jitter_eps: float = 0.0  # sparsemixer only: the relative logit gap that keeps an expert in a round's softmax
+    expert_capacity: int | None = None  # per sequence and expert; later tokens' choice of that expert is dropped
 
     def __post_init__(self) -> None:
         _check(self.num_experts >= 1, f"num_experts must be >= 1, got {self.num_experts}")
@@ -74,6 +81,13 @@ class RouterSpec:
             _check(1 <= self.topk_group <= self.n_group, f"topk_group must be in 1..{self.n_group}")
             _check(self.top_k <= self.topk_group * self.num_experts // self.n_group,
                    "top_k exceeds the experts in the chosen groups")
+        if self.expert_capacity is not None:
+            _check(self.expert_capacity >= 1, f"expert_capacity must be >= 1, got {self.expert_capacity}")
+            _check(self.selection in ("topk", "grouped_topk"), "expert_capacity applies to top-k selection only")
+        if self.selection == "sparsemixer":
+            _check(self.top_k == 2 and self.num_experts >= 2, "sparsemixer selection picks exactly 2 experts")
+            _check(self.score_order == "select_then_score" and self.scoring == "softmax",
+                   "sparsemixer scores each pick by a softmax over its own masked logits")
 
     @property
     def is_variable_k(self) -> bool:
@@ -122,6 +136,7 @@ class MoESpec:
     shared: SharedExpertSpec | None = None
     extra_output: ExtraOutput = "none"  # the block returns (y, router_logits) or (y, topk_weights)
     flat_output: bool = False  # the block returns [T, H] for [..., H] input (Llama 4)
+    has_output_bias: bool = False  # one [H] bias added to the block's output (JetMoE)
 
     def __post_init__(self) -> None:
         if self.shared is not None:
@@ -150,6 +165,7 @@ class MoESpec:
                                                                 sigmoid_gate=shared["sigmoid_gate"]),
             extra_output=data.get("extra_output", "none"),
             flat_output=data.get("flat_output", False),
+            has_output_bias=data.get("has_output_bias", False),
         )
 
     def summary(self) -> str:
@@ -159,6 +175,10 @@ class MoESpec:
             f"{r.scoring}>top{r.top_k}" if r.score_order == "score_then_select" else f"top{r.top_k}>{r.scoring}")
         if r.selection == "grouped_topk":
             sel += f" groups {r.topk_group}/{r.n_group}"
+        if r.selection == "sparsemixer":
+            sel = f"sparsemixer eps={r.jitter_eps:g}"
+        if r.expert_capacity is not None:
+            sel += f" capacity {r.expert_capacity}"
         tags = [sel]
         if r.renormalize:
             tags.append("renorm")
@@ -175,6 +195,8 @@ class MoESpec:
         parts = [" ".join(tags), mlp]
         if self.shared is not None:
             parts.append(f"shared I={self.shared.mlp.intermediate_size}" + (" gated" if self.shared.sigmoid_gate else ""))
+        if self.has_output_bias:
+            parts.append("output bias")
         return " | ".join(parts)
 
     def to_json(self) -> str:
@@ -197,6 +219,7 @@ class MoEWeights:
     shared_b1: torch.Tensor | None = None
     shared_b2: torch.Tensor | None = None
     shared_gate: torch.Tensor | None = None  # [1, H]
+    output_bias: torch.Tensor | None = None  # [H]
 
     def check(self, spec: MoESpec) -> None:
         """Raise ValueError if a tensor's presence or shape disagrees with the spec."""
@@ -217,6 +240,7 @@ class MoEWeights:
             "shared_b1": (s.mlp.fc1_rows,) if s and s.mlp.has_bias else None,
             "shared_b2": (H,) if s and s.mlp.has_bias else None,
             "shared_gate": (1, H) if s and s.sigmoid_gate else None,
+            "output_bias": (H,) if spec.has_output_bias else None,
         })
         for name, shape in want.items():
             tensor = getattr(self, name)

@@ -108,6 +108,38 @@ class Top1SharedMoE(nn.Module):
         return out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
 
+class ExpertChoiceMoE(nn.Module):
+    """A real MoE form moecompile does not express: experts choose their top-c tokens (expert-choice routing)."""
+
+    def __init__(self, H=32, I=48, E=4, capacity=2):
+        super().__init__()
+        self.router = nn.Linear(H, E, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(H, I) for _ in range(E))
+        self.capacity = capacity
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = self.router(x).softmax(-1)  # [T, E]
+        c = min(self.capacity, x.shape[0])
+        w, tokens = probs.t().topk(c, dim=-1)  # each expert picks its c best tokens
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out.index_add_(0, tokens[e], expert(x[tokens[e]]) * w[e, :, None])
+        return out.reshape(shape)
+
+
+class ExpertChoiceModel(nn.Module):
+    def __init__(self, H=32):
+        super().__init__()
+        self.layers = nn.ModuleList([Block(ExpertChoiceMoE(H=H), H)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
 class Block(nn.Module):
     """A transformer-ish block holding an MoE at depth: norm -> moe -> residual."""
 

@@ -172,3 +172,44 @@ def test_zero_tokens_and_autograd():
         return moe_forward(spec, MoEWeights(router_weight=rw, w1=w1, w2=w2), x)[0]
 
     assert torch.autograd.gradcheck(f, (x, w64.router_weight, w64.w1, w64.w2))
+
+
+def test_sparsemixer_hand_computed():
+    # logits [4, 3.9, 1, 0], jitter_eps 0.05: round 1 picks expert 0 (m = 4); (4 - l) / max(|l|, 4) <= 0.1 keeps
+    # experts 0 and 1 -> weight e^4 / (e^4 + e^3.9). Round 2 picks expert 1 (m = 3.9) among the rest: the gap test keeps
+    # experts 0 (gap < 0, but already picked: -inf) and 1 -> its softmax over itself alone is 1.
+    router = RouterSpec(4, 2, selection="sparsemixer", score_order="select_then_score", jitter_eps=0.05)
+    w = MoEWeights(router_weight=torch.tensor([[4.0], [3.9], [1.0], [0.0]]), w1=torch.zeros(4, 2, 1),
+                   w2=torch.zeros(4, 1, 1))
+    r = route(router, w, torch.tensor([[1.0]]))
+    assert r.expert_index.tolist() == [0, 1]
+    torch.testing.assert_close(r.weight, torch.tensor([1 / (1 + math.exp(-0.1)), 1.0]))
+    # a wide gap (eps 1): round 1 keeps every logit within 2 of 4 relative -> softmax over all four
+    r = route(RouterSpec(4, 2, selection="sparsemixer", score_order="select_then_score", jitter_eps=1.0), w,
+              torch.tensor([[1.0]]))
+    all4 = torch.tensor([4.0, 3.9, 1.0, 0.0]).softmax(0)
+    torch.testing.assert_close(r.weight[0], all4[0])
+    torch.testing.assert_close(r.weight[1], torch.tensor([3.9, 1.0, 0.0]).softmax(0)[0])
+
+
+def test_expert_capacity_hand_computed():
+    # 2 sequences of 3 tokens, 2 experts, top-1, capacity 1: every token prefers expert 0 except the second token of
+    # sequence 0; per sequence only the first token choosing an expert gets it.
+    router = RouterSpec(2, 1, expert_capacity=1)
+    w = MoEWeights(router_weight=torch.tensor([[1.0], [-1.0]]), w1=torch.zeros(2, 2, 1), w2=torch.zeros(2, 1, 1))
+    x = torch.tensor([[1.0], [-1.0], [2.0], [3.0], [1.0], [0.5]])
+    r = route(router, w, x, seq_len=3)
+    assert r.expert_index.tolist() == [0, 1, 0, 0, 0, 0]
+    kept = (r.weight > 0).tolist()
+    assert kept == [True, True, False, True, False, False]
+
+
+def test_output_bias_added_once():
+    gen = torch.Generator().manual_seed(11)
+    spec = MoESpec(router=RouterSpec(E, 2), experts=mlp_gated, has_output_bias=True)
+    w = weights_for(spec, gen)
+    w.output_bias = torch.randn(H, generator=gen)
+    x = torch.randn(5, H, generator=gen)
+    plain = MoESpec(router=RouterSpec(E, 2), experts=mlp_gated)
+    torch.testing.assert_close(moe_forward(spec, w, x)[0], naive_block(plain, w, x) + w.output_bias,
+                               atol=1e-5, rtol=1e-5)

@@ -25,7 +25,7 @@ from torch import nn
 from ..capture import call_block, op_census
 from ..reference import Routing, mlp, moe_forward, routed_experts, shared_experts
 from ..spec import ACTIVATIONS, MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
-from .detect import Candidate, TensorRef, is_mlp_like
+from .detect import Candidate, TensorRef, expert_members, is_mlp_like
 
 MATCH_RTOL = 1e-4  # fp32 max-abs error over max-abs output that counts as "computes the same thing"
 SEARCH_TOKENS = 24
@@ -34,6 +34,8 @@ K_ATTRS = ("top_k", "num_experts_per_tok", "k", "topk", "moe_topk", "num_experts
 SCALE_ATTRS = ("routed_scaling_factor", "route_scale", "routed_scaling")
 GROUP_ATTRS = ("n_group", "num_group", "num_expert_group", "n_groups")
 TOPK_GROUP_ATTRS = ("topk_group", "topk_groups", "num_limited_groups")
+JITTER_ATTRS = ("router_jitter_noise", "jitter_eps", "moe_jitter_eps")
+CAPACITY_ATTRS = ("expert_capacity",)
 GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu")
 
 
@@ -59,24 +61,28 @@ class Description:
 # tensor access relative to the candidate, so one recipe serves the original block and its randomised copy
 
 
-def _rel(candidate: Candidate, ref: TensorRef) -> tuple[str, str]:
+def _rel(candidate: Candidate, ref: TensorRef) -> tuple[str, str, int]:
     owner = ref.owner_path[len(candidate.path):].lstrip(".") if candidate.path else ref.owner_path
-    return owner, ref.name
+    return owner, ref.name, ref.split_experts
 
 
-def _get(block: nn.Module, where: tuple[str, str]) -> torch.Tensor:
+def _get(block: nn.Module, where: tuple) -> torch.Tensor:
     owner = block.get_submodule(where[0]) if where[0] else block
-    return getattr(owner, where[1])
+    t = getattr(owner, where[1])
+    split = where[2] if len(where) > 2 else 0
+    return t.view(split, -1, t.shape[-1]) if split else t
 
 
 def _canonical(source: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Keep the source Parameter itself when no copy was needed (shared storage, trained together); else a new
-    Parameter (or buffer tensor) holding the re-laid-out copy."""
-    if value is source or isinstance(value, nn.Parameter):
+    Parameter (or buffer tensor) holding the re-laid-out copy. A view of a Parameter (DBRX's [E*I, H] seen as
+    [E, I, H]) is copied: a Parameter cannot be a view."""
+    if (value is source and source._base is None) or isinstance(value, nn.Parameter):
         return value
     value = value.detach().contiguous()
-    if isinstance(source, nn.Parameter):
-        return nn.Parameter(value, requires_grad=source.requires_grad)
+    base = source if source._base is None else source._base
+    if isinstance(base, nn.Parameter):
+        return nn.Parameter(value, requires_grad=base.requires_grad)
     return value
 
 
@@ -323,14 +329,15 @@ def _match_mlp(module: nn.Module, H: int, x: torch.Tensor) -> tuple[MLPSpec, Cal
 
 
 def _list_hypothesis(candidate: Candidate, copy_block: nn.Module, x: torch.Tensor) -> ExpertsHypothesis:
-    experts = copy_block.get_submodule(_rel_module(candidate, candidate.experts_list_path))
+    experts = expert_members(copy_block.get_submodule(_rel_module(candidate, candidate.experts_list_path)))
     spec, one = _match_mlp(experts[0], candidate.hidden_size, x)
     spec = replace(spec, source_container="module_list")
     list_path = _rel_module(candidate, candidate.experts_list_path)
 
     def extract(block: nn.Module) -> dict:
-        per_expert = [one(e) for e in block.get_submodule(list_path)]
-        first = block.get_submodule(list_path)[0]
+        members = expert_members(block.get_submodule(list_path))
+        per_expert = [one(e) for e in members]
+        first = members[0]
         ref = next(first.parameters())
         stacked = {}
         for key in ("w1", "w2", "b1", "b2"):
@@ -362,9 +369,23 @@ def _attr(modules: list[nn.Module], names: tuple[str, ...]):
                     yield v
 
 
+def _router_modules(candidate: Candidate) -> list[nn.Module]:
+    """The block and every module from it down to a router tensor's owner: where routing attributes live (Switch
+    keeps expert_capacity on the router module around its classifier Linear)."""
+    modules = [candidate.module]
+    for ref in candidate.router:
+        rel = _rel(candidate, ref)[0]
+        parts = rel.split(".") if rel else []
+        for depth in range(1, len(parts) + 1):
+            sub = candidate.module.get_submodule(".".join(parts[:depth]))
+            if all(sub is not m for m in modules):
+                modules.append(sub)
+    return modules
+
+
 def _router_hypotheses(candidate: Candidate, census: set[str], k_values: list[int]) -> list[dict]:
     E = candidate.num_experts
-    modules = [candidate.module] + [r.owner for r in candidate.router]
+    modules = _router_modules(candidate)
     scales = [float(v) for v in _attr(modules, SCALE_ATTRS)]
     n_group = next((int(v) for v in _attr(modules, GROUP_ATTRS) if int(v) > 1 and E % int(v) == 0), 1)
     topk_group = next((int(v) for v in _attr(modules, TOPK_GROUP_ATTRS) if 1 <= int(v) <= n_group), n_group)
@@ -389,6 +410,11 @@ def _router_hypotheses(candidate: Candidate, census: set[str], k_values: list[in
                             hyps.append(dict(top_k=k, scoring=scoring, score_order=order, renormalize=renorm,
                                              weight_on_input=on_input, correction=corr, n_group=g, topk_group=tg,
                                              group_score=gs, scales=scales))
+    for eps in dict.fromkeys(float(v) for v in _attr(modules, JITTER_ATTRS)):
+        if 2 in k_values and E >= 2:
+            hyps.append(dict(top_k=2, scoring="softmax", score_order="select_then_score", renormalize=False,
+                             weight_on_input=False, correction=None, n_group=1, topk_group=1,
+                             group_score="top2_sum", scales=scales, selection="sparsemixer", jitter_eps=eps))
     if "relu" in census or not k_values:
         hyps.insert(0 if "topk" not in census else len(hyps),
                     dict(top_k=None, scoring="relu", score_order="score_then_select", renormalize=False,
@@ -399,7 +425,7 @@ def _router_hypotheses(candidate: Candidate, census: set[str], k_values: list[in
 
 def _k_values(candidate: Candidate) -> list[int]:
     E = candidate.num_experts
-    modules = [candidate.module] + [r.owner for r in candidate.router]
+    modules = _router_modules(candidate)
     declared = []
     for v in _attr(modules, K_ATTRS):
         if float(v).is_integer() and 1 <= int(v) <= E and int(v) not in declared:
@@ -482,12 +508,14 @@ def describe(candidate: Candidate, *, seed: int = 0) -> Description:
     k_values = _k_values(candidate)
     router_hyps = _router_hypotheses(candidate, census, k_values)
     best = (float("inf"), "")
-    for eh in expert_hyps:
+    output_bias_options = (True, False) if candidate.output_bias is not None else (False,)
+    for eh, output_bias in itertools.product(expert_hyps, output_bias_options):
         expert_weights = eh.extract(probe)
         for rh in router_hyps:
             for scale in rh["scales"] + [None]:
                 spec, weights = _assemble(candidate, probe, eh, expert_weights, rh, scale, shared_spec,
-                                          shared_extract, aux, flat_x, input_rank == 3 and y_target.dim() == 2)
+                                          shared_extract, output_bias, aux, flat_x,
+                                          input_rank == 3 and y_target.dim() == 2)
                 if spec is None:
                     continue
                 with torch.no_grad():
@@ -573,7 +601,8 @@ def _describe_shared(candidate: Candidate, probe: nn.Module, x: torch.Tensor):
     return shared_spec, shared_extract
 
 
-def _assemble(candidate, block, eh, expert_weights, rh, scale, shared_spec, shared_extract, aux, flat_x, flat_out):
+def _assemble(candidate, block, eh, expert_weights, rh, scale, shared_spec, shared_extract, output_bias, aux, flat_x,
+              flat_out):
     E = candidate.num_experts
     router_w = _router_weights(candidate, block, rh)
     extra = "none"
@@ -587,27 +616,51 @@ def _assemble(candidate, block, eh, expert_weights, rh, scale, shared_spec, shar
     try:
         router = RouterSpec(
             num_experts=E, top_k=rh["top_k"], scoring=rh["scoring"],
-            selection="all_positive" if rh["top_k"] is None else ("grouped_topk" if rh["n_group"] > 1 else "topk"),
+            selection=_selection(rh),
             score_order=rh["score_order"], renormalize=rh["renormalize"],
             renorm_min=1e-20 if rh["renormalize"] else 0.0, scaling_factor=1.0 if scale is None else scale,
             has_bias=router_w["router_bias"] is not None, has_correction_bias=rh["correction"] is not None,
             n_group=rh["n_group"], topk_group=rh["topk_group"], group_score=rh["group_score"],
-            weight_on_input=rh["weight_on_input"])
-        spec = MoESpec(router=router, experts=eh.spec, shared=shared_spec, extra_output=extra, flat_output=flat_out)
+            weight_on_input=rh["weight_on_input"], jitter_eps=rh.get("jitter_eps", 0.0),
+            expert_capacity=_capacity(candidate))
+        spec = MoESpec(router=router, experts=eh.spec, shared=shared_spec, extra_output=extra, flat_output=flat_out,
+                       has_output_bias=output_bias)
     except ValueError:
         return None, None
-    shared_w = shared_extract(block) if shared_extract else {}
-    weights = MoEWeights(**router_w, **expert_weights, **shared_w)
+    weights = MoEWeights(**router_w, **expert_weights, **_rest_weights(candidate, block, spec, shared_extract))
     return spec, weights
+
+
+def _capacity(candidate: Candidate) -> int | None:
+    """An expert capacity the block declares (Switch Transformers); describe's inputs are too short to reach it, so
+    it is read from the attribute and exercised by confirm's longer inputs."""
+    modules = _router_modules(candidate)
+    return next((int(v) for v in _attr(modules, CAPACITY_ATTRS) if v >= 1), None)
+
+
+def _selection(rh: dict) -> str:
+    if "selection" in rh:
+        return rh["selection"]
+    return "all_positive" if rh["top_k"] is None else ("grouped_topk" if rh["n_group"] > 1 else "topk")
+
+
+def _rest_weights(candidate, block, spec, shared_extract) -> dict:
+    """The shared-expert tensors and the output bias, as the spec has them."""
+    out = shared_extract(block) if shared_extract else {}
+    if spec.has_output_bias:
+        out["output_bias"] = _get(block, _rel(candidate, candidate.output_bias))
+    return out
 
 
 def _fit_scale(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, y_target: torch.Tensor):
     """Least-squares scaling factor of the routed sum, rounded to 1.0 when it is within rounding of it."""
-    routing_spec = replace(spec, shared=None, extra_output="none")
+    routing_spec = replace(spec, shared=None, extra_output="none", has_output_bias=False)
     y_routed, _ = moe_forward(routing_spec, weights, x)
     y_rest = y_target.reshape(y_routed.shape).float()
     if spec.shared is not None:
         y_rest = y_rest - shared_experts(spec, weights, x)
+    if spec.has_output_bias:
+        y_rest = y_rest - weights.output_bias.float()
     denom = (y_routed.float() * y_routed.float()).sum().item()
     if denom == 0:
         return spec, weights
@@ -632,7 +685,7 @@ def _aux_err(spec: MoESpec, routing: Routing, aux: torch.Tensor | None) -> float
 def _weights_recipe(candidate, eh, rh, spec, shared_extract) -> Callable[[nn.Module], MoEWeights]:
     def extract(block: nn.Module) -> MoEWeights:
         w = MoEWeights(**_router_weights(candidate, block, rh), **eh.extract(block),
-                       **(shared_extract(block) if shared_extract else {}))
+                       **_rest_weights(candidate, block, spec, shared_extract))
         src = _get(block, _rel(candidate, candidate.router[0]))
         w.router_weight = _canonical(src, w.router_weight)
         w.check(spec)

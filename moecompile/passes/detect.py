@@ -25,10 +25,16 @@ class TensorRef:
     owner: nn.Module
     owner_path: str
     name: str
+    split_experts: int = 0  # E when the source stores E experts flattened as [E*X, Y] (DBRX): seen as [E, X, Y]
+
+    @property
+    def raw(self) -> torch.Tensor:
+        return getattr(self.owner, self.name)
 
     @property
     def tensor(self) -> torch.Tensor:
-        return getattr(self.owner, self.name)
+        t = self.raw
+        return t.view(self.split_experts, -1, t.shape[-1]) if self.split_experts else t
 
     @property
     def qualname(self) -> str:
@@ -44,13 +50,14 @@ class Candidate:
     num_experts: int
     hidden_size: int
     router: list[TensorRef]  # [E, H] / [H, E] tensors outside the experts, most likely first
-    experts_list: nn.ModuleList | None = None
+    experts_list: nn.ModuleList | nn.ModuleDict | None = None
     experts_list_path: str = ""
     stacked: list[TensorRef] = field(default_factory=list)  # 3-D tensors with leading E
     stacked_owner: nn.Module | None = None  # the module holding most of them (an HF *Experts module)
     vectors: list[TensorRef] = field(default_factory=list)  # [E] tensors: router or correction bias candidates
     shared: list[tuple[str, nn.Module]] = field(default_factory=list)
     shared_gate: tuple[str, nn.Module] | None = None
+    output_bias: TensorRef | None = None  # an [H] vector the block itself owns (JetMoE adds it to its output)
 
 
 def _own_tensors(module: nn.Module):
@@ -86,9 +93,9 @@ def _same_structure(modules: list[nn.Module]) -> bool:
 def _expert_groups(module: nn.Module, path: str):
     """(kind, E, payload) for expert collections held directly by `module`."""
     for name, child in module.named_children():
-        if isinstance(child, nn.ModuleList) and len(child) >= 1 and all(is_mlp_like(m) for m in child):
-            if _same_structure(list(child)):
-                yield "list", len(child), (name, child)
+        members = expert_members(child)
+        if members and all(is_mlp_like(m) for m in members) and _same_structure(members):
+            yield "list", len(members), (name, child)
     stacked: dict[int, list[TensorRef]] = {}
     holders = [(path, module)] + [(f"{path}.{n}" if path else n, c) for n, c in module.named_children()]
     for holder_path, holder in holders:
@@ -98,11 +105,41 @@ def _expert_groups(module: nn.Module, path: str):
     for E, refs in stacked.items():
         if len(refs) >= 2:
             yield "stacked", E, refs
+    yield from _flattened_experts(module, path)
+
+
+EXPERT_COUNT_ATTRS = ("num_experts", "moe_num_experts", "num_local_experts")
+
+
+def _flattened_experts(module: nn.Module, path: str):
+    """Experts stored as 2-D [E*X, Y] matrices (DBRX), in a child or grandchild that declares E as an attribute."""
+    for holder_path, holder in module.named_modules(prefix=path):
+        rel = holder_path[len(path):].lstrip(".") if path else holder_path
+        if not rel or rel.count(".") > 1:  # children and grandchildren only
+            continue
+        parent = module.get_submodule(rel.rpartition(".")[0]) if "." in rel else module
+        counts = [getattr(m, a, None) for m in (holder, parent) for a in EXPERT_COUNT_ATTRS]
+        E = next((c for c in counts if isinstance(c, int) and c > 1), None)
+        if E is None:
+            continue
+        refs = [TensorRef(holder, holder_path, name, split_experts=E) for name, t in _own_tensors(holder)
+                if t.dim() == 2 and t.shape[0] % E == 0 and t.shape[0] > E]
+        if len(refs) >= 2:
+            yield "stacked", E, refs
+
+
+def expert_members(container: nn.Module) -> list[nn.Module]:
+    """The experts of a ModuleList, or of a ModuleDict in insertion order (Switch Transformers keys them expert_i)."""
+    if isinstance(container, nn.ModuleList):
+        return list(container)
+    if isinstance(container, nn.ModuleDict):
+        return list(container.values())
+    return []
 
 
 def _expert_dims(kind: str, payload) -> set[int]:
     if kind == "list":
-        return {d for p in _matrices(payload[1][0]) for d in p.shape}
+        return {d for p in _matrices(expert_members(payload[1])[0]) for d in p.shape}
     return {d for ref in payload for d in ref.tensor.shape[1:]}
 
 
@@ -130,7 +167,7 @@ def _find_router(module: nn.Module, path: str, kind: str, E: int, payload) -> Ca
     experts_roots = []
     if kind == "list":
         experts_roots.append(f"{path}.{payload[0]}" if path else payload[0])
-    stacked_ids = {id(r.tensor) for r in payload} if kind == "stacked" else set()
+    stacked_ids = {id(r.raw) for r in payload} if kind == "stacked" else set()
     routers: list[TensorRef] = []
     vectors: list[TensorRef] = []
     for sub_path, sub in module.named_modules(prefix=path):
@@ -140,14 +177,14 @@ def _find_router(module: nn.Module, path: str, kind: str, E: int, payload) -> Ca
             if id(tensor) in stacked_ids:
                 continue
             ref = TensorRef(sub, sub_path, name)
-            if tensor.dim() == 2 and "bias" in name.lower():
+            if tensor.numel() == E and max(tensor.shape) == E and tensor.dim() <= 2:
+                vectors.append(ref)  # [E] or [1, E] (Ernie 4.5 keeps its correction bias as [1, E])
+            elif tensor.dim() == 2 and "bias" in name.lower():
                 continue  # per-expert biases [E, X] sit beside the stacked weights; a router is a weight
-            if tensor.dim() == 2 and tensor.shape[0] == E and tensor.shape[1] in expert_dims:
+            elif tensor.dim() == 2 and tensor.shape[0] == E and tensor.shape[1] in expert_dims:
                 routers.append(ref)
             elif tensor.dim() == 2 and tensor.shape[1] == E and tensor.shape[0] in expert_dims and E not in expert_dims:
                 routers.append(ref)
-            elif tensor.numel() == E and max(tensor.shape) == E and tensor.dim() <= 2:
-                vectors.append(ref)
     if not routers:
         return None
     # Prefer a tensor named like a router, then the first found.
@@ -162,9 +199,13 @@ def _find_router(module: nn.Module, path: str, kind: str, E: int, payload) -> Ca
         owners = {id(r.owner): r.owner for r in payload}
         candidate.stacked_owner = max(owners.values(), key=lambda o: sum(r.owner is o for r in payload))
     router_owners = {id(r.owner) for r in routers}
+    own_vectors = [name for name, t in _own_tensors(module) if t is not None and t.dim() == 1 and t.numel() == H]
+    if len(own_vectors) == 1:
+        candidate.output_bias = TensorRef(module, path, own_vectors[0])
     for name, child in module.named_children():
         child_path = f"{path}.{name}" if path else name
-        if child is candidate.experts_list or child is candidate.stacked_owner or id(child) in router_owners:
+        holds_experts = any(m is candidate.experts_list or m is candidate.stacked_owner for m in child.modules())
+        if holds_experts or id(child) in router_owners:
             continue
         if isinstance(child, nn.Linear) and tuple(child.weight.shape) == (1, H):
             candidate.shared_gate = (child_path, child)
