@@ -26,6 +26,7 @@ class FusedMoE(nn.Module):
         weights.check(spec)
         self.spec = spec
         self.source_path = source_path
+        self.router_tap: nn.Module | None = None  # set by the fuse pass for HF models recording router logits
         self._weight_names: list[str] = []
         for name, tensor in weights.items():
             if tensor is None:
@@ -49,6 +50,8 @@ class FusedMoE(nn.Module):
         x = hidden_states.reshape(-1, H)
         seq_len = hidden_states.shape[-2] if hidden_states.dim() >= 2 and x.shape[0] else None
         y, routing = moe_forward(self.spec, self.weights(), x, seq_len)
+        if self.router_tap is not None:
+            self.router_tap(routing.logits)
         if not self.spec.flat_output:
             y = y.reshape(*lead_shape, H)
         extra = self.spec.extra_output

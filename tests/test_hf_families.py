@@ -44,3 +44,23 @@ def test_switch_transformers_expert_capacity_drops_late_tokens(quiet):
     assert all(b.spec["router"]["expert_capacity"] == 3 for b in moecompile.report(optimized).blocks)
     got = hf_zoo.model_output(optimized, inputs)
     assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("ran_before", [True, False])  # HF installs its recording hooks on the first forward
+def test_router_logits_and_aux_loss_still_recorded(family, ran_before, quiet, tmp_path):
+    model = hf_zoo.build(family)
+    inputs = hf_zoo.example_inputs(model)
+    if ran_before:
+        model(**inputs, output_router_logits=True)
+    optimized = moecompile.optimize(model, strict=True)
+    if not ran_before:  # a model HF has hooked cannot be pickled (its hooks are local functions): save before
+        torch.save(optimized, tmp_path / "model.pt")  # the tap pickles, rebuilt on load
+        optimized = torch.load(tmp_path / "model.pt", weights_only=False)
+    want = model(**inputs, output_router_logits=True)
+    got = optimized(**inputs, output_router_logits=True)
+    assert len(got.router_logits) == len(want.router_logits) == model.config.num_hidden_layers
+    for g, w in zip(got.router_logits, want.router_logits):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    if want.aux_loss is not None:
+        torch.testing.assert_close(got.aux_loss, want.aux_loss, atol=1e-5, rtol=1e-5)

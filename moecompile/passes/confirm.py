@@ -3,8 +3,10 @@
 Place in the pipeline: detect -> describe -> **confirm** -> fuse. A block is fused only when the replacement
 matches the original in float32 (max abs error <= FP32_RTOL of the output's scale) with the real weights and with
 re-randomised weights, at several token counts (1, 7, 3x7 and a 256-token sequence, where expert capacity or other
-batch-dependent routing would show). The error in the model's own dtype is measured too; there routing ties can flip
-a few tokens, so it is judged by its mean (NATIVE_MEAN_RTOL), not its maximum.
+batch-dependent routing would show). In the model's own dtype (bf16, fp16) the replacement is judged against what
+the block computes exactly (the block in float32): its mean relative error there must stay within NATIVE_MEAN_RTOL,
+or within twice the original block's own error in that dtype, whichever is larger. Routing ties flip some tokens in
+low precision (the original routes in its dtype, FusedMoE in fp32), so the mean is judged, not the maximum.
 """
 
 from __future__ import annotations
@@ -35,12 +37,22 @@ class Confirmation:
     tokens: list[int]
 
 
+def _outputs(module: nn.Module, x: torch.Tensor, rank: int):
+    """(hidden states, aux output or None) of `module` on x, given as [B, S, H] or flattened for rank-2 blocks."""
+    inp = x if rank == 3 else x.reshape(-1, x.shape[-1])
+    if isinstance(module, FusedMoE):
+        out = module(inp)
+        return (out, None) if isinstance(out, torch.Tensor) else out
+    return call_block(module, inp)[0]
+
+
 def _compare(original: nn.Module, replacement: nn.Module, x: torch.Tensor, rank: int) -> tuple[float, float, float]:
     """(max abs error, max |original output|, mean abs error / mean |output|), hidden states and aux output."""
-    inp = x if rank == 3 else x.reshape(-1, x.shape[-1])
-    (want, want_aux), _ = call_block(original, inp)
-    got = replacement(inp)
-    got, got_aux = (got, None) if isinstance(got, torch.Tensor) else got
+    return _errors(_outputs(replacement, x, rank), _outputs(original, x, rank), replacement.spec.num_experts)
+
+
+def _errors(got_outputs, want_outputs, num_experts: int) -> tuple[float, float, float]:
+    (got, got_aux), (want, want_aux) = got_outputs, want_outputs
     pairs = [(got, want)] + ([(got_aux, want_aux)] if want_aux is not None else [])
     max_err, scale, mean_rel = 0.0, 0.0, 0.0
     for is_aux, (g, w) in enumerate(pairs):
@@ -48,7 +60,7 @@ def _compare(original: nn.Module, replacement: nn.Module, x: torch.Tensor, rank:
             return float("inf"), 1.0, float("inf")
         if w.numel() == 0:
             continue
-        if is_aux and g.shape[-1] != replacement.spec.num_experts:  # top-k weights: compare order-free
+        if is_aux and g.shape[-1] != num_experts:  # top-k weights: compare order-free
             g, w = g.float().sort(-1).values, w.float().sort(-1).values
         diff = (g.float() - w.float()).abs()
         max_err = max(max_err, diff.max().item())
@@ -89,10 +101,14 @@ def confirm(block: nn.Module, description: Description, *, seed: int = 0) -> Con
         if dtype != torch.float32:
             fused_native = FusedMoE(description.spec, description.extract(block))
             x = torch.randn(3, 7, H, generator=gen).to(device=device, dtype=dtype)
-            native_err, _, native_mean = _compare(block, fused_native, x, rank)
-            if not native_mean <= NATIVE_MEAN_RTOL:
+            exact = _outputs(block32, x.float(), rank)
+            native_err, _, native_mean = _errors(_outputs(fused_native, x, rank), exact, description.spec.num_experts)
+            _, _, original_mean = _errors(_outputs(block, x, rank), exact, description.spec.num_experts)
+            bar = max(NATIVE_MEAN_RTOL, 2 * original_mean)
+            if not native_mean <= bar:
                 return Confirmation(False, max_err, rel, native_err, native_mean,
-                                    f"{dtype} mismatch: mean relative error {native_mean:.2e} > {NATIVE_MEAN_RTOL}",
+                                    f"{dtype} mismatch: mean relative error against the float32 block "
+                                    f"{native_mean:.2e} > {bar:.2e} (the original in {dtype}: {original_mean:.2e})",
                                     tokens)
         return Confirmation(True, max_err, rel, native_err, native_mean, "", tokens)
     finally:

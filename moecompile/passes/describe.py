@@ -400,7 +400,7 @@ def _router_hypotheses(candidate: Candidate, census: set[str], k_values: list[in
                 if renorm and scoring == "softmax" and order == "select_then_score":
                     continue
                 for on_input in (False, True):
-                    for corr in [None] + ([v for v in candidate.vectors] if order == "score_then_select" else []):
+                    for corr in [None] + list(candidate.vectors):
                         groups = [(1, 1, "top2_sum")]
                         if n_group > 1:
                             groups = [(n_group, topk_group, "top2_sum"), (n_group, topk_group, "max")] + groups

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..fused import FusedMoE
+from ..router_tap import make_tap
 from .confirm import confirm
 from .describe import DescribeError, Description, describe
 from .detect import Candidate, propose
@@ -113,6 +114,7 @@ class FusePass:
             fused = FusedMoE(ctx.descriptions[record.path].spec,
                              ctx.descriptions[record.path].extract(candidate.module), source_path=record.path)
             fused.train(candidate.module.training)
+            fused.router_tap = make_tap(ctx.model, candidate.module)
             replacements.append((record, fused))
         swapped: list[tuple[nn.Module, str, nn.Module]] = []
         try:

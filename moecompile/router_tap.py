@@ -1,0 +1,65 @@
+"""Keep HF transformers' router-logits recording working after a block is fused.
+
+Place in the pipeline: used by the fuse pass. HF models collect `router_logits` (for `output_router_logits=True` and
+the load-balancing aux loss) with forward hooks on the router module class named in `model._can_record_outputs`.
+Fusing removes that module, so the FusedMoE calls a tap instead: a module that passes the logits through and is an
+instance of the original router class (a generated subclass that only overrides `__init__` and `forward`), so HF's
+hook installer finds it, and that carries over any recording hook already installed on the original router.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RouterLogitsTap(nn.Module):
+    """Returns the logits at every tuple position up to `index`, where HF's recorder reads them."""
+
+    def __init__(self, index: int):
+        nn.Module.__init__(self)
+        self.index = index
+
+    def forward(self, router_logits: torch.Tensor):
+        return (router_logits,) * (self.index + 1)
+
+    def __reduce__(self):  # the generated class is not importable by name: rebuild it on unpickling
+        impersonated = next(c for c in type(self).__mro__[1:] if c is not RouterLogitsTap and c is not nn.Module
+                            and issubclass(c, nn.Module))
+        return _tap_for, (impersonated, self.index)
+
+
+_TAP_CLASSES: dict[type, type] = {}
+
+
+def _tap_for(target: type, index: int) -> RouterLogitsTap:
+    if target not in _TAP_CLASSES:
+        _TAP_CLASSES[target] = type(f"RouterLogitsTap_{target.__name__}", (RouterLogitsTap, target),
+                                    {"__init__": RouterLogitsTap.__init__, "forward": RouterLogitsTap.forward,
+                                     "__module__": __name__})
+    return _TAP_CLASSES[target](index)
+
+
+def _recorders(model: nn.Module) -> list:
+    records = getattr(model, "_can_record_outputs", None) or {}
+    specs = records.get("router_logits")
+    if specs is None:
+        return []
+    return specs if isinstance(specs, list) else [specs]
+
+
+def make_tap(model: nn.Module, block: nn.Module) -> RouterLogitsTap | None:
+    """A tap for `block` (about to be fused inside `model`), or None when the model records no router logits from
+    a module inside the block."""
+    for spec in _recorders(model):
+        target = getattr(spec, "target_class", None)
+        if not isinstance(target, type):
+            continue
+        router = next((m for m in block.modules() if isinstance(m, target)), None)
+        if router is None:
+            continue
+        tap = _tap_for(target, getattr(spec, "index", 0))
+        for hook in router._forward_hooks.values():  # hooks HF installed before the fuse (the model already ran)
+            tap.register_forward_hook(hook)
+        return tap
+    return None
