@@ -123,10 +123,10 @@ def small_config(family: str, experts_implementation: str | None = None):
             pass  # a derived property (Jamba): its period knobs above set it
     mlp_types = getattr(config, "mlp_layer_types", None)
     if isinstance(mlp_types, list) and mlp_types:
-        # every layer an MoE layer (DeepSeek-V3.2 and kin start with dense layers)
+        # every layer an MoE layer, one of each MoE kind (DeepSeek-V3.2 starts with dense layers, V4 with hash-routed)
         sparse = [t for t in dict.fromkeys(mlp_types) if t != "dense"]
         if sparse:
-            config.mlp_layer_types = [sparse[0]] * config.num_hidden_layers
+            config.mlp_layer_types = (sparse * config.num_hidden_layers)[:config.num_hidden_layers]
     for name in ("mlp_only_layers",):
         if isinstance(getattr(config, name, None), list):
             setattr(config, name, [])

@@ -79,6 +79,8 @@ def _score(scoring: str, values: torch.Tensor) -> torch.Tensor:
         return values.softmax(dim=-1)
     if scoring == "sigmoid":
         return values.sigmoid()
+    if scoring == "sqrtsoftplus":
+        return F.softplus(values).sqrt()
     if scoring == "relu":
         return values.relu()
     return values

@@ -31,7 +31,7 @@ from typing import Literal
 
 import torch
 
-Scoring = Literal["softmax", "sigmoid", "relu", "none"]
+Scoring = Literal["softmax", "sigmoid", "sqrtsoftplus", "relu", "none"]
 Selection = Literal["topk", "grouped_topk", "all_positive", "sparsemixer"]
 ScoreOrder = Literal["score_then_select", "select_then_score"]
 GroupScore = Literal["max", "top2_sum"]
@@ -39,7 +39,7 @@ Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swig
 GateUpLayout = Literal["separate", "concat_gate_up", "concat_up_gate", "interleaved", "none"]
 ExtraOutput = Literal["none", "router_logits", "topk_weights"]
 
-SCORINGS: tuple[str, ...] = ("softmax", "sigmoid", "relu", "none")
+SCORINGS: tuple[str, ...] = ("softmax", "sigmoid", "sqrtsoftplus", "relu", "none")  # sqrtsoftplus: DeepSeek-V4
 SELECTIONS: tuple[str, ...] = ("topk", "grouped_topk", "all_positive", "sparsemixer")
 ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu")
 

@@ -108,13 +108,11 @@ class Top1SharedMoE(nn.Module):
         return out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
 
-class ExpertChoiceMoE(nn.Module):
+class ExpertChoiceMoE(ListMoE):
     """A real MoE form moecompile does not express: experts choose their top-c tokens (expert-choice routing)."""
 
     def __init__(self, H=32, I=48, E=4, capacity=2):
-        super().__init__()
-        self.router = nn.Linear(H, E, bias=False)
-        self.experts = nn.ModuleList(SwiGLU(H, I) for _ in range(E))
+        super().__init__(H, I, E, k=1)
         self.capacity = capacity
 
     def forward(self, x):

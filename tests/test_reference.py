@@ -59,7 +59,8 @@ def naive_block(spec: MoESpec, w: MoEWeights, x):
         if r.selection == "all_positive":
             chosen = [(e, logits[e].item()) for e in range(E) if logits[e] > 0]
         else:
-            score = {"softmax": lambda v: v.exp() / v.exp().sum(), "sigmoid": torch.sigmoid, "none": lambda v: v}[r.scoring]
+            score = {"softmax": lambda v: v.exp() / v.exp().sum(), "sigmoid": torch.sigmoid, "none": lambda v: v,
+                     "sqrtsoftplus": lambda v: torch.log1p(v.exp()).sqrt()}[r.scoring]
             if r.score_order == "score_then_select":
                 s = score(logits)
                 c = s + (w.correction_bias if w.correction_bias is not None else 0)
@@ -102,6 +103,7 @@ ROUTERS = {
                                               renormalize=True, scaling_factor=2.5, has_correction_bias=True),
     "softmax_grouped_max": RouterSpec(E, 2, selection="grouped_topk", n_group=2, topk_group=1, group_score="max"),
     "top1": RouterSpec(E, 1),
+    "sqrtsoftplus_corr_renorm": RouterSpec(E, 2, scoring="sqrtsoftplus", renormalize=True, has_correction_bias=True),
     "top_all": RouterSpec(E, E),
     "sigmoid_top1_on_input": RouterSpec(E, 1, scoring="sigmoid", score_order="select_then_score", weight_on_input=True),
     "relu_all_positive": RouterSpec(E, None, scoring="relu", selection="all_positive"),

@@ -391,8 +391,10 @@ def _router_hypotheses(candidate: Candidate, census: set[str], k_values: list[in
     topk_group = next((int(v) for v in _attr(modules, TOPK_GROUP_ATTRS) if 1 <= int(v) <= n_group), n_group)
     forms = [("softmax", "score_then_select"), ("softmax", "select_then_score"), ("sigmoid", "score_then_select"),
              ("sigmoid", "select_then_score"), ("none", "select_then_score")]
+    if "softplus" in census or not census:
+        forms.insert(0, ("sqrtsoftplus", "score_then_select"))
     # The ops the block ran reorder the forms: a sigmoid and no softmax puts sigmoid first.
-    forms.sort(key=lambda f: 0 if f[0] in census else 1)
+    forms.sort(key=lambda f: 0 if f[0] in census or (f[0] == "sqrtsoftplus" and "softplus" in census) else 1)
     hyps: list[dict] = []
     for k in k_values:
         for scoring, order in forms:
@@ -478,6 +480,12 @@ def _router_weights(candidate: Candidate, block: nn.Module, hyp: dict) -> dict:
 def describe(candidate: Candidate, *, seed: int = 0) -> Description:
     """Read `candidate` into a Description, or raise DescribeError saying why it cannot be read."""
     E, H = candidate.num_experts, candidate.hidden_size
+    others = _other_inputs(candidate.module)
+    if others:
+        # FusedMoE takes hidden states only: a block whose caller passes more (DeepSeek-V4's layers pass input_ids,
+        # which its hash-routed blocks route by) cannot be replaced without breaking that call
+        raise DescribeError(f"its forward also takes {', '.join(others)}; moecompile fuses blocks that take hidden "
+                            "states only, so the model's calls keep working")
     probe = randomized_copy(candidate.module, seed)
     device = next(probe.parameters()).device
     gen = torch.Generator().manual_seed(seed + 1)
@@ -530,6 +538,15 @@ def describe(candidate: Candidate, *, seed: int = 0) -> Description:
                     best = (err, spec.summary())
     raise DescribeError(f"no description reproduces the block (closest: {best[1] or 'none'}, "
                         f"rel err {best[0]:.2e}); its routing or experts use a form moecompile does not express")
+
+
+def _other_inputs(block: nn.Module) -> list[str]:
+    """Named forward inputs of the block besides the hidden states."""
+    try:
+        params = list(inspect.signature(block.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def _match_stacked_alone(candidate, probe, hyps, flat_x, gen) -> ExpertsHypothesis | None:

@@ -83,3 +83,29 @@ def test_unsupported_router_reported_with_closest_error():
     candidate = propose(Sparsemixer())[0]
     with pytest.raises(DescribeError, match="no description reproduces the block .*rel err"):
         describe(candidate)
+
+
+class TokenRoutedMoE(hw.ListMoE):
+    """A block its caller feeds more than hidden states (DeepSeek-V4 passes input_ids): replacing it by a module
+    that takes hidden states only would break that call."""
+
+    def forward(self, x, token_ids=None):
+        return super().forward(x)
+
+
+class TokenRoutedModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.moe = TokenRoutedMoE()
+
+    def forward(self, x, token_ids):
+        return self.moe(x, token_ids=token_ids)
+
+
+def test_block_taking_other_inputs_left_and_model_still_runs(quiet):
+    model = TokenRoutedModel()
+    optimized = moecompile.optimize(model)
+    (record,) = moecompile.report(optimized).blocks
+    assert record.decision == "left" and "token_ids" in record.reason
+    x, ids = torch.randn(2, 5, 32), torch.zeros(2, 5, dtype=torch.long)
+    torch.testing.assert_close(optimized(x, ids), model(x, ids))
