@@ -8,6 +8,7 @@ generically and builds the CausalLM (or base) model with random weights.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from pathlib import Path
@@ -78,6 +79,7 @@ def _shrink(config) -> None:
             _shrink(sub)
 
 
+@functools.lru_cache(maxsize=None)
 def _reads_mrope(family: str) -> bool:
     return any("mrope_section" in f.read_text(errors="ignore") for f in (_models_dir() / family).glob("modeling_*.py"))
 
@@ -104,7 +106,7 @@ def small_config(family: str, experts_implementation: str | None = None):
     if isinstance(rope, dict) and ("mrope_section" in rope or _reads_mrope(family)):
         # multimodal rope: the sections split the rotary half of head_dim, which the shrink made small
         half = int(getattr(config, "head_dim", 16) * rope.get("partial_rotary_factor", 1.0)) // 2
-        sections = rope.get("mrope_section") or [8, 12, 12]  # the default GLM-4V's rotary embedding falls back to
+        sections = rope.get("mrope_section") or [8, 12, 12]  # GLM-4V's rotary embedding falls back to this
         scaled = [max(1, s * half // sum(sections)) for s in sections]
         scaled[-1] += half - sum(scaled)
         rope["mrope_section"] = scaled

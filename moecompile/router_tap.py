@@ -23,10 +23,10 @@ class RouterLogitsTap(nn.Module):
     def forward(self, router_logits: torch.Tensor):
         return (router_logits,) * (self.index + 1)
 
+    impersonates: type | None = None  # the router class a generated subclass stands in for
+
     def __reduce__(self):  # the generated class is not importable by name: rebuild it on unpickling
-        impersonated = next(c for c in type(self).__mro__[1:] if c is not RouterLogitsTap and c is not nn.Module
-                            and issubclass(c, nn.Module))
-        return _tap_for, (impersonated, self.index)
+        return _tap_for, (self.impersonates, self.index)
 
 
 _TAP_CLASSES: dict[type, type] = {}
@@ -36,7 +36,7 @@ def _tap_for(target: type, index: int) -> RouterLogitsTap:
     if target not in _TAP_CLASSES:
         _TAP_CLASSES[target] = type(f"RouterLogitsTap_{target.__name__}", (RouterLogitsTap, target),
                                     {"__init__": RouterLogitsTap.__init__, "forward": RouterLogitsTap.forward,
-                                     "__module__": __name__})
+                                     "__module__": __name__, "impersonates": target})
     return _TAP_CLASSES[target](index)
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from ..capture import call_block, op_census
 from ..reference import Routing, mlp, moe_forward, routed_experts, shared_experts
 from ..spec import ACTIVATIONS, MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
-from .detect import Candidate, TensorRef, expert_members, is_mlp_like
+from .detect import Candidate, TensorRef, expert_members, expert_view, is_mlp_like
 
 MATCH_RTOL = 1e-4  # fp32 max-abs error over max-abs output that counts as "computes the same thing"
 SEARCH_TOKENS = 24
@@ -68,9 +68,7 @@ def _rel(candidate: Candidate, ref: TensorRef) -> tuple[str, str, int]:
 
 def _get(block: nn.Module, where: tuple) -> torch.Tensor:
     owner = block.get_submodule(where[0]) if where[0] else block
-    t = getattr(owner, where[1])
-    split = where[2] if len(where) > 2 else 0
-    return t.view(split, -1, t.shape[-1]) if split else t
+    return expert_view(getattr(owner, where[1]), where[2] if len(where) > 2 else 0)
 
 
 def _canonical(source: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -389,6 +387,9 @@ def _router_hypotheses(candidate: Candidate, census: set[str], k_values: list[in
     scales = [float(v) for v in _attr(modules, SCALE_ATTRS)]
     n_group = next((int(v) for v in _attr(modules, GROUP_ATTRS) if int(v) > 1 and E % int(v) == 0), 1)
     topk_group = next((int(v) for v in _attr(modules, TOPK_GROUP_ATTRS) if 1 <= int(v) <= n_group), n_group)
+    # an expert capacity the block declares (Switch Transformers): describe's inputs are too short to reach it, so
+    # it is read from the attribute and exercised by confirm's longer inputs
+    capacity = next((int(v) for v in _attr(modules, CAPACITY_ATTRS) if v >= 1), None)
     forms = [("softmax", "score_then_select"), ("softmax", "select_then_score"), ("sigmoid", "score_then_select"),
              ("sigmoid", "select_then_score"), ("none", "select_then_score")]
     if "softplus" in census or not census:
@@ -417,11 +418,13 @@ def _router_hypotheses(candidate: Candidate, census: set[str], k_values: list[in
             hyps.append(dict(top_k=2, scoring="softmax", score_order="select_then_score", renormalize=False,
                              weight_on_input=False, correction=None, n_group=1, topk_group=1,
                              group_score="top2_sum", scales=scales, selection="sparsemixer", jitter_eps=eps))
+    for hyp in hyps:
+        hyp["expert_capacity"] = capacity
     if "relu" in census or not k_values:
         hyps.insert(0 if "topk" not in census else len(hyps),
                     dict(top_k=None, scoring="relu", score_order="score_then_select", renormalize=False,
                          weight_on_input=False, correction=None, n_group=1, topk_group=1, group_score="top2_sum",
-                         scales=scales))
+                         scales=scales, expert_capacity=capacity))
     return hyps
 
 
@@ -639,20 +642,13 @@ def _assemble(candidate, block, eh, expert_weights, rh, scale, shared_spec, shar
             has_bias=router_w["router_bias"] is not None, has_correction_bias=rh["correction"] is not None,
             n_group=rh["n_group"], topk_group=rh["topk_group"], group_score=rh["group_score"],
             weight_on_input=rh["weight_on_input"], jitter_eps=rh.get("jitter_eps", 0.0),
-            expert_capacity=_capacity(candidate))
+            expert_capacity=rh["expert_capacity"])
         spec = MoESpec(router=router, experts=eh.spec, shared=shared_spec, extra_output=extra, flat_output=flat_out,
                        has_output_bias=output_bias)
     except ValueError:
         return None, None
     weights = MoEWeights(**router_w, **expert_weights, **_rest_weights(candidate, block, spec, shared_extract))
     return spec, weights
-
-
-def _capacity(candidate: Candidate) -> int | None:
-    """An expert capacity the block declares (Switch Transformers); describe's inputs are too short to reach it, so
-    it is read from the attribute and exercised by confirm's longer inputs."""
-    modules = _router_modules(candidate)
-    return next((int(v) for v in _attr(modules, CAPACITY_ATTRS) if v >= 1), None)
 
 
 def _selection(rh: dict) -> str:

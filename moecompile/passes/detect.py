@@ -18,6 +18,11 @@ import torch
 from torch import nn
 
 
+def expert_view(tensor: torch.Tensor, split_experts: int) -> torch.Tensor:
+    """`tensor` itself, or its [E, X, Y] view when it stores E experts flattened as [E*X, Y]."""
+    return tensor.view(split_experts, -1, tensor.shape[-1]) if split_experts else tensor
+
+
 @dataclass
 class TensorRef:
     """A parameter or buffer of the model, by owning module and attribute name."""
@@ -33,8 +38,7 @@ class TensorRef:
 
     @property
     def tensor(self) -> torch.Tensor:
-        t = self.raw
-        return t.view(self.split_experts, -1, t.shape[-1]) if self.split_experts else t
+        return expert_view(self.raw, self.split_experts)
 
     @property
     def qualname(self) -> str:
@@ -113,11 +117,12 @@ EXPERT_COUNT_ATTRS = ("num_experts", "moe_num_experts", "num_local_experts")
 
 def _flattened_experts(module: nn.Module, path: str):
     """Experts stored as 2-D [E*X, Y] matrices (DBRX), in a child or grandchild that declares E as an attribute."""
-    for holder_path, holder in module.named_modules(prefix=path):
-        rel = holder_path[len(path):].lstrip(".") if path else holder_path
-        if not rel or rel.count(".") > 1:  # children and grandchildren only
-            continue
-        parent = module.get_submodule(rel.rpartition(".")[0]) if "." in rel else module
+    def join(prefix: str, name: str) -> str:
+        return f"{prefix}.{name}" if prefix else name
+
+    levels = [(module, join(path, n), c) for n, c in module.named_children()]
+    levels += [(child, join(child_path, n), g) for _, child_path, child in levels for n, g in child.named_children()]
+    for parent, holder_path, holder in levels:
         counts = [getattr(m, a, None) for m in (holder, parent) for a in EXPERT_COUNT_ATTRS]
         E = next((c for c in counts if isinstance(c, int) and c > 1), None)
         if E is None:
