@@ -1,7 +1,8 @@
 """FusedMoE: the module a confirmed block is replaced by; it holds the spec and the canonical weights.
 
-Place in the pipeline: the eager lowering target of the fuse pass. It depends on spec.py and reference.py only; it
-computes with the reference (grouped by expert) until the Triton kernels plug in behind `forward`.
+Place in the pipeline: the eager lowering target of the fuse pass. On CUDA tensors it computes with the Triton
+kernels (kernels/moe.py, one PyTorch op); elsewhere, and for calls the kernels do not take, with the reference
+(reference.py). `backend` forces one: "triton" raises rather than fall back, "reference" never uses the kernels.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ import torch
 from torch import nn
 
 from .errors import MoECompileError
+from .kernels import moe as kernel_moe
 from .reference import moe_forward
 from .spec import MoESpec, MoEWeights
+
+BACKENDS = ("auto", "triton", "reference")
 
 
 class FusedMoE(nn.Module):
@@ -21,10 +25,14 @@ class FusedMoE(nn.Module):
     layout needed no copy); plain tensors become buffers (e.g. a correction bias that is not trained by gradient).
     """
 
-    def __init__(self, spec: MoESpec, weights: MoEWeights, *, source_path: str = ""):
+    def __init__(self, spec: MoESpec, weights: MoEWeights, *, source_path: str = "", backend: str = "auto"):
         super().__init__()
         weights.check(spec)
+        if backend not in BACKENDS:
+            raise MoECompileError(f"FusedMoE backend {backend!r} is not one of {BACKENDS}")
         self.spec = spec
+        self.spec_json = spec.to_json()
+        self.backend = backend
         self.source_path = source_path
         self.router_tap: nn.Module | None = None  # set by the fuse pass for HF models recording router logits
         self._weight_names: list[str] = []
@@ -49,17 +57,32 @@ class FusedMoE(nn.Module):
         lead_shape = hidden_states.shape[:-1]
         x = hidden_states.reshape(-1, H)
         seq_len = hidden_states.shape[-2] if hidden_states.dim() >= 2 and x.shape[0] else None
-        y, routing = moe_forward(self.spec, self.weights(), x, seq_len)
+        weights = self.weights()
+        if self._use_kernels(weights, x):
+            y, logits, slot_weights = kernel_moe.moe_forward(self.spec, weights, x, seq_len, self.spec_json)
+        else:
+            y, routing = moe_forward(self.spec, weights, x, seq_len)
+            logits = routing.logits
+            slot_weights = None if self.spec.router.is_variable_k else routing.topk_weights()
         if self.router_tap is not None:
-            self.router_tap(routing.logits)
+            self.router_tap(logits)
         if not self.spec.flat_output:
             y = y.reshape(*lead_shape, H)
         extra = self.spec.extra_output
         if extra == "none":
             return y
         if extra == "router_logits":
-            return y, routing.logits.to(hidden_states.dtype)
-        return y, routing.topk_weights().to(hidden_states.dtype)
+            return y, logits.to(hidden_states.dtype)
+        return y, slot_weights.to(hidden_states.dtype)
+
+    def _use_kernels(self, weights: MoEWeights, x: torch.Tensor) -> bool:
+        if self.backend == "reference" or (self.backend == "auto" and not x.is_cuda):
+            return False
+        reason = kernel_moe.unsupported_reason(self.spec, weights, x)
+        if self.backend == "triton" and reason is not None:
+            raise MoECompileError(f"FusedMoE {self.source_path or '<block>'}: backend='triton' but the Triton kernels "
+                                  f"cannot run this call: {reason}; use backend='auto' or 'reference'")
+        return reason is None
 
     def extra_repr(self) -> str:
         return self.spec.summary()

@@ -1,0 +1,109 @@
+"""Tile sizes for the expert GEMMs: a table measured on Hopper for the benchmark shapes, a heuristic elsewhere.
+
+Place in the pipeline: kernels/moe.py asks `choose(...)` once per call (a dict lookup); the choice depends only on
+shapes, so it is the same on every call with the same shapes and inside CUDA graphs. The table is written by
+`benchmarks/tune_moe.py` on the device and committed as `hopper_table.json` beside this file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+TABLE_PATH = Path(__file__).with_name("hopper_table.json")
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """One GEMM's tiles: BM rows (the dispatch padding), BN columns, BK reduction step, GROUP_M row blocks that
+    share weight tiles in L2, warps and pipeline stages, and K splits (down GEMM only; partial sums add atomically)."""
+
+    BM: int
+    BN: int
+    BK: int
+    GROUP_M: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    up: GemmConfig
+    down: GemmConfig
+
+
+def rows_per_expert(tokens: int, slots: int, num_experts: int) -> float:
+    """Average rows an active expert gets: the pairs over the experts they can touch."""
+    pairs = tokens * slots
+    return pairs / max(1, min(num_experts, pairs))
+
+
+def table_key(tokens: int, hidden: int, inter: int, num_experts: int, slots: int) -> str:
+    return f"T{tokens}_H{hidden}_I{inter}_E{num_experts}_S{slots}"
+
+
+@lru_cache(maxsize=1)
+def _table() -> dict[str, dict]:
+    if not TABLE_PATH.exists():
+        return {}
+    return json.loads(TABLE_PATH.read_text())
+
+
+def heuristic(tokens: int, hidden: int, inter: int, num_experts: int, slots: int, sm_count: int) -> MoEConfig:
+    rows = rows_per_expert(tokens, slots, num_experts)
+    if rows <= 16:  # decode: one row block per active expert, so each expert's weights stream once
+        up = GemmConfig(BM=16, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4)
+        down = GemmConfig(BM=16, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4)
+    elif rows <= 48:
+        up = GemmConfig(BM=32, BN=64, BK=128, GROUP_M=4, num_warps=4, num_stages=4)
+        down = GemmConfig(BM=32, BN=64, BK=128, GROUP_M=4, num_warps=4, num_stages=4)
+    elif rows <= 192:
+        up = GemmConfig(BM=64, BN=64, BK=64, GROUP_M=8, num_warps=4, num_stages=4)
+        down = GemmConfig(BM=64, BN=128, BK=64, GROUP_M=8, num_warps=4, num_stages=4)
+    else:
+        # best of benchmarks/tune_moe.py's candidates at 4096 and 16384 tokens (Mixtral, Qwen3) on the H100
+        up = GemmConfig(BM=128, BN=128, BK=64, GROUP_M=16, num_warps=8, num_stages=4)
+        down = GemmConfig(BM=128, BN=256, BK=64, GROUP_M=16, num_warps=8, num_stages=3)
+    # split the down GEMM's reduction when its tiles cannot fill the machine (few tokens, long I)
+    active = min(num_experts, tokens * slots)
+    down_tiles = max(1, active) * -(-hidden // down.BN)
+    split = 1
+    while down_tiles * split < sm_count and inter // (down.BK * split * 2) >= 2:
+        split *= 2
+    if split > 1:
+        down = GemmConfig(**{**down.to_dict(), "split_k": split})
+    return MoEConfig(up, down)
+
+
+def for_fp32(cfg: GemmConfig) -> GemmConfig:
+    """fp32 operands take twice the shared memory per tile: a shorter reduction step and two stages."""
+    return GemmConfig(**{**cfg.to_dict(), "BK": min(cfg.BK, 32), "num_stages": 2})
+
+
+def choose(tokens: int, hidden: int, inter: int, num_experts: int, slots: int, device: torch.device) -> MoEConfig:
+    """The tuned entry for these exact shapes on a Hopper GPU, else the heuristic."""
+    sm_count = sm_count_of(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        entry = _table().get(table_key(tokens, hidden, inter, num_experts, slots))
+        if entry is not None:
+            return MoEConfig(GemmConfig(**entry["up"]), GemmConfig(**entry["down"]))
+    return heuristic(tokens, hidden, inter, num_experts, slots, sm_count)
+
+
+@lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count_of(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2  # the Triton interpreter runs programs one after another; few programs, same tiles
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

@@ -1,0 +1,188 @@
+"""Expert GEMM kernels: grouped gate/up GEMM with gathered input rows and the activation in its epilogue, and the
+grouped down GEMM that applies each pair's routing weight and adds into its token's output row.
+
+Place in the pipeline: the last two launches of the Triton FusedMoE path (kernels/moe.py), walking the block table
+dispatch.py wrote. Both are persistent: NUM_PROGS programs loop over (block, column tile[, K split]) tiles, so the
+grid does not depend on how many blocks the routing produced and nothing waits on the host. A launch covers the
+row blocks [block_lo, block_lo + round_blocks); ReLU routing, whose number of pairs is only bounded by T*E, runs a
+fixed number of such rounds through one bounded intermediate buffer (rounds past the last block do nothing).
+
+In DENSE mode the rows are the tokens themselves and there is one expert (the shared experts take this path, with
+the same kernels). The down kernel adds with fp32 atomics into a [T, H] fp32 accumulator, so a token's k expert
+outputs are summed without a [T*k, H] buffer or a combine pass; a K split (decode) adds its partial sums the same way.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4, "clamped_swiglu": 5}
+
+
+@triton.jit
+def mma(a, b, acc, DOT_FP32: tl.constexpr):
+    """acc + a @ b: on the tensor cores in the operands' dtype, or with fp32 operands and exact fp32 products."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _activation(g, ACT: tl.constexpr):
+    if ACT == 0:
+        return g * tl.sigmoid(g)
+    elif ACT == 1:
+        return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        return 0.5 * g * (2.0 * tl.sigmoid(2.0 * inner))  # 1 + tanh(z) = 2 sigmoid(2z)
+    elif ACT == 3:
+        return tl.maximum(g, 0.0)
+    else:
+        r = tl.maximum(g, 0.0)
+        return r * r
+
+
+@triton.jit
+def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M consecutive row blocks sweep the column tiles together, so an expert's weight tile
+    is read by its row blocks while it is still in L2."""
+    per_group = GROUP_M * num_n
+    first_m = (tile // per_group) * GROUP_M
+    size = tl.minimum(num_m - first_m, GROUP_M)
+    within = tile % per_group
+    return first_m + within % size, within // size
+
+
+@triton.jit
+def _round_blocks(num_blocks_ptr, block_lo, round_blocks, T, BM: tl.constexpr, DENSE: tl.constexpr):
+    """Row blocks this launch covers: blocks [block_lo, block_lo + round_blocks) of those dispatch wrote."""
+    if DENSE:
+        count = tl.cdiv(T, BM)
+    else:
+        count = tl.maximum(tl.minimum(tl.load(num_blocks_ptr) - block_lo, round_blocks), 0)
+    return count
+
+
+@triton.jit
+def _block_rows(m_blk, sorted_pair_ptr, block_expert_ptr, block_end_ptr, T, S, BM: tl.constexpr,
+                DENSE: tl.constexpr):
+    """(rows of the intermediate buffer, their pair index, their token, row valid, expert) for one row block."""
+    rows = m_blk * BM + tl.arange(0, BM)
+    if DENSE:
+        ok = rows < T
+        pair = rows
+        token = rows
+        expert = m_blk * 0
+    else:
+        expert = tl.load(block_expert_ptr + m_blk)
+        ok = rows < tl.load(block_end_ptr + m_blk)
+        pair = tl.load(sorted_pair_ptr + rows, mask=ok, other=0)
+        token = pair // S
+    return rows, pair, token, ok, expert
+
+
+@triton.jit
+def _expert_up_kernel(
+    x_ptr, w1_ptr, b1_ptr, h_ptr, pair_weight_ptr,
+    sorted_pair_ptr, block_expert_ptr, block_end_ptr, num_blocks_ptr,
+    T, H, I, S, block_lo, round_blocks,
+    stride_xt, stride_w1e, stride_w1f, stride_w1h, stride_b1e, stride_ht,
+    alpha, limit,
+    DENSE: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_B1: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr, DOT_FP32: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr,
+):
+    num_m = _round_blocks(num_blocks_ptr, block_lo, round_blocks, T, BM, DENSE)
+    num_n = tl.cdiv(I, BN)
+    ks = tl.arange(0, BK)
+    for tile in range(tl.program_id(0), num_m * num_n, NUM_PROGS):
+        m_blk, n_blk = _tile_coords(tile, num_m, num_n, GROUP_M)
+        rows, pair, token, row_ok, expert = _block_rows(block_lo + m_blk, sorted_pair_ptr, block_expert_ptr,
+                                                        block_end_ptr, T, S, BM, DENSE)
+        cols = n_blk * BN + tl.arange(0, BN)
+        col_ok = cols < I
+        a_ptrs = x_ptr + token.to(tl.int64)[:, None] * stride_xt + ks[None, :]
+        w_base = w1_ptr + expert.to(tl.int64) * stride_w1e
+        g_ptrs = w_base + cols.to(tl.int64)[None, :] * stride_w1f + ks[:, None] * stride_w1h
+        u_ptrs = g_ptrs + I * stride_w1f
+        if WEIGHT_ON_INPUT:
+            in_scale = tl.load(pair_weight_ptr + pair, mask=row_ok, other=0.0)
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, H, BK):
+            k_ok = ks < H - k0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if WEIGHT_ON_INPUT:
+                a = (a.to(tl.float32) * in_scale[:, None]).to(x_ptr.dtype.element_ty)
+            wg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc_g = mma(a, wg, acc_g, DOT_FP32)
+            if GATED:
+                wu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                acc_u = mma(a, wu, acc_u, DOT_FP32)
+            a_ptrs += BK
+            g_ptrs += BK * stride_w1h
+            u_ptrs += BK * stride_w1h
+        if HAS_B1:
+            b_base = b1_ptr + expert.to(tl.int64) * stride_b1e
+            acc_g += tl.load(b_base + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                acc_u += tl.load(b_base + I + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            if ACT == 5:  # gpt-oss clamped swiglu
+                g = tl.minimum(acc_g, limit)
+                u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+                out = (u + 1.0) * (g * tl.sigmoid(g * alpha))
+            else:
+                out = _activation(acc_g, ACT) * acc_u
+        else:
+            out = _activation(acc_g, ACT)
+        h_ptrs = h_ptr + (rows - block_lo * BM).to(tl.int64)[:, None] * stride_ht + cols[None, :]
+        tl.store(h_ptrs, out.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _expert_down_kernel(
+    h_ptr, w2_ptr, b2_ptr, out_ptr, pair_weight_ptr, row_scale_ptr,
+    sorted_pair_ptr, block_expert_ptr, block_end_ptr, num_blocks_ptr,
+    T, H, I, S, block_lo, round_blocks,
+    stride_ht, stride_w2e, stride_w2h, stride_w2i, stride_b2e, stride_ot,
+    DENSE: tl.constexpr, HAS_B2: tl.constexpr, APPLY_WEIGHT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGS: tl.constexpr,
+):
+    num_m = _round_blocks(num_blocks_ptr, block_lo, round_blocks, T, BM, DENSE)
+    num_n = tl.cdiv(H, BN)
+    k_tiles = tl.cdiv(tl.cdiv(I, BK), SPLIT_K)
+    ks = tl.arange(0, BK)
+    for tile in range(tl.program_id(0), num_m * num_n * SPLIT_K, NUM_PROGS):
+        split = tile % SPLIT_K
+        m_blk, n_blk = _tile_coords(tile // SPLIT_K, num_m, num_n, GROUP_M)
+        rows, pair, token, row_ok, expert = _block_rows(block_lo + m_blk, sorted_pair_ptr, block_expert_ptr,
+                                                        block_end_ptr, T, S, BM, DENSE)
+        cols = n_blk * BN + tl.arange(0, BN)
+        col_ok = cols < H
+        k_begin = split * k_tiles * BK
+        a_ptrs = h_ptr + (rows - block_lo * BM).to(tl.int64)[:, None] * stride_ht + (k_begin + ks)[None, :]
+        w_ptrs = (w2_ptr + expert.to(tl.int64) * stride_w2e + cols.to(tl.int64)[None, :] * stride_w2h
+                  + (k_begin + ks)[:, None] * stride_w2i)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for kt in range(0, k_tiles):
+            k_ok = ks < I - (k_begin + kt * BK)
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = mma(a, w, acc, DOT_FP32)
+            a_ptrs += BK
+            w_ptrs += BK * stride_w2i
+        if HAS_B2:
+            if split == 0:
+                acc += tl.load(b2_ptr + expert.to(tl.int64) * stride_b2e + cols, mask=col_ok,
+                               other=0.0).to(tl.float32)[None, :]
+        if APPLY_WEIGHT:
+            acc = acc * tl.load(pair_weight_ptr + pair, mask=row_ok, other=0.0)[:, None]
+        if HAS_ROW_SCALE:
+            acc = acc * tl.load(row_scale_ptr + token, mask=row_ok, other=0.0)[:, None]
+        o_ptrs = out_ptr + token.to(tl.int64)[:, None] * stride_ot + cols[None, :]
+        tl.atomic_add(o_ptrs, acc, mask=row_ok[:, None] & col_ok[None, :], sem="relaxed")

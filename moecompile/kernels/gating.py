@@ -1,0 +1,149 @@
+"""Gating kernel: router GEMM, scoring, selection and combine weights in one launch, plus per-expert counts.
+
+Place in the pipeline: the first launch of the Triton FusedMoE path (kernels/moe.py); dispatch.py reads the counts it
+leaves. Specialised by constexprs on the block's RouterSpec. Every program owns BLOCK_T tokens: it computes their
+[BLOCK_T, E] logits with tl.dot over H, scores them, picks the experts, and adds its picks to counts[E] with atomics.
+For ReLU routing (all_positive) the "slots" of a token are all E experts: the gates are written densely, and only
+positive ones are counted (dispatch skips the rest), so later work scales with the positive (token, expert) pairs.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .experts import mma
+
+SCORING_CODES = {"none": 0, "softmax": 1, "sigmoid": 2, "sqrtsoftplus": 3, "relu": 4}
+
+
+@triton.jit
+def _score(v, SCORING: tl.constexpr, valid):
+    """Elementwise scoring; softmax over axis 1 among `valid` entries."""
+    if SCORING == 1:
+        v = tl.where(valid, v, float("-inf"))
+        m = tl.max(v, axis=1)
+        p = tl.where(valid, tl.exp(v - m[:, None]), 0.0)
+        return p / tl.sum(p, axis=1)[:, None]
+    elif SCORING == 2:
+        return tl.sigmoid(v)
+    elif SCORING == 3:
+        # softplus as torch computes it (linear above 20), then sqrt
+        return tl.sqrt(tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(tl.minimum(v, 20.0)))))
+    elif SCORING == 4:
+        return tl.maximum(v, 0.0)
+    else:
+        return v
+
+
+@triton.jit
+def _first_argmax(v, index, SIZE: tl.constexpr):
+    """Index (along axis 1) of the first maximum; NaN rows pick index 0 rather than an out-of-range one."""
+    m = tl.max(v, axis=1)
+    idx = tl.min(tl.where(v == m[:, None], index, SIZE), axis=1)
+    return tl.where(idx < SIZE, idx, 0)
+
+
+@triton.jit
+def _gating_kernel(
+    x_ptr, wr_ptr, br_ptr, corr_ptr, sg_ptr,
+    logits_ptr, weight_ptr, ids_ptr, counts_ptr, sg_out_ptr,
+    T, H, E, stride_xt, stride_we,
+    renorm_min, scaling,
+    K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    SCORING: tl.constexpr, SELECT_FIRST: tl.constexpr, ALL_POSITIVE: tl.constexpr, RENORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_CORR: tl.constexpr, GROUPED: tl.constexpr, N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr, HAS_SHARED_GATE: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, E_PAD)
+    col_ok = cols < E
+    hs = tl.arange(0, BLOCK_H)
+
+    acc = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32)
+    sg_acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        h_ok = h0 + hs < H
+        xa = tl.load(x_ptr + rows64[:, None] * stride_xt + (h0 + hs)[None, :],
+                     mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+        wb = tl.load(wr_ptr + cols[None, :].to(tl.int64) * stride_we + (h0 + hs)[:, None],
+                     mask=col_ok[None, :] & h_ok[:, None], other=0.0)
+        if not DOT_FP32:
+            wb = wb.to(xa.dtype)  # an fp32 router beside 16-bit inputs takes the fp32 path (no rounding)
+        acc = mma(xa, wb, acc, DOT_FP32)
+        if HAS_SHARED_GATE:
+            g = tl.load(sg_ptr + h0 + hs, mask=h_ok, other=0.0)
+            sg_acc += tl.sum(xa.to(tl.float32) * g.to(tl.float32)[None, :], axis=1)
+    if HAS_SHARED_GATE:
+        tl.store(sg_out_ptr + rows, tl.sigmoid(sg_acc), mask=row_ok)
+
+    logits = acc
+    if HAS_BIAS:
+        logits += tl.load(br_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    valid = row_ok[:, None] & col_ok[None, :]
+    tl.store(logits_ptr + rows64[:, None] * E + cols[None, :], logits, mask=valid)
+
+    if ALL_POSITIVE:
+        gates = tl.maximum(logits, 0.0) * scaling
+        tl.store(weight_ptr + rows64[:, None] * E + cols[None, :], gates, mask=valid)
+        active = tl.sum((valid & (gates > 0)).to(tl.int32), axis=0)
+        tl.atomic_add(counts_ptr + cols, active, mask=col_ok, sem="relaxed")
+    else:
+        all_ok = row_ok[:, None] & tl.broadcast_to(col_ok[None, :], (BLOCK_T, E_PAD))
+        if SELECT_FIRST:
+            choice = logits
+        else:
+            scores = _score(logits, SCORING, all_ok)
+            choice = scores
+        if HAS_CORR:
+            choice += tl.load(corr_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        choice = tl.where(col_ok[None, :], choice, float("-inf"))
+        index = tl.broadcast_to(cols[None, :], (BLOCK_T, E_PAD))
+        if GROUPED:
+            GS: tl.constexpr = E_PAD // N_GROUP
+            grouped = tl.reshape(choice, (BLOCK_T, N_GROUP, GS))
+            best = tl.max(grouped, axis=2)
+            if GROUP_TOP2:
+                gidx = tl.broadcast_to(tl.arange(0, GS)[None, None, :], (BLOCK_T, N_GROUP, GS))
+                first = tl.min(tl.where(grouped == best[:, :, None], gidx, GS), axis=2)
+                second = tl.max(tl.where(gidx == first[:, :, None], float("-inf"), grouped), axis=2)
+                gscore = best + second
+            else:
+                gscore = best
+            gindex = tl.broadcast_to(tl.arange(0, N_GROUP)[None, :], (BLOCK_T, N_GROUP))
+            keep = tl.zeros((BLOCK_T, N_GROUP), dtype=tl.int32)
+            for _ in tl.static_range(TOPK_GROUP):
+                g = _first_argmax(gscore, gindex, N_GROUP)
+                hit = gindex == g[:, None]
+                keep = tl.where(hit, 1, keep)
+                gscore = tl.where(hit, float("-inf"), gscore)
+            keep_e = tl.reshape(tl.broadcast_to(keep[:, :, None], (BLOCK_T, N_GROUP, GS)), (BLOCK_T, E_PAD))
+            choice = tl.where(keep_e != 0, choice, float("-inf"))
+
+        kcol = tl.broadcast_to(tl.arange(0, K_PAD)[None, :], (BLOCK_T, K_PAD))
+        picked = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)
+        picked_id = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int32)
+        for j in tl.static_range(K):
+            e = _first_argmax(choice, index, E_PAD)
+            hit = index == e[:, None]
+            if SELECT_FIRST:
+                v = tl.sum(tl.where(hit, logits, 0.0), axis=1)
+            else:
+                v = tl.sum(tl.where(hit, scores, 0.0), axis=1)
+            picked = tl.where(kcol == j, v[:, None], picked)
+            picked_id = tl.where(kcol == j, e[:, None], picked_id)
+            choice = tl.where(hit, float("-inf"), choice)
+        k_ok = kcol < K
+        if SELECT_FIRST:
+            picked = _score(picked, SCORING, k_ok)
+        picked = tl.where(k_ok, picked, 0.0)
+        if RENORM:
+            picked = picked / tl.maximum(tl.sum(picked, axis=1), renorm_min)[:, None]
+        picked = picked * scaling
+        out_ok = row_ok[:, None] & k_ok
+        tl.store(weight_ptr + rows64[:, None] * K + kcol, picked, mask=out_ok)
+        tl.store(ids_ptr + rows64[:, None] * K + kcol, picked_id, mask=out_ok)
+        tl.atomic_add(counts_ptr + picked_id, tl.full((BLOCK_T, K_PAD), 1, tl.int32), mask=out_ok, sem="relaxed")

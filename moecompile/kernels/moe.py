@@ -1,0 +1,328 @@
+"""The Triton MoE forward as one PyTorch op, `torch.ops.moecompile.moe_forward`, with a fake (shape) implementation
+and an autograd formula, so the same op runs eagerly, is traced by torch.compile and torch.export, and is captured in
+CUDA graphs.
+
+Place in the pipeline: FusedMoE.forward calls `moe_forward(spec, weights, x, seq_len)` here on CUDA tensors. The op
+launches, in order: gating (router GEMM, scoring, selection, counts), dispatch (rows grouped by expert), the shared
+experts' up and down GEMMs (dense rows), then the routed experts' up and down GEMMs, which add into one fp32 [T, H]
+accumulator; the result is cast to the input's dtype. Nothing waits on the host, and every allocation's size depends
+on shapes only. Router forms the gating kernel does not cover (sparsemixer, expert capacity, non-power-of-two expert
+groups) route with the PyTorch reference, still without a host sync, and share everything after it.
+
+Backward recomputes the block with the differentiable reference (reference.py) and differentiates that.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import torch
+import triton
+
+from ..errors import MoECompileError
+from ..reference import moe_forward as reference_forward
+from ..reference import route
+from ..spec import MoESpec, MoEWeights
+from . import configs
+from .dispatch import _dispatch_kernel
+from .experts import ACTIVATION_CODES, _expert_down_kernel, _expert_up_kernel
+from .gating import SCORING_CODES, _gating_kernel
+
+INTERPRETED = type(_gating_kernel).__name__ == "InterpretedFunction"
+# The interpreter (triton 3.9) miscomputes 16-bit tl.dot with masked loads; there every dot upcasts its operands to
+# fp32, which computes the same products (exact in fp32) with the same fp32 accumulation as the tensor cores.
+DOTS_IN_FP32 = INTERPRETED
+POISON = False  # tests set this: every buffer the op allocates starts as NaN (floats) or a huge index (ints)
+MAX_KERNEL_EXPERTS = 1024
+RELU_ROUND_SLOTS = 16  # ReLU routing: one round's intermediate buffer has room for this many experts per token
+_OPTIONAL = ("router_bias", "correction_bias", "b1", "b2", "shared_w1", "shared_w2", "shared_b1", "shared_b2",
+             "shared_gate", "output_bias")
+
+
+def _empty(*shape: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(*shape, device=device, dtype=dtype)
+    if POISON:
+        out.fill_(float("nan") if dtype.is_floating_point else 2**30)
+    return out
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def gating_fallback_reason(spec: MoESpec) -> str | None:
+    """Why the gating kernel does not take this router (it then routes with PyTorch), or None."""
+    r = spec.router
+    if r.selection == "sparsemixer":
+        return "sparsemixer selection"
+    if r.expert_capacity is not None:
+        return "per-sequence expert capacity"
+    if r.num_experts > MAX_KERNEL_EXPERTS:
+        return f"more than {MAX_KERNEL_EXPERTS} experts"
+    if r.selection == "grouped_topk" and (r.num_experts != _pow2(r.num_experts) or r.n_group != _pow2(r.n_group)):
+        return "expert groups that are not powers of two"
+    return None
+
+
+def unsupported_reason(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> str | None:
+    """Why this call cannot run on the Triton kernels at all (FusedMoE then uses the reference), or None."""
+    if x.device.type != "cuda" and not INTERPRETED:
+        return "input is not on a CUDA device (on the CPU the kernels run only with TRITON_INTERPRET=1 set)"
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"input dtype {x.dtype}"
+    for name in ("w1", "w2", "shared_w1", "shared_w2"):
+        w = getattr(weights, name)
+        if w is not None and w.dtype != x.dtype:
+            return f"{name} is {w.dtype}, input is {x.dtype}"
+    return None
+
+
+@lru_cache(maxsize=64)
+def _spec(spec_json: str) -> MoESpec:
+    return MoESpec.from_dict(json.loads(spec_json))
+
+
+def slots_of(spec: MoESpec) -> int:
+    """Slots per token in the routing the op returns: k, or every expert for ReLU routing."""
+    return spec.num_experts if spec.router.is_variable_k else spec.router.top_k
+
+
+# ---------------------------------------------------------------- launches
+
+
+def _gate(spec: MoESpec, x, router_weight, router_bias, correction_bias, shared_gate):
+    r = spec.router
+    T, H = x.shape
+    E, S = r.num_experts, slots_of(spec)
+    E_PAD = max(16, _pow2(E))
+    logits = _empty(T, E, device=x.device, dtype=torch.float32)
+    weight = _empty(T, S, device=x.device, dtype=torch.float32)
+    ids = _empty(1 if r.is_variable_k else T * S, device=x.device, dtype=torch.int32)  # ReLU: slot = expert
+    counts_cursor = torch.zeros(2 * E, device=x.device, dtype=torch.int32)
+    sg = _empty(T, device=x.device, dtype=torch.float32) if shared_gate is not None else None
+    router_weight = router_weight.contiguous()
+    if shared_gate is not None:
+        shared_gate = shared_gate.reshape(-1).contiguous()
+    BLOCK_T = 64 if E_PAD <= 64 else (32 if E_PAD <= 256 else 16)
+    dummy = logits
+    _gating_kernel[(triton.cdiv(T, BLOCK_T),)](
+        x, router_weight, router_bias if router_bias is not None else dummy,
+        correction_bias if correction_bias is not None else dummy,
+        shared_gate if shared_gate is not None else x,
+        logits, weight, ids, counts_cursor, sg if sg is not None else dummy,
+        T, H, E, x.stride(0), router_weight.stride(0),
+        float(r.renorm_min), float(r.scaling_factor),
+        K=S if not r.is_variable_k else 1, K_PAD=max(2, _pow2(S)), E_PAD=E_PAD, BLOCK_T=BLOCK_T, BLOCK_H=64,
+        SCORING=SCORING_CODES[r.scoring], SELECT_FIRST=r.score_order == "select_then_score",
+        ALL_POSITIVE=r.is_variable_k, RENORM=r.renormalize, HAS_BIAS=router_bias is not None,
+        HAS_CORR=correction_bias is not None, GROUPED=r.selection == "grouped_topk", N_GROUP=r.n_group,
+        TOPK_GROUP=r.topk_group, GROUP_TOP2=r.group_score == "top2_sum", HAS_SHARED_GATE=sg is not None,
+        DOT_FP32=x.dtype == torch.float32 or router_weight.dtype == torch.float32 or DOTS_IN_FP32,
+        num_warps=4,
+    )
+    return logits, weight, ids, counts_cursor, sg
+
+
+def _gate_with_torch(spec: MoESpec, weights: MoEWeights, x, seq_len: int):
+    """Routing by the reference for router forms the gating kernel lacks; counts without bincount (no host sync)."""
+    routing = route(spec.router, weights, x, seq_len)
+    T, E, k = x.shape[0], spec.num_experts, spec.router.top_k
+    ids = routing.expert_index.view(T, k).to(torch.int32)
+    counts_cursor = torch.zeros(2 * E, device=x.device, dtype=torch.int32)
+    counts_cursor[:E].scatter_add_(0, ids.reshape(-1).long(), torch.ones_like(ids.reshape(-1)))
+    sg = None
+    if weights.shared_gate is not None:
+        sg = torch.sigmoid(torch.nn.functional.linear(x, weights.shared_gate).float().view(-1))
+    return routing.logits.float(), routing.weight.view(T, k).float(), ids, counts_cursor, sg
+
+
+def _dispatch(ids, weight, counts_cursor, E: int, BM: int, implicit: bool, skip_nonpositive: bool):
+    T, S = weight.shape
+    P = T * S
+    max_blocks = triton.cdiv(P, BM) + min(E, P)
+    dev = weight.device
+    sorted_pair = _empty(max_blocks * BM, device=dev, dtype=torch.int32)
+    block_expert = _empty(max_blocks, device=dev, dtype=torch.int32)
+    block_end = _empty(max_blocks, device=dev, dtype=torch.int32)
+    num_blocks = _empty(1, device=dev, dtype=torch.int32)
+    BLOCK_P = 256
+    _dispatch_kernel[(max(1, triton.cdiv(P, BLOCK_P)),)](
+        ids, weight, counts_cursor, counts_cursor[E:],
+        sorted_pair, block_expert, block_end, num_blocks,
+        P, S, E,
+        BM=BM, E_PAD=max(16, _pow2(E)), BLOCK_P=BLOCK_P, BLOCK_B=64,
+        IMPLICIT_IDS=implicit, SKIP_NONPOSITIVE=skip_nonpositive, num_warps=4,
+    )
+    return sorted_pair, block_expert, block_end, num_blocks, max_blocks
+
+
+def _programs(tiles: int, device: torch.device, per_sm: int = 2) -> int:
+    return max(1, min(tiles, configs.sm_count_of(device) * per_sm))
+
+
+def _run_experts(mlp, x, w1, w2, b1, b2, acc, cfg: configs.MoEConfig, *, dense: bool, S: int = 1,
+                 table=None, pair_weight=None, row_scale=None, weight_on_input=False, rounds=1, round_blocks=0):
+    """Up then down GEMM for one expert set; routed rows come from `table` (dispatch's output), dense rows are the
+    tokens. Adds into acc [T, H] fp32."""
+    T, H = x.shape
+    I = mlp.intermediate_size
+    dot_fp32 = x.dtype == torch.float32 or DOTS_IN_FP32
+    up, down = (configs.for_fp32(cfg.up), configs.for_fp32(cfg.down)) if dot_fp32 else (cfg.up, cfg.down)
+    if dense:
+        m_blocks = triton.cdiv(T, up.BM)
+        round_blocks = m_blocks
+        sorted_pair = block_expert = block_end = num_blocks = _empty(1, device=x.device, dtype=torch.int32)  # unused
+    else:
+        sorted_pair, block_expert, block_end, num_blocks = table
+        m_blocks = round_blocks
+    h = _empty(m_blocks * up.BM, I, device=x.device, dtype=x.dtype)
+    w1s = w1.stride() if w1.dim() == 3 else (0, *w1.stride())
+    w2s = w2.stride() if w2.dim() == 3 else (0, *w2.stride())
+    b1s = 0 if b1 is None else (b1.stride(0) if b1.dim() == 2 else 0)
+    b2s = 0 if b2 is None else (b2.stride(0) if b2.dim() == 2 else 0)
+    pw = pair_weight if pair_weight is not None else acc
+    rs = row_scale if row_scale is not None else acc
+    up_tiles = m_blocks * triton.cdiv(I, up.BN)
+    down_tiles = m_blocks * triton.cdiv(H, down.BN) * down.split_k
+    for r in range(rounds):
+        block_lo = r * round_blocks
+        _expert_up_kernel[(_programs(up_tiles, x.device),)](
+            x, w1, b1 if b1 is not None else acc, h, pw,
+            sorted_pair, block_expert, block_end, num_blocks,
+            T, H, I, S, block_lo, round_blocks,
+            x.stride(0), w1s[0], w1s[1], w1s[2], b1s, h.stride(0),
+            float(mlp.activation_alpha), float(mlp.activation_limit),
+            DENSE=dense, GATED=mlp.gated, ACT=ACTIVATION_CODES[mlp.activation], HAS_B1=b1 is not None,
+            WEIGHT_ON_INPUT=weight_on_input, DOT_FP32=dot_fp32,
+            BM=up.BM, BN=up.BN, BK=up.BK, GROUP_M=up.GROUP_M, NUM_PROGS=_programs(up_tiles, x.device),
+            num_warps=up.num_warps, num_stages=up.num_stages,
+        )
+        _expert_down_kernel[(_programs(down_tiles, x.device),)](
+            h, w2, b2 if b2 is not None else acc, acc, pw, rs,
+            sorted_pair, block_expert, block_end, num_blocks,
+            T, H, I, S, block_lo, round_blocks,
+            h.stride(0), w2s[0], w2s[1], w2s[2], b2s, acc.stride(0),
+            DENSE=dense, HAS_B2=b2 is not None, APPLY_WEIGHT=pair_weight is not None and not weight_on_input,
+            HAS_ROW_SCALE=row_scale is not None, DOT_FP32=dot_fp32,
+            BM=down.BM, BN=down.BN, BK=down.BK, SPLIT_K=down.split_k, GROUP_M=down.GROUP_M,
+            NUM_PROGS=_programs(down_tiles, x.device),
+            num_warps=down.num_warps, num_stages=down.num_stages,
+        )
+
+
+def _forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int):
+    T, H = x.shape
+    E, S = spec.num_experts, slots_of(spec)
+    r = spec.router
+    if T == 0:
+        return x.new_empty(0, H), x.new_empty(0, E, dtype=torch.float32), x.new_empty(0, S, dtype=torch.float32)
+    x = x.contiguous()
+    if gating_fallback_reason(spec) is None:
+        logits, weight, ids, counts_cursor, sg = _gate(spec, x, weights.router_weight, weights.router_bias,
+                                                       weights.correction_bias, weights.shared_gate)
+    else:
+        logits, weight, ids, counts_cursor, sg = _gate_with_torch(spec, weights, x, seq_len)
+
+    I = spec.experts.intermediate_size
+    cfg = configs.choose(T, H, I, E, min(S, 8), x.device)
+    acc = torch.zeros(T, H, device=x.device, dtype=torch.float32)
+    if spec.shared is not None:
+        shared_mlp = spec.shared.mlp
+        shared_cfg = configs.choose(T, H, shared_mlp.intermediate_size, 1, 1, x.device)
+        _run_experts(shared_mlp, x, weights.shared_w1, weights.shared_w2, weights.shared_b1, weights.shared_b2,
+                     acc, shared_cfg, dense=True, row_scale=sg)
+
+    BM = cfg.up.BM
+    table = _dispatch(ids, weight, counts_cursor, E, BM, implicit=r.is_variable_k, skip_nonpositive=r.is_variable_k)
+    *table, max_blocks = table
+    if r.is_variable_k:  # a bounded buffer and a fixed number of rounds, however many gates are positive
+        round_blocks = min(max_blocks, triton.cdiv(T * min(E, RELU_ROUND_SLOTS), BM) + min(E, T * E))
+    else:
+        round_blocks = max_blocks
+    _run_experts(spec.experts, x, weights.w1, weights.w2, weights.b1, weights.b2, acc, configs.MoEConfig(
+        cfg.up, configs.GemmConfig(**{**cfg.down.to_dict(), "BM": BM})), dense=False, S=S, table=table,
+        pair_weight=weight, weight_on_input=r.weight_on_input, rounds=triton.cdiv(max_blocks, round_blocks),
+        round_blocks=round_blocks)
+    if weights.output_bias is not None:
+        acc += weights.output_bias.float()
+    return acc.to(x.dtype), logits, weight
+
+
+# ---------------------------------------------------------------- the op
+
+
+@torch.library.custom_op("moecompile::moe_forward", mutates_args=())
+def moe_forward_op(
+    x: torch.Tensor, router_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+    router_bias: torch.Tensor | None, correction_bias: torch.Tensor | None,
+    b1: torch.Tensor | None, b2: torch.Tensor | None,
+    shared_w1: torch.Tensor | None, shared_w2: torch.Tensor | None,
+    shared_b1: torch.Tensor | None, shared_b2: torch.Tensor | None,
+    shared_gate: torch.Tensor | None, output_bias: torch.Tensor | None,
+    spec_json: str, seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y [T, H] in x's dtype, router logits [T, E] fp32, slot weights [T, k] fp32 (ReLU routing: gates [T, E])."""
+    spec = _spec(spec_json)
+    weights = MoEWeights(router_weight=router_weight, w1=w1, w2=w2, router_bias=router_bias,
+                         correction_bias=correction_bias, b1=b1, b2=b2, shared_w1=shared_w1, shared_w2=shared_w2,
+                         shared_b1=shared_b1, shared_b2=shared_b2, shared_gate=shared_gate, output_bias=output_bias)
+    return _forward(spec, weights, x, seq_len)
+
+
+@moe_forward_op.register_fake
+def _(x, router_weight, w1, w2, router_bias, correction_bias, b1, b2, shared_w1, shared_w2, shared_b1, shared_b2,
+      shared_gate, output_bias, spec_json, seq_len):
+    spec = _spec(spec_json)
+    T = x.shape[0]
+    return (x.new_empty(T, x.shape[1]), x.new_empty(T, spec.num_experts, dtype=torch.float32),
+            x.new_empty(T, slots_of(spec), dtype=torch.float32))
+
+
+_TENSOR_ARGS = ("x", "router_weight", "w1", "w2", *_OPTIONAL)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.spec_json, ctx.seq_len = inputs[-2], inputs[-1]
+    ctx.save_for_backward(*[t if t is not None else torch.empty(0) for t in inputs[:-2]])
+    ctx.present = [t is not None for t in inputs[:-2]]
+
+
+def _backward(ctx, grad_y, grad_logits, grad_weight):
+    spec = _spec(ctx.spec_json)
+    saved = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = {}
+        for name, present, tensor, needs in zip(_TENSOR_ARGS, ctx.present, saved, ctx.needs_input_grad):
+            leaves[name] = tensor.detach().requires_grad_(needs) if present else None
+        x = leaves.pop("x")
+        weights = MoEWeights(**leaves)
+        y, routing = reference_forward(spec, weights, x, ctx.seq_len)
+        slot_weights = (routing.logits.relu() * spec.router.scaling_factor if spec.router.is_variable_k
+                        else routing.topk_weights())
+        wanted = [t for t, needs in zip([x, *leaves.values()], ctx.needs_input_grad) if t is not None and needs]
+        grads = iter(torch.autograd.grad([y, routing.logits, slot_weights], wanted,
+                                         [grad_y, grad_logits, grad_weight], allow_unused=True))
+    return (*[next(grads) if needs and present else None for present, needs in zip(ctx.present, ctx.needs_input_grad)],
+            None, None)
+
+
+moe_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def moe_forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None = None,
+                spec_json: str | None = None):
+    """The block on x [T, H] through the op: (y [T, H], logits [T, E] fp32, slot weights [T, S] fp32)."""
+    reason = unsupported_reason(spec, weights, x)
+    if reason is not None:
+        raise MoECompileError(f"the Triton MoE kernels cannot run this call: {reason}; use the reference path "
+                              f"(FusedMoE(..., backend='reference'))")
+    w = weights
+    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for _, t in w.items()) or x.requires_grad):
+        # eager inference: the same launches without the op's dispatch overhead (tens of microseconds per call)
+        return _forward(spec, w, x, seq_len if seq_len is not None else max(x.shape[0], 1))
+    return torch.ops.moecompile.moe_forward(
+        x, w.router_weight, w.w1, w.w2, w.router_bias, w.correction_bias, w.b1, w.b2, w.shared_w1, w.shared_w2,
+        w.shared_b1, w.shared_b2, w.shared_gate, w.output_bias, spec_json or spec.to_json(),
+        seq_len if seq_len is not None else max(x.shape[0], 1))

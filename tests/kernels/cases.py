@@ -1,0 +1,122 @@
+"""Random MoE blocks for the kernel tests: a spec per router form and MLP variant, weights scaled so outputs are O(1),
+and the checks every kernel test makes against the reference."""
+from __future__ import annotations
+
+import torch
+
+from moecompile.reference import moe_forward as reference_forward
+from moecompile.spec import MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
+
+# router forms: name -> RouterSpec kwargs (num_experts and top_k are filled in per case)
+ROUTERS = {
+    "softmax_topk": dict(),
+    "softmax_topk_renorm": dict(renormalize=True),
+    "topk_softmax": dict(score_order="select_then_score"),
+    "sigmoid_grouped_corr": dict(scoring="sigmoid", selection="grouped_topk", has_correction_bias=True,
+                                 renormalize=True, renorm_min=1e-20, scaling_factor=2.5),
+    "sigmoid_topk_bias": dict(scoring="sigmoid", has_bias=True, renormalize=True),
+    "sqrtsoftplus_topk": dict(scoring="sqrtsoftplus", renormalize=True),
+    "relu": dict(scoring="relu", selection="all_positive", top_k=None),
+    # routed by PyTorch, experts by the kernels
+    "sparsemixer": dict(selection="sparsemixer", score_order="select_then_score", jitter_eps=0.01),
+    "capacity": dict(expert_capacity=3),
+}
+# expert MLP variants: name -> (MLPSpec kwargs, spec extras)
+MLPS = {
+    "swiglu": (dict(), {}),
+    "gelu_bias": (dict(activation="gelu", has_bias=True), {}),
+    "plain_relu2": (dict(gated=False, activation="relu2"), {}),
+    "gelu_tanh": (dict(activation="gelu_tanh"), {}),
+    "clamped_swiglu_bias": (dict(activation="clamped_swiglu", has_bias=True), {}),
+    "shared_gated": (dict(), dict(shared=True, sigmoid_gate=True)),
+    "shared_output_bias": (dict(), dict(shared=True, output_bias=True)),
+    "weight_on_input": (dict(), dict(weight_on_input=True)),
+}
+
+# normwise relative error allowed against the fp64 reference on the same (upcast) inputs
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+
+
+def groups_for(E: int, k: int) -> tuple[int, int]:
+    """(n_group, topk_group) for a grouped router of E experts picking k: DeepSeek-V3's 8 / 4 where it fits."""
+    for n_group in (8, 4, 2, 1):
+        if E % n_group == 0:
+            for topk_group in range(min(4, n_group), n_group + 1):
+                if k <= topk_group * (E // n_group):
+                    return n_group, topk_group
+    return 1, 1
+
+
+def make_spec(router: str, E: int, k: int, H: int, I: int, mlp: str = "swiglu") -> MoESpec:
+    rk = dict(ROUTERS[router])
+    rk.setdefault("top_k", k)
+    if router == "sparsemixer":
+        rk["top_k"] = 2
+    if rk.get("selection") == "grouped_topk":
+        rk["n_group"], rk["topk_group"] = groups_for(E, k)
+    mk, extra = MLPS[mlp]
+    if extra.get("weight_on_input"):
+        rk["weight_on_input"] = True
+    shared = None
+    if extra.get("shared"):
+        shared = SharedExpertSpec(MLPSpec(hidden_size=H, intermediate_size=I + 8), sigmoid_gate=extra.get(
+            "sigmoid_gate", False))
+    return MoESpec(router=RouterSpec(num_experts=E, **rk), experts=MLPSpec(hidden_size=H, intermediate_size=I, **mk),
+                   shared=shared, has_output_bias=extra.get("output_bias", False))
+
+
+def make_weights(spec: MoESpec, dtype, device, gen: torch.Generator) -> MoEWeights:
+    E, H = spec.num_experts, spec.hidden_size
+    e = spec.experts
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    w = MoEWeights(router_weight=rnd(E, H, scale=H ** -0.5), w1=rnd(E, e.fc1_rows, H, scale=H ** -0.5),
+                   w2=rnd(E, H, e.intermediate_size, scale=e.intermediate_size ** -0.5))
+    r = spec.router
+    if r.has_bias:
+        w.router_bias = rnd(E, scale=0.5)
+    if r.has_correction_bias:
+        w.correction_bias = rnd(E, scale=0.1).float()
+    if e.has_bias:
+        w.b1, w.b2 = rnd(E, e.fc1_rows, scale=0.1), rnd(E, H, scale=0.1)
+    if spec.shared is not None:
+        s = spec.shared.mlp
+        w.shared_w1 = rnd(s.fc1_rows, H, scale=H ** -0.5)
+        w.shared_w2 = rnd(H, s.intermediate_size, scale=s.intermediate_size ** -0.5)
+        if spec.shared.sigmoid_gate:
+            w.shared_gate = rnd(1, H, scale=H ** -0.5)
+    if spec.has_output_bias:
+        w.output_bias = rnd(H, scale=0.1)
+    return w
+
+
+def upcast(weights: MoEWeights) -> MoEWeights:
+    return MoEWeights(**{name: None if t is None else t.double() for name, t in weights.items()})
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if ref.numel() == 0:
+        return 0.0
+    return ((out - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+def check_against_reference(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, y: torch.Tensor,
+                            logits: torch.Tensor, slot_weights: torch.Tensor, seq_len: int | None = None) -> None:
+    """Output, logits and the per-token combine weights against the fp64 reference on the same inputs."""
+    T, E = x.shape[0], spec.num_experts
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert not y.isnan().any(), "NaN in the output: an element was left unwritten (buffers are poisoned)"
+    y_ref, routing = reference_forward(spec, upcast(weights), x.double(), seq_len)
+    err = relative_error(y, y_ref)
+    assert err <= TOLERANCE[x.dtype], f"output relative error {err:.2e} > {TOLERANCE[x.dtype]:.0e}"
+    assert relative_error(logits, routing.logits) <= 1e-5
+    if spec.router.is_variable_k:
+        ref_weights = routing.logits.relu() * spec.router.scaling_factor
+    else:
+        ref_weights = routing.weight.view(T, spec.router.top_k)
+    assert slot_weights.shape == ref_weights.shape
+    if T:
+        assert (slot_weights.double() - ref_weights).abs().max().item() <= 1e-5, "combine weights differ"

@@ -1,0 +1,225 @@
+"""The Triton MoE op (gating, dispatch, expert GEMMs) against the fp64 reference, on fresh random inputs.
+
+On the CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py sets it when there is no GPU) on small
+shapes; on a GPU the `cuda` cases run the full grid. Every buffer the op allocates is poisoned (NaN / huge index)
+first, so an element no kernel wrote shows up as NaN or an out-of-range access. Tolerances (normwise, vs fp64 on
+the same inputs) are in cases.TOLERANCE: fp32 1e-5, fp16 3e-3, bf16 1.5e-2; logits 1e-5; combine weights 1e-5 abs.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import cases
+import moecompile
+from moecompile import MoECompileError
+from moecompile.kernels import moe as kernel_moe
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the device: see benchmarks/gpu_tests.sh)")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    monkeypatch.setattr(kernel_moe, "POISON", True)
+
+
+_seed = itertools.count(1234)
+
+
+def run_case(router, E, k, T, H, I, dtype, device, mlp="swiglu", setup=None, seq_len=None):
+    spec = cases.make_spec(router, E, k, H, I, mlp)
+    gen = torch.Generator().manual_seed(next(_seed))
+    weights = cases.make_weights(spec, dtype, device, gen)
+    x = torch.randn(T, H, generator=gen).to(device=device, dtype=dtype)
+    if setup is not None:
+        setup(spec, weights, x)
+    y, logits, slot_weights = kernel_moe.moe_forward(spec, weights, x, seq_len)
+    cases.check_against_reference(spec, weights, x, y, logits, slot_weights, seq_len)
+    return spec, weights, x, y
+
+
+# ---------------------------------------------------------------- CPU (interpreter): small shapes
+
+CPU_SHAPES = [(0, 8, 2), (1, 8, 2), (3, 1, 1), (37, 60, 6), (21, 8, 8)]
+
+
+@pytest.mark.parametrize("router", list(cases.ROUTERS))
+@pytest.mark.parametrize("T,E,k", CPU_SHAPES, ids=[f"T{t}-E{e}-k{k}" for t, e, k in CPU_SHAPES])
+def test_router_forms_cpu(router, T, E, k):
+    if router == "sparsemixer" and E < 2:
+        pytest.skip("sparsemixer picks 2 experts; E=1 is not a valid block")  # the spec refuses it
+    run_case(router, E, k, T, 72, 40, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("mlp", list(cases.MLPS))
+def test_mlp_variants_cpu(mlp):
+    run_case("softmax_topk_renorm", 8, 2, 19, 72, 40, torch.float32, "cpu", mlp=mlp)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_grouped_corr", "relu"])
+def test_low_precision_cpu(dtype, router):
+    run_case(router, 16, 4, 29, 72, 40, DTYPES[dtype], "cpu")
+
+
+def one_expert_takes_all(spec, weights, x):
+    weights.router_bias[0] = 100.0  # expert 0 first for every token; with k=1 every other expert gets nothing
+
+
+def test_one_expert_takes_every_token_cpu():
+    run_case("sigmoid_topk_bias", 8, 1, 50, 72, 40, torch.float32, "cpu", setup=one_expert_takes_all)
+
+
+def test_capacity_sequences_cpu():
+    """Expert capacity counts within each sequence: 3 sequences of 12 tokens."""
+    run_case("capacity", 4, 2, 36, 72, 40, torch.float32, "cpu", seq_len=12)
+
+
+def test_relu_rounds_cpu(monkeypatch):
+    """ReLU routing with more positive pairs than one round's buffer: the rounds cover them all."""
+    monkeypatch.setattr(kernel_moe, "RELU_ROUND_SLOTS", 1)
+    _, _, _, _ = run_case("relu", 16, 0, 23, 72, 40, torch.float32, "cpu")
+
+
+def test_fused_module_uses_kernels_and_matches(quiet):
+    """FusedMoE(backend='triton') on an HF-shaped [B, S, H] input, extra outputs included."""
+    spec = cases.make_spec("softmax_topk_renorm", 8, 2, 72, 40, "shared_gated")
+    spec = moecompile.MoESpec(**{**spec.__dict__, "extra_output": "router_logits"})
+    weights = cases.make_weights(spec, torch.float32, "cpu", torch.Generator().manual_seed(7))
+    fused = moecompile.FusedMoE(spec, weights, backend="triton")
+    ref = moecompile.FusedMoE(spec, weights, backend="reference")
+    x = torch.randn(2, 5, 72)
+    (y, logits), (y_ref, logits_ref) = fused(x), ref(x)
+    assert y.shape == (2, 5, 72) and cases.relative_error(y, y_ref) < 1e-5
+    assert cases.relative_error(logits, logits_ref) < 1e-5
+
+
+def test_backend_flag_errors():
+    spec = cases.make_spec("softmax_topk", 4, 2, 16, 8)
+    weights = cases.make_weights(spec, torch.float32, "cpu", torch.Generator().manual_seed(0))
+    with pytest.raises(MoECompileError, match="backend 'cuda' is not one of"):
+        moecompile.FusedMoE(spec, weights, backend="cuda")
+    fused = moecompile.FusedMoE(spec, weights, backend="triton")
+    with pytest.raises(MoECompileError, match="input dtype torch.float64"):
+        fused(torch.randn(3, 16, dtype=torch.float64))
+
+
+def test_gradients_match_reference():
+    """Backward (the reference, recomputed) gives the reference's gradients for input and weights."""
+    spec = cases.make_spec("softmax_topk_renorm", 8, 2, 24, 16, "shared_gated")
+    w = cases.make_weights(spec, torch.float32, "cpu", torch.Generator().manual_seed(3))
+    for name, t in w.items():
+        if t is not None:
+            t.requires_grad_(True)
+    x = torch.randn(11, 24, requires_grad=True)
+    y, logits, _ = kernel_moe.moe_forward(spec, w, x)
+    (y.square().sum() + logits.sum()).backward()
+    got = [x.grad] + [t.grad for _, t in w.items() if t is not None]
+    for t in [x] + [t for _, t in w.items() if t is not None]:
+        t.grad = None
+    y_ref, routing = moecompile.reference.moe_forward(spec, w, x)
+    (y_ref.square().sum() + routing.logits.sum()).backward()
+    want = [x.grad] + [t.grad for _, t in w.items() if t is not None]
+    for g, r in zip(got, want):
+        assert g is not None and cases.relative_error(g, r) < 1e-5
+
+
+def test_opcheck_and_tracing():
+    """The op's schema, fake implementation and autograd registration (torch.library.opcheck), torch.compile with
+    fullgraph (aot_eager: the op stays one node) and torch.export."""
+    spec = cases.make_spec("sigmoid_grouped_corr", 16, 4, 32, 24, "shared_gated")
+    w = cases.make_weights(spec, torch.float32, "cpu", torch.Generator().manual_seed(5))
+    x = torch.randn(9, 32)
+    args = (x, w.router_weight, w.w1, w.w2, w.router_bias, w.correction_bias, w.b1, w.b2, w.shared_w1, w.shared_w2,
+            w.shared_b1, w.shared_b2, w.shared_gate, w.output_bias, spec.to_json(), 9)
+    torch.library.opcheck(torch.ops.moecompile.moe_forward.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    fused = moecompile.FusedMoE(spec, w, backend="triton")
+    want = fused(x)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    assert cases.relative_error(compiled(x), want) < 1e-6
+    exported = torch.export.export(fused, (x,))
+    assert "moecompile.moe_forward" in str(exported.graph)
+    assert cases.relative_error(exported.module()(x), want) < 1e-6
+
+
+# ---------------------------------------------------------------- GPU: the full grid
+
+GPU_TOKENS, GPU_EXPERTS, GPU_K = (0, 1, 3, 64, 1000), (1, 8, 60, 128, 256), (1, 2, 6, 8)
+GPU_GRID = [(t, e, k) for t in GPU_TOKENS for e in GPU_EXPERTS for k in GPU_K if k <= e]
+
+
+@needs_cuda
+@pytest.mark.parametrize("T,E,k", GPU_GRID, ids=[f"T{t}-E{e}-k{k}" for t, e, k in GPU_GRID])
+def test_grid_cuda(T, E, k):
+    run_case("softmax_topk_renorm", E, k, T, 200, 136, torch.bfloat16, "cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("router", list(cases.ROUTERS))
+@pytest.mark.parametrize("E,k", [(60, 6), (128, 8), (256, 8)])
+def test_router_forms_cuda(router, dtype, E, k):
+    run_case(router, E, k, 1000, 200, 136, DTYPES[dtype], "cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("mlp", list(cases.MLPS))
+def test_mlp_variants_cuda(mlp, dtype):
+    run_case("softmax_topk_renorm", 64, 8, 333, 200, 136, DTYPES[dtype], "cuda", mlp=mlp)
+
+
+@needs_cuda
+@pytest.mark.parametrize("T", [1, 64, 4096])
+def test_one_expert_takes_every_token_cuda(T):
+    run_case("sigmoid_topk_bias", 128, 1, T, 256, 192, torch.bfloat16, "cuda", setup=one_expert_takes_all)
+
+
+@needs_cuda
+@pytest.mark.parametrize("T", [1, 16, 1024])
+def test_large_layer_cuda(T):
+    """A real layer size (Qwen3-30B-A3B: H 2048, I 768, E 128, k 8) in bf16."""
+    run_case("softmax_topk_renorm", 128, 8, T, 2048, 768, torch.bfloat16, "cuda")
+
+
+@needs_cuda
+def test_cuda_graph_replay_matches():
+    """Captured in a CUDA graph, replayed on new inputs copied into the static input: same results as eager."""
+    spec = cases.make_spec("sigmoid_grouped_corr", 64, 8, 256, 192, "shared_gated")
+    w = cases.make_weights(spec, torch.bfloat16, "cuda", torch.Generator().manual_seed(11))
+    fused = moecompile.FusedMoE(spec, w)
+    static_x = torch.randn(77, 256, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        fused(static_x)  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_y = fused(static_x)
+    for _ in range(3):
+        x = torch.randn(77, 256, device="cuda", dtype=torch.bfloat16)
+        static_x.copy_(x)
+        graph.replay()
+        with torch.no_grad():
+            eager = fused(x)
+        assert cases.relative_error(static_y, eager) < 1e-3
+
+
+@needs_cuda
+def test_inductor_compile_cuda():
+    spec = cases.make_spec("softmax_topk_renorm", 128, 8, 256, 192)
+    w = cases.make_weights(spec, torch.bfloat16, "cuda", torch.Generator().manual_seed(13))
+    fused = moecompile.FusedMoE(spec, w)
+    compiled = torch.compile(fused, fullgraph=True, mode="reduce-overhead")
+    for T in (5, 300):
+        x = torch.randn(T, 256, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            for _ in range(3):
+                got = compiled(x).clone()
+            assert cases.relative_error(got, fused(x)) < 1e-3
