@@ -5,8 +5,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-
-import torch  # noqa: E402
+import torch
 
 # Without a GPU the Triton kernels run in the interpreter; it must be chosen before moecompile (triton.jit) is imported.
 if not torch.cuda.is_available():

@@ -36,8 +36,14 @@ class GemmConfig:
 
 @dataclass(frozen=True)
 class MoEConfig:
+    """Both GEMMs walk the same dispatch layout, so they share its row block BM."""
+
     up: GemmConfig
     down: GemmConfig
+
+    def __post_init__(self) -> None:
+        if self.up.BM != self.down.BM:
+            raise ValueError(f"up and down GEMMs must share BM (the dispatch padding): {self.up.BM} != {self.down.BM}")
 
 
 def rows_per_expert(tokens: int, slots: int, num_experts: int) -> float:

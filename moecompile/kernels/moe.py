@@ -36,8 +36,9 @@ DOTS_IN_FP32 = INTERPRETED
 POISON = False  # tests set this: every buffer the op allocates starts as NaN (floats) or a huge index (ints)
 MAX_KERNEL_EXPERTS = 1024
 RELU_ROUND_SLOTS = 16  # ReLU routing: one round's intermediate buffer has room for this many experts per token
-_OPTIONAL = ("router_bias", "correction_bias", "b1", "b2", "shared_w1", "shared_w2", "shared_b1", "shared_b2",
-             "shared_gate", "output_bias")
+# the op's tensor arguments, in its schema's order (MoEWeights' names)
+_TENSOR_ARGS = ("x", "router_weight", "w1", "w2", "router_bias", "correction_bias", "b1", "b2", "shared_w1",
+                "shared_w2", "shared_b1", "shared_b2", "shared_gate", "output_bias")
 
 
 def _empty(*shape: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -154,7 +155,7 @@ def _dispatch(ids, weight, counts_cursor, E: int, BM: int, implicit: bool, skip_
         BM=BM, E_PAD=max(16, _pow2(E)), BLOCK_P=BLOCK_P, BLOCK_B=64,
         IMPLICIT_IDS=implicit, SKIP_NONPOSITIVE=skip_nonpositive, num_warps=4,
     )
-    return sorted_pair, block_expert, block_end, num_blocks, max_blocks
+    return (sorted_pair, block_expert, block_end, num_blocks), max_blocks
 
 
 def _programs(tiles: int, device: torch.device, per_sm: int = 2) -> int:
@@ -183,11 +184,11 @@ def _run_experts(mlp, x, w1, w2, b1, b2, acc, cfg: configs.MoEConfig, *, dense: 
     b2s = 0 if b2 is None else (b2.stride(0) if b2.dim() == 2 else 0)
     pw = pair_weight if pair_weight is not None else acc
     rs = row_scale if row_scale is not None else acc
-    up_tiles = m_blocks * triton.cdiv(I, up.BN)
-    down_tiles = m_blocks * triton.cdiv(H, down.BN) * down.split_k
+    up_programs = _programs(m_blocks * triton.cdiv(I, up.BN), x.device)
+    down_programs = _programs(m_blocks * triton.cdiv(H, down.BN) * down.split_k, x.device)
     for r in range(rounds):
         block_lo = r * round_blocks
-        _expert_up_kernel[(_programs(up_tiles, x.device),)](
+        _expert_up_kernel[(up_programs,)](
             x, w1, b1 if b1 is not None else acc, h, pw,
             sorted_pair, block_expert, block_end, num_blocks,
             T, H, I, S, block_lo, round_blocks,
@@ -195,10 +196,10 @@ def _run_experts(mlp, x, w1, w2, b1, b2, acc, cfg: configs.MoEConfig, *, dense: 
             float(mlp.activation_alpha), float(mlp.activation_limit),
             DENSE=dense, GATED=mlp.gated, ACT=ACTIVATION_CODES[mlp.activation], HAS_B1=b1 is not None,
             WEIGHT_ON_INPUT=weight_on_input, DOT_FP32=dot_fp32,
-            BM=up.BM, BN=up.BN, BK=up.BK, GROUP_M=up.GROUP_M, NUM_PROGS=_programs(up_tiles, x.device),
+            BM=up.BM, BN=up.BN, BK=up.BK, GROUP_M=up.GROUP_M, NUM_PROGS=up_programs,
             num_warps=up.num_warps, num_stages=up.num_stages,
         )
-        _expert_down_kernel[(_programs(down_tiles, x.device),)](
+        _expert_down_kernel[(down_programs,)](
             h, w2, b2 if b2 is not None else acc, acc, pw, rs,
             sorted_pair, block_expert, block_end, num_blocks,
             T, H, I, S, block_lo, round_blocks,
@@ -206,7 +207,7 @@ def _run_experts(mlp, x, w1, w2, b1, b2, acc, cfg: configs.MoEConfig, *, dense: 
             DENSE=dense, HAS_B2=b2 is not None, APPLY_WEIGHT=pair_weight is not None and not weight_on_input,
             HAS_ROW_SCALE=row_scale is not None, DOT_FP32=dot_fp32,
             BM=down.BM, BN=down.BN, BK=down.BK, SPLIT_K=down.split_k, GROUP_M=down.GROUP_M,
-            NUM_PROGS=_programs(down_tiles, x.device),
+            NUM_PROGS=down_programs,
             num_warps=down.num_warps, num_stages=down.num_stages,
         )
 
@@ -234,16 +235,15 @@ def _forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int):
                      acc, shared_cfg, dense=True, row_scale=sg)
 
     BM = cfg.up.BM
-    table = _dispatch(ids, weight, counts_cursor, E, BM, implicit=r.is_variable_k, skip_nonpositive=r.is_variable_k)
-    *table, max_blocks = table
+    table, max_blocks = _dispatch(ids, weight, counts_cursor, E, BM, implicit=r.is_variable_k,
+                                  skip_nonpositive=r.is_variable_k)
     if r.is_variable_k:  # a bounded buffer and a fixed number of rounds, however many gates are positive
         round_blocks = min(max_blocks, triton.cdiv(T * min(E, RELU_ROUND_SLOTS), BM) + min(E, T * E))
     else:
         round_blocks = max_blocks
-    _run_experts(spec.experts, x, weights.w1, weights.w2, weights.b1, weights.b2, acc, configs.MoEConfig(
-        cfg.up, configs.GemmConfig(**{**cfg.down.to_dict(), "BM": BM})), dense=False, S=S, table=table,
-        pair_weight=weight, weight_on_input=r.weight_on_input, rounds=triton.cdiv(max_blocks, round_blocks),
-        round_blocks=round_blocks)
+    _run_experts(spec.experts, x, weights.w1, weights.w2, weights.b1, weights.b2, acc, cfg, dense=False, S=S,
+                 table=table, pair_weight=weight, weight_on_input=r.weight_on_input, rounds=triton.cdiv(max_blocks, round_blocks),
+                 round_blocks=round_blocks)
     if weights.output_bias is not None:
         acc += weights.output_bias.float()
     return acc.to(x.dtype), logits, weight
@@ -279,9 +279,6 @@ def _(x, router_weight, w1, w2, router_bias, correction_bias, b1, b2, shared_w1,
             x.new_empty(T, slots_of(spec), dtype=torch.float32))
 
 
-_TENSOR_ARGS = ("x", "router_weight", "w1", "w2", *_OPTIONAL)
-
-
 def _setup_context(ctx, inputs, output):
     ctx.spec_json, ctx.seq_len = inputs[-2], inputs[-1]
     ctx.save_for_backward(*[t if t is not None else torch.empty(0) for t in inputs[:-2]])
@@ -310,19 +307,29 @@ def _backward(ctx, grad_y, grad_logits, grad_weight):
 moe_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def op_args(spec_json: str, weights: MoEWeights, x: torch.Tensor, seq_len: int) -> tuple:
+    """The op's arguments, in its schema's order."""
+    return (x, *[getattr(weights, name) for name in _TENSOR_ARGS[1:]], spec_json, seq_len)
+
+
 def moe_forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None = None,
                 spec_json: str | None = None):
-    """The block on x [T, H] through the op: (y [T, H], logits [T, E] fp32, slot weights [T, S] fp32)."""
+    """The block on x [T, H] through the op: (y [T, H], logits [T, E] fp32, slot weights [T, S] fp32). Raises if
+    the kernels cannot take this call (unsupported_reason)."""
     reason = unsupported_reason(spec, weights, x)
     if reason is not None:
         raise MoECompileError(f"the Triton MoE kernels cannot run this call: {reason}; use the reference path "
                               f"(FusedMoE(..., backend='reference'))")
-    w = weights
-    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for _, t in w.items()) or x.requires_grad):
+    return run(spec, weights, x, seq_len, spec_json)
+
+
+def run(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None = None,
+        spec_json: str | None = None):
+    """moe_forward for a call already checked with unsupported_reason (FusedMoE checks once, to pick a path)."""
+    seq_len = seq_len if seq_len is not None else max(x.shape[0], 1)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
+        t is not None and t.requires_grad for _, t in weights.items()))
+    if not torch.compiler.is_compiling() and not needs_grad:
         # eager inference: the same launches without the op's dispatch overhead (tens of microseconds per call)
-        return _forward(spec, w, x, seq_len if seq_len is not None else max(x.shape[0], 1))
-    return torch.ops.moecompile.moe_forward(
-        x, w.router_weight, w.w1, w.w2, w.router_bias, w.correction_bias, w.b1, w.b2, w.shared_w1, w.shared_w2,
-        w.shared_b1, w.shared_b2, w.shared_gate, w.output_bias, spec_json or spec.to_json(),
-        seq_len if seq_len is not None else max(x.shape[0], 1))
+        return _forward(spec, weights, x, seq_len)
+    return torch.ops.moecompile.moe_forward(*op_args(spec_json or spec.to_json(), weights, x, seq_len))

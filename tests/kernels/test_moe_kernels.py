@@ -134,8 +134,7 @@ def test_opcheck_and_tracing():
     spec = cases.make_spec("sigmoid_grouped_corr", 16, 4, 32, 24, "shared_gated")
     w = cases.make_weights(spec, torch.float32, "cpu", torch.Generator().manual_seed(5))
     x = torch.randn(9, 32)
-    args = (x, w.router_weight, w.w1, w.w2, w.router_bias, w.correction_bias, w.b1, w.b2, w.shared_w1, w.shared_w2,
-            w.shared_b1, w.shared_b2, w.shared_gate, w.output_bias, spec.to_json(), 9)
+    args = kernel_moe.op_args(spec.to_json(), w, x, 9)
     torch.library.opcheck(torch.ops.moecompile.moe_forward.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
     fused = moecompile.FusedMoE(spec, w, backend="triton")
