@@ -6,7 +6,8 @@ floor = max(bytes of the distinct active experts' weights (+ shared expert + rou
 Both ceilings are measured at the start of the run: a 2 GiB device-to-device copy (bytes read + written) and an
 8192^3 bf16 matmul, on random data. Every moecompile row also records its output error against the HF block on the
 same input against the reference (reference.py: routing in fp32, experts in bf16), beside the HF block's own
-error against it (normwise relative). The HF block scores in bf16, so near-tied experts flip; the reference does not.
+error against it (normwise relative). `peak_mb` is the peak memory one call adds; `held_mb` is what an
+implementation keeps allocated between calls (moecompile eager at <= 64 tokens: the pool of its decode graphs). The HF block scores in bf16, so near-tied experts flip; the reference does not.
 
 Run on the device: `python benchmarks/moe_layer.py --out benchmarks/results` (writes moe_layer.json and moe_layer.md).
 `--shapes` / `--tokens` pick a subset; `--quick` times fewer repeats.
@@ -197,9 +198,14 @@ def run_shape(name: str, cfg: dict, tokens, ceilings: dict, quick: bool, rows: l
                      "moecompile": lambda: fused(x)}
             for impl, fn in impls.items():
                 try:
+                    torch.cuda.synchronize()
+                    before = torch.cuda.memory_allocated()
                     fn()
                     ms = bench(fn, quick)
-                    row = dict(common, impl=impl, ms=ms, peak_mb=peak_extra_mb(fn))
+                    torch.cuda.synchronize()
+                    # memory the implementation keeps between calls (moecompile: its decode graphs' pool)
+                    held_mb = (torch.cuda.memory_allocated() - before) / 2 ** 20
+                    row = dict(common, impl=impl, ms=ms, peak_mb=peak_extra_mb(fn), held_mb=held_mb)
                 except Exception as exc:  # a baseline that fails at a size is recorded, not fatal
                     row = dict(common, impl=impl, ms=None, peak_mb=None, error=f"{type(exc).__name__}: {exc}"[:300])
                 if impl == "moecompile":

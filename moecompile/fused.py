@@ -59,7 +59,8 @@ class FusedMoE(nn.Module):
         seq_len = hidden_states.shape[-2] if hidden_states.dim() >= 2 and x.shape[0] else None
         weights = self.weights()
         if self._use_kernels(weights, x):
-            y, logits, slot_weights = kernel_moe.run(self.spec, weights, x, seq_len, self.spec_json)
+            need_routing = self.router_tap is not None or self.spec.extra_output != "none"
+            y, logits, slot_weights = kernel_moe.run(self.spec, weights, x, seq_len, self.spec_json, need_routing)
         else:
             y, routing = moe_forward(self.spec, weights, x, seq_len)
             logits = routing.logits

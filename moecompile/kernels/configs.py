@@ -89,6 +89,21 @@ def heuristic(tokens: int, hidden: int, inter: int, num_experts: int, slots: int
     return MoEConfig(up, down)
 
 
+SMEM_PER_SM = 232448  # bytes of shared memory an SM gives its resident programs (Hopper; Ampere has less)
+REGS_PER_SM = 65536
+
+
+def programs_per_sm(cfg: GemmConfig, b_tiles: int, elem_bytes: int) -> int:
+    """How many programs of a GEMM with these tiles fit on one SM at once: its pipeline's shared memory
+    (num_stages x (A tile + b_tiles B tiles)) and its registers at the 255-per-thread worst case. A persistent launch
+    of more programs than fit leaves the rest waiting for a whole program to finish, which breaks the grouped tile
+    order (and its L2 reuse of weight tiles) that the persistent loop relies on."""
+    smem = cfg.num_stages * (cfg.BM * cfg.BK + b_tiles * cfg.BK * cfg.BN) * elem_bytes + 1024
+    by_smem = SMEM_PER_SM // smem
+    by_regs = REGS_PER_SM // (cfg.num_warps * 32 * 255)
+    return max(1, min(by_smem, by_regs, 2))
+
+
 def for_fp32(cfg: GemmConfig) -> GemmConfig:
     """fp32 operands take twice the shared memory per tile: a shorter reduction step and two stages."""
     return GemmConfig(**{**cfg.to_dict(), "BK": min(cfg.BK, 32), "num_stages": 2})

@@ -15,6 +15,7 @@ Backward recomputes the block with the differentiable reference (reference.py) a
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
@@ -24,7 +25,7 @@ from ..errors import MoECompileError
 from ..reference import moe_forward as reference_forward
 from ..reference import route
 from ..spec import MoESpec, MoEWeights
-from . import configs
+from . import configs, graphs
 from .dispatch import _dispatch_kernel
 from .experts import ACTIVATION_CODES, _expert_down_kernel, _expert_up_kernel
 from .gating import SCORING_CODES, _gating_kernel
@@ -138,10 +139,19 @@ def _gate_with_torch(spec: MoESpec, weights: MoEWeights, x, seq_len: int):
     return routing.logits.float(), routing.weight.view(T, k).float(), ids, counts_cursor, sg
 
 
+def max_row_blocks(T: int, S: int, E: int, BM: int, implicit: bool) -> int:
+    """Most BM-row blocks the dispatch layout can need: every block but one per expert is full. With implicit ids
+    (ReLU routing: slot s is expert s) no expert gets more than T rows, so also at most E * cdiv(T, BM). Top-k ids
+    come from the router and are not trusted to be distinct (NaN scores), so they get only the first bound."""
+    P = T * S
+    bound = triton.cdiv(P, BM) + min(E, P)
+    return min(bound, E * triton.cdiv(T, BM)) if implicit else bound
+
+
 def _dispatch(ids, weight, counts_cursor, E: int, BM: int, implicit: bool, skip_nonpositive: bool):
     T, S = weight.shape
     P = T * S
-    max_blocks = triton.cdiv(P, BM) + min(E, P)
+    max_blocks = max_row_blocks(T, S, E, BM, implicit)
     dev = weight.device
     sorted_pair = _empty(max_blocks * BM, device=dev, dtype=torch.int32)
     block_expert = _empty(max_blocks, device=dev, dtype=torch.int32)
@@ -158,7 +168,9 @@ def _dispatch(ids, weight, counts_cursor, E: int, BM: int, implicit: bool, skip_
     return (sorted_pair, block_expert, block_end, num_blocks), max_blocks
 
 
-def _programs(tiles: int, device: torch.device, per_sm: int = 2) -> int:
+def _programs(tiles: int, device: torch.device, cfg: configs.GemmConfig, b_tiles: int, elem_bytes: int) -> int:
+    """One program per resident slot (persistent launch), never more than there are tiles."""
+    per_sm = configs.programs_per_sm(cfg, b_tiles, elem_bytes)
     return max(1, min(tiles, configs.sm_count_of(device) * per_sm))
 
 
@@ -184,8 +196,9 @@ def _run_experts(mlp, x, w1, w2, b1, b2, acc, cfg: configs.MoEConfig, *, dense: 
     b2s = 0 if b2 is None else (b2.stride(0) if b2.dim() == 2 else 0)
     pw = pair_weight if pair_weight is not None else acc
     rs = row_scale if row_scale is not None else acc
-    up_programs = _programs(m_blocks * triton.cdiv(I, up.BN), x.device)
-    down_programs = _programs(m_blocks * triton.cdiv(H, down.BN) * down.split_k, x.device)
+    elem = 4 if dot_fp32 else x.element_size()
+    up_programs = _programs(m_blocks * triton.cdiv(I, up.BN), x.device, up, 2 if mlp.gated else 1, elem)
+    down_programs = _programs(m_blocks * triton.cdiv(H, down.BN) * down.split_k, x.device, down, 1, elem)
     for r in range(rounds):
         block_lo = r * round_blocks
         _expert_up_kernel[(up_programs,)](
@@ -212,6 +225,32 @@ def _run_experts(mlp, x, w1, w2, b1, b2, acc, cfg: configs.MoEConfig, *, dense: 
         )
 
 
+def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """The second stream the shared experts run on (one per device), or None off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+@contextmanager
+def _on_stream(side: torch.cuda.Stream | None):
+    """Run the body on `side` after everything already queued on the current stream (a fork; the join is the
+    current stream's wait_stream(side) before the result is read). Every tensor the body reads was allocated on the
+    current stream and outlives the join, so none needs record_stream."""
+    if side is None:
+        yield
+        return
+    side.wait_stream(torch.cuda.current_stream(side.device))
+    with torch.cuda.stream(side):
+        yield
+
+
 def _forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int):
     T, H = x.shape
     E, S = spec.num_experts, slots_of(spec)
@@ -228,11 +267,14 @@ def _forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int):
     I = spec.experts.intermediate_size
     cfg = configs.choose(T, H, I, E, min(S, 8), x.device)
     acc = torch.zeros(T, H, device=x.device, dtype=torch.float32)
-    if spec.shared is not None:
+    side = None
+    if spec.shared is not None:  # on a second stream, overlapped with dispatch and the routed experts
         shared_mlp = spec.shared.mlp
         shared_cfg = configs.choose(T, H, shared_mlp.intermediate_size, 1, 1, x.device)
-        _run_experts(shared_mlp, x, weights.shared_w1, weights.shared_w2, weights.shared_b1, weights.shared_b2,
-                     acc, shared_cfg, dense=True, row_scale=sg)
+        side = _side_stream(x.device)
+        with _on_stream(side):
+            _run_experts(shared_mlp, x, weights.shared_w1, weights.shared_w2, weights.shared_b1, weights.shared_b2,
+                         acc, shared_cfg, dense=True, row_scale=sg)
 
     BM = cfg.up.BM
     table, max_blocks = _dispatch(ids, weight, counts_cursor, E, BM, implicit=r.is_variable_k,
@@ -244,6 +286,8 @@ def _forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int):
     _run_experts(spec.experts, x, weights.w1, weights.w2, weights.b1, weights.b2, acc, cfg, dense=False, S=S,
                  table=table, pair_weight=weight, weight_on_input=r.weight_on_input, rounds=triton.cdiv(max_blocks, round_blocks),
                  round_blocks=round_blocks)
+    if side is not None:
+        torch.cuda.current_stream(x.device).wait_stream(side)
     if weights.output_bias is not None:
         acc += weights.output_bias.float()
     return acc.to(x.dtype), logits, weight
@@ -324,12 +368,21 @@ def moe_forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: in
 
 
 def run(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None = None,
-        spec_json: str | None = None):
-    """moe_forward for a call already checked with unsupported_reason (FusedMoE checks once, to pick a path)."""
+        spec_json: str | None = None, need_routing: bool = True):
+    """moe_forward for a call already checked with unsupported_reason (FusedMoE checks once, to pick a path).
+    With need_routing=False a caller that reads only y may get None for the logits and slot weights (the graph
+    replay then skips copying them out)."""
     seq_len = seq_len if seq_len is not None else max(x.shape[0], 1)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
         t is not None and t.requires_grad for _, t in weights.items()))
     if not torch.compiler.is_compiling() and not needs_grad:
-        # eager inference: the same launches without the op's dispatch overhead (tens of microseconds per call)
+        # eager inference: the same launches without the op's dispatch overhead (tens of microseconds per call);
+        # few tokens: replayed from a CUDA graph, since launching them from Python costs more than running them
+        if graphs.applies(x):
+            key = (spec_json or spec.to_json(), seq_len, *[(t.data_ptr(), t.dtype, t.shape, t.stride())
+                                                           for _, t in weights.items() if t is not None])
+            outputs = graphs.call(key, lambda static_x: _forward(spec, weights, static_x, seq_len), x,
+                                  copy_out=3 if need_routing else 1)
+            return outputs if need_routing else (outputs[0], None, None)
         return _forward(spec, weights, x, seq_len)
     return torch.ops.moecompile.moe_forward(*op_args(spec_json or spec.to_json(), weights, x, seq_len))

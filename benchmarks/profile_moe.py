@@ -1,0 +1,144 @@
+"""Where the time of one FusedMoE call goes, on the device: host time per launch (eager calls are launch-bound at
+decode sizes) and, under Nsight Compute, what each kernel is limited by.
+
+    python benchmarks/profile_moe.py host --out DIR
+        Per shape and token count: eager wall time per call (back to back, host-bound when the GPU is idle),
+        GPU time (the same call replayed in a CUDA graph), and the host time of each phase of the call.
+    ncu --profile-from-start off --section SpeedOfLight --section Occupancy ... \
+        python benchmarks/profile_moe.py ncu --shape mixtral_8x7b --tokens 16384 [--impl hf_grouped_mm_compile]
+        One call of the chosen implementation between cudaProfilerStart/Stop, after warm-up, so ncu sees only it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from moe_layer import SHAPES, hf_block, twin
+
+from moecompile.kernels import moe
+
+
+@triton.jit
+def _empty_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, 0.0, mask=offs < n)
+
+
+def _per_call_us(fn, iters: int = 300) -> float:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters * 1e6
+
+
+def _graph_us(fn) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=20, rep=100, return_mode="median") * 1e3
+
+
+class PhaseTimer:
+    """Wraps moe's launch helpers and accumulates the host time spent in each (the GPU runs behind)."""
+
+    PHASES = ("_gate", "_dispatch", "_run_experts")
+
+    def __init__(self):
+        self.totals = {p: 0.0 for p in self.PHASES}
+        self.originals = {p: getattr(moe, p) for p in self.PHASES}
+
+    def __enter__(self):
+        for phase, fn in self.originals.items():
+            def timed(*a, _fn=fn, _phase=phase, **k):
+                t0 = time.perf_counter()
+                try:
+                    return _fn(*a, **k)
+                finally:
+                    self.totals[_phase] += time.perf_counter() - t0
+            setattr(moe, phase, timed)
+        return self
+
+    def __exit__(self, *exc):
+        for phase, fn in self.originals.items():
+            setattr(moe, phase, fn)
+
+
+def host_profile(cases, out: Path) -> None:
+    rows = []
+    buf = torch.empty(1024, device="cuda")
+    rows.append(dict(case="empty Triton launch", us=_per_call_us(lambda: _empty_kernel[(1,)](buf, 1024, BLOCK=1024))))
+    rows.append(dict(case="torch.zeros(256, int32)",
+                     us=_per_call_us(lambda: torch.zeros(256, device="cuda", dtype=torch.int32))))
+    for name, T in cases:
+        cfg = SHAPES[name]
+        block, _ = hf_block(cfg["family"], cfg["H"], cfg["I"], cfg["E"], cfg["k"])
+        fused = twin(block, cfg["family"], cfg["H"], cfg["I"], cfg["E"], cfg["k"], cfg.get("relu", False))
+        x = torch.randn(1, T, cfg["H"], device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            eager = _per_call_us(lambda: fused(x))
+            gpu = _graph_us(lambda: fused(x))
+            iters = 200
+            with PhaseTimer() as timer:
+                _per_call_us(lambda: fused(x), iters)
+            calls = iters + 20
+            phases = {p: s / calls * 1e6 for p, s in timer.totals.items()}
+        row = dict(case=f"{name} T={T}", eager_us=eager, graph_us=gpu, **{f"host{p}_us": v for p, v in phases.items()})
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del block, fused
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "host_profile.json").write_text(json.dumps(rows, indent=1))
+    print(json.dumps(rows[:2]))
+
+
+def ncu_target(shape: str, T: int, impl: str) -> None:
+    cfg = SHAPES[shape]
+    block, _ = hf_block(cfg["family"], cfg["H"], cfg["I"], cfg["E"], cfg["k"])
+    x = torch.randn(1, T, cfg["H"], device="cuda", dtype=torch.bfloat16)
+    if impl == "moecompile":
+        fn = twin(block, cfg["family"], cfg["H"], cfg["I"], cfg["E"], cfg["k"], cfg.get("relu", False))
+    else:
+        fn = torch.compile(block)
+    with torch.no_grad():
+        for _ in range(3):
+            fn(x)
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        fn(x)
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["host", "ncu"])
+    parser.add_argument("--shape", default="mixtral_8x7b")
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--impl", default="moecompile", choices=["moecompile", "hf_grouped_mm_compile"])
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    if args.mode == "host":
+        cases = [("qwen3_30b_a3b", 1), ("olmoe", 1), ("qwen3_relu", 1), ("qwen3_relu", 128), ("mixtral_8x7b", 1),
+                 ("deepseek_v3", 1)]
+        host_profile(cases, Path(args.out))
+    else:
+        ncu_target(args.shape, args.tokens, args.impl)
+
+
+if __name__ == "__main__":
+    main()
