@@ -7,8 +7,12 @@ from .backends.eager import optimize, report
 from .errors import MoECompileError
 from .fused import FusedMoE
 from .passes.log import BlockRecord, Report
+from .passes.routing import RoutingChange, rewrite_routing
+from .remoe import ReMoERegularizer
 from .spec import MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
+from .stats import LayerStats, routing_stats
 
 __all__ = ["optimize", "report", "FusedMoE", "MoECompileError", "MoESpec", "RouterSpec", "MLPSpec",
-           "SharedExpertSpec", "MoEWeights", "Report", "BlockRecord"]
+           "SharedExpertSpec", "MoEWeights", "Report", "BlockRecord", "rewrite_routing", "RoutingChange",
+           "routing_stats", "LayerStats", "ReMoERegularizer"]
 __version__ = "0.1.0"

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import copy
 import itertools
+import time
 import warnings
 import weakref
+from dataclasses import asdict
 from typing import Any
 
 from torch import nn
 
 from ..errors import MoECompileError
-from ..passes.log import Report
+from ..passes.log import PassRun, Report
 from ..passes.manager import ANALYSIS_PASSES, FusePass, PassContext, PassManager
+from ..passes.routing import DEFAULT_COVERAGE, ROUTINGS, rewrite_routing
+from ..spec import MoESpec
 
 _REPORTS: "weakref.WeakKeyDictionary[nn.Module, Report]" = weakref.WeakKeyDictionary()
-_OPTIONS = {"seed": int}
+_OPTIONS = {"seed": int, "routing": str, "k": (int, str), "calibration": object, "coverage": float}
 
 
 def _structural_copy(model: nn.Module) -> nn.Module:
@@ -36,8 +40,9 @@ def _check_options(options: dict) -> dict:
             raise MoECompileError(f"optimize: unknown option {key!r}; options are {sorted(_OPTIONS)} "
                                   "(and verify, strict, inplace)")
         if not isinstance(value, _OPTIONS[key]):
-            raise MoECompileError(f"optimize: option {key!r} must be {_OPTIONS[key].__name__}, "
-                                  f"got {type(value).__name__}")
+            wanted = _OPTIONS[key]
+            names = " or ".join(t.__name__ for t in (wanted if isinstance(wanted, tuple) else (wanted,)))
+            raise MoECompileError(f"optimize: option {key!r} must be {names}, got {type(value).__name__}")
     return options
 
 
@@ -50,6 +55,10 @@ def optimize(model: nn.Module, *, verify: bool = True, strict: bool = False, inp
     strict: raise MoECompileError if any candidate block is left alone (the model is then not changed).
     inplace: rewrite `model` itself instead of returning a rewritten structural copy.
     options: seed (int, default 0) for the random inputs and weights used to read and confirm blocks.
+        routing ("relu" | "topk"): rewrite the fused blocks' routing (passes/routing.py); this changes what the model
+        computes, and the pass log reports the effect per block. k (int | "auto") for routing="topk";
+        calibration: an iterable of model inputs (tensors passed positionally, dicts as keyword arguments) to
+        calibrate on; coverage (float, default 0.99): the share of active pairs k="auto" keeps.
 
     Returns the optimized model; `moecompile.report(model)` gives the pass log.
     """
@@ -75,7 +84,11 @@ def optimize(model: nn.Module, *, verify: bool = True, strict: bool = False, inp
         lines = "; ".join(f"layer {b.path or '<root>'}: {b.reason}" for b in left)
         raise MoECompileError(f"optimize(strict=True): {len(left)} MoE block(s) left alone: {lines}. "
                               "Pass strict=False to keep them as they are")
+    if "routing" in options and options["routing"] not in ROUTINGS:  # before anything changes
+        raise MoECompileError(f"optimize: routing must be one of {ROUTINGS}, got {options['routing']!r}")
     PassManager([FusePass]).run(ctx)
+    if "routing" in options:
+        ctx.model = _rewrite_routing(ctx, model, options)
     target = ctx.model  # the FusedMoE itself when the whole model was one block
     _REPORTS[target] = report
     _REPORTS[model] = report
@@ -83,6 +96,40 @@ def optimize(model: nn.Module, *, verify: bool = True, strict: bool = False, inp
         warnings.warn(f"moecompile: {len(report.left)} of {len(report.blocks)} MoE blocks left as they were; "
                       "see moecompile.report(model)", stacklevel=2)
     return target
+
+
+def _rewrite_routing(ctx: PassContext, model: nn.Module, options: dict) -> nn.Module:
+    """The routing pass after the fuse pass; on failure the fused copy is dropped (inplace: the swap is undone)."""
+    start = time.perf_counter()
+    try:
+        target, changes = rewrite_routing(ctx.model, options["routing"], k=options.get("k"),
+                                          calibration=options.get("calibration"),
+                                          coverage=options.get("coverage", DEFAULT_COVERAGE))
+    except BaseException:
+        if ctx.model is model:  # inplace: put the original blocks back
+            for record in ctx.report.fused:
+                _restore_block(model, record.path, ctx.candidates[record.path].module)
+        raise
+    by_path = {c.path: c for c in changes}
+    for record in ctx.report.fused:
+        change = by_path.get(record.path)
+        if change is not None:
+            record.routing_change, record.routing_summary = asdict(change), change.summary()
+            record.spec = target.get_submodule(record.path).spec.to_dict() if record.path else target.spec.to_dict()
+            record.spec_summary = MoESpec.from_dict(record.spec).summary()
+    ctx.report.passes.append(PassRun("routing", time.perf_counter() - start, True,
+                                     f"{options['routing']}: {len(changes)} blocks"))
+    if any(c.note.startswith("no calibration") for c in changes):
+        warnings.warn("moecompile: routing='relu' without calibration data: the ReLU routers start at threshold 0; "
+                      "the model is a starting point for training, not a replacement for the top-k model",
+                      stacklevel=3)
+    return target
+
+
+def _restore_block(model: nn.Module, path: str, original: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    if path:
+        setattr(model.get_submodule(parent_path) if parent_path else model, name, original)
 
 
 def report(model: nn.Module) -> Report:

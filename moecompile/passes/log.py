@@ -29,6 +29,8 @@ class BlockRecord:
     native_mean_rel_error: float | None = None
     confirm_tokens: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    routing_change: dict | None = None  # a routing rewrite's measured effect (passes/routing.py RoutingChange)
+    routing_summary: str = ""
 
     def leave(self, reason: str) -> None:
         self.decision, self.reason = "left", reason
@@ -102,6 +104,10 @@ class Report:
             fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
             lines.append(fmt.format(*header))
             lines.extend(fmt.format(*r) for r in rows)
+        rewrites = [b for b in self.blocks if b.routing_summary]
+        if rewrites:
+            lines.append("routing rewrites (they change what the model computes; measured on the calibration tokens):")
+            lines.extend(f"  {b.path or '<root>'}: {b.routing_summary}" for b in rewrites)
         if self.passes:
             lines.append("passes: " + ", ".join(f"{p.name} {p.seconds:.2f}s" for p in self.passes))
         return "\n".join(lines)

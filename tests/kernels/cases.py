@@ -17,6 +17,7 @@ ROUTERS = {
     "sigmoid_topk_bias": dict(scoring="sigmoid", has_bias=True, renormalize=True),
     "sqrtsoftplus_topk": dict(scoring="sqrtsoftplus", renormalize=True),
     "relu": dict(scoring="relu", selection="all_positive", top_k=None),
+    "relu_topk": dict(scoring="relu", has_bias=True),  # ReLU -> TopK deployment form: top-k of ReLU gates, no renorm
     # routed by PyTorch, experts by the kernels
     "sparsemixer": dict(selection="sparsemixer", score_order="select_then_score", jitter_eps=0.01),
     "capacity": dict(expert_capacity=3),

@@ -1,0 +1,176 @@
+"""Routing rewrites (TopK <-> ReLU, passes/routing.py), routing_stats and ReMoE's regulariser, on real HF classes
+built from their configs (CPU, fp32). Tolerances are written beside each check."""
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import moecompile
+from moecompile import MoECompileError, hf_zoo
+from moecompile.passes.routing import pick_k
+from moecompile.reference import moe_forward as reference_forward
+
+sys.path.insert(0, str(Path(__file__).parent / "kernels"))
+import cases  # noqa: E402  (the kernels' spec and weight builders)
+
+FAMILIES = ["mixtral", "qwen3_moe", "deepseek_v3"]
+
+
+def token_batches(model, n, seed, batch=8, seq=128):
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, model.config.vocab_size, (batch, seq), generator=gen)} for _ in range(n)]
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_relu_calibration_hits_the_old_k_on_held_out_batches(family, quiet):
+    model = hf_zoo.build(family)
+    k = model.config.num_experts_per_tok
+    relu = moecompile.optimize(model, routing="relu", calibration=token_batches(model, 8, seed=1))
+    rep = moecompile.report(relu)
+    assert all(b.routing_change["direction"] == "topk->relu" for b in rep.fused)
+    assert "topk->relu" in rep.table()
+    stats = moecompile.routing_stats(relu, token_batches(model, 4, seed=2))  # held out: other tokens
+    assert len(stats) == len(rep.fused)
+    for s in stats:
+        assert s.routing.startswith("relu>all_positive")
+        assert abs(s.mean_active - k) <= 0.05 * k, (s.path, s.mean_active, k)  # within 5% of the old k
+        assert abs(sum(s.expert_load) - 1) < 1e-6
+    # the input model is untouched: its blocks still route top-k and its output is what it was
+    assert not any(isinstance(m, moecompile.FusedMoE) for m in model.modules())
+
+
+def test_relu_block_records_measured_effect(quiet):
+    model = hf_zoo.build("qwen3_moe")
+    relu = moecompile.optimize(model, routing="relu", calibration=token_batches(model, 2, seed=3))
+    change = moecompile.report(relu).fused[0].routing_change
+    assert change["calibration_tokens"] == 2 * 8 * 128
+    assert change["active_p5"] <= change["active_p50"] <= change["active_p95"]
+    assert 0 <= change["same_choice_share"] <= 1 and change["output_rel_error"] > 0
+    block = relu.get_submodule(moecompile.report(relu).fused[0].path)
+    assert block.spec.router.scaling_factor == pytest.approx(change["output_scale"])
+
+
+def test_relu_without_calibration_warns_and_says_so(quiet):
+    model = hf_zoo.build("mixtral")
+    with pytest.warns(UserWarning, match="starting point for training"):
+        relu = moecompile.optimize(model, routing="relu")
+    rec = moecompile.report(relu).fused[0]
+    assert "no calibration data" in rec.routing_summary and rec.routing_change["threshold"] == 0.0
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_relu_to_topk_with_k_equal_E_is_exact(family, quiet):
+    model = hf_zoo.build(family)
+    relu = moecompile.optimize(model, routing="relu", calibration=token_batches(model, 2, seed=4))
+    batch = token_batches(model, 1, seed=5, batch=2, seq=33)[0]
+    want = logits(relu, batch)
+    E = next(m for m in relu.modules() if isinstance(m, moecompile.FusedMoE)).spec.num_experts
+    topk, changes = moecompile.rewrite_routing(relu, "topk", k=E)
+    assert all(c.direction == "relu->topk" and c.k_after == E for c in changes)
+    got = logits(topk, batch)
+    # the same sum (zero gates add exact zeros); each expert's GEMM now runs over every token instead of its
+    # positive ones, and a CPU GEMM's rounding depends on its row count: 1e-6 relative, fp32
+    assert (got - want).abs().max().item() <= 1e-6 * want.abs().max().item()
+
+
+def test_relu_to_topk_auto_picks_k_covering_the_pairs(quiet):
+    model = hf_zoo.build("mixtral")
+    calib = token_batches(model, 2, seed=6)
+    relu = moecompile.optimize(model, routing="relu", calibration=calib)
+    topk, changes = moecompile.rewrite_routing(relu, "topk", k="auto", calibration=calib, coverage=0.99)
+    for c in changes:
+        assert c.pairs_kept_share >= 0.99 and 1 <= c.k_after <= 8
+        assert topk.get_submodule(c.path).spec.router.top_k == c.k_after
+
+
+def test_pick_k_is_the_smallest_k_reaching_the_coverage():
+    gen = torch.Generator().manual_seed(0)
+    gates = torch.relu(torch.randn(500, 16, generator=gen) - 0.8)
+    active = (gates > 0).sum(1)
+    for coverage in (0.5, 0.9, 0.99, 1.0):
+        k = pick_k(gates, coverage)
+        kept = lambda kk: active.clamp(max=kk).sum().item() / active.sum().item()  # noqa: E731
+        assert kept(k) >= coverage and (k == 1 or kept(k - 1) < coverage)
+
+
+def test_routing_errors_are_clear_and_leave_the_model(quiet):
+    model = hf_zoo.build("mixtral")
+    with pytest.raises(MoECompileError, match="routing must be one of"):
+        moecompile.optimize(model, routing="softmax")
+    with pytest.raises(MoECompileError, match="takes ReLU-routed blocks"):
+        moecompile.optimize(model, routing="topk", k=2, inplace=True)
+    assert not any(isinstance(m, moecompile.FusedMoE) for m in model.modules())  # inplace, yet restored
+    relu = moecompile.optimize(model, routing="relu")
+    with pytest.raises(MoECompileError, match="needs calibration batches"):
+        moecompile.rewrite_routing(relu, "topk", k="auto")
+    with pytest.raises(MoECompileError, match="tensor .passed positionally. or a dict"):
+        moecompile.rewrite_routing(relu, "topk", k=2, calibration=[[1, 2, 3]])
+    with pytest.raises(MoECompileError, match="no fused MoE block"):
+        moecompile.routing_stats(torch.nn.Linear(4, 4), [torch.randn(2, 4)])
+
+
+def test_relu_gradients_match_autograd_through_the_reference():
+    """ReLU-routed FusedMoE on the Triton op (interpreter on CPU, fp32; its backward recomputes the reference)
+    against float64 autograd through the reference: input, router weight and bias, expert weights. ReLU gates get
+    gradients only where positive. Tolerance: 1e-4 relative (fp32 forward recompute vs float64)."""
+    spec = cases.make_spec("relu", 8, 2, 48, 32)
+    weights = cases.make_weights(spec, torch.float32, "cpu", torch.Generator().manual_seed(21))
+    x = torch.randn(13, 48, generator=torch.Generator().manual_seed(22))
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in weights.items() if t is not None}
+    fused = moecompile.FusedMoE(spec, moecompile.MoEWeights(**leaves), backend="triton")
+    xg = x.clone().requires_grad_(True)
+    fused(xg).square().sum().backward()
+    ref_leaves = {n: t.detach().double().requires_grad_(True) for n, t in leaves.items()}
+    xr = x.double().requires_grad_(True)
+    y_ref, routing = reference_forward(spec, moecompile.MoEWeights(**ref_leaves), xr)
+    y_ref.square().sum().backward()
+    for name, leaf in leaves.items():
+        want = ref_leaves[name].grad
+        assert cases.relative_error(leaf.grad, want) < 1e-4, name
+    assert cases.relative_error(xg.grad, xr.grad) < 1e-4
+    dead = (routing.logits <= 0).all(dim=0)  # experts no token reached get no router gradient
+    assert torch.all(leaves["router_weight"].grad[dead] == 0)
+
+
+def test_regulariser_moves_sparsity_to_its_target():
+    """A toy ReLU block trained to keep matching its own dense start (so the task pulls toward ~0.5 sparsity) under
+    the adaptive L1 term: sparsity goes from ~0.5 (threshold 0) to within 3 points of 1 - k/E = 0.75 (mean of the
+    last 100 of 400 steps)."""
+    torch.manual_seed(0)
+    # a router bias, as routing="relu" gives: with symmetric inputs and no bias, ReLU(x W^T) is positive half the
+    # time whatever the scale of W, so only the bias can move sparsity here
+    spec = cases.make_spec("relu", 8, 2, 32, 16)
+    spec = dataclasses.replace(spec, router=dataclasses.replace(spec.router, has_bias=True))
+    weights = cases.make_weights(spec, torch.float32, "cpu", torch.Generator().manual_seed(23))
+    params = {n: torch.nn.Parameter(t.detach().clone()) for n, t in weights.items() if t is not None}
+    params["router_bias"].data.zero_()
+    block = moecompile.FusedMoE(spec, moecompile.MoEWeights(**params), backend="reference")
+    x = torch.randn(256, 32)
+    with torch.no_grad():
+        target = block(x)
+    reg = moecompile.ReMoERegularizer(block, k=2)
+    opt = torch.optim.Adam(block.parameters(), lr=1e-2)
+    history = []
+    for _ in range(400):
+        loss = (block(x) - target).square().mean() + reg()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        reg.step()
+        history.append(reg.sparsity)
+    assert history[0] < 0.6
+    assert abs(sum(history[-100:]) / 100 - 0.75) < 0.03
+    assert len(reg.expert_load[""]) == 8 and abs(sum(reg.expert_load[""]) - 1) < 1e-6
+
+
+def test_regulariser_needs_relu_blocks(quiet):
+    model = moecompile.optimize(hf_zoo.build("mixtral"))
+    with pytest.raises(MoECompileError, match="no ReLU-routed MoE block"):
+        moecompile.ReMoERegularizer(model, k=2)
