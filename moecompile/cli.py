@@ -5,6 +5,10 @@ Place in the pipeline: the outermost layer; it calls optimize() and renders Repo
     moecompile optimize MODEL [--report FILE] [--strict] [--no-verify]
         MODEL is a saved HF directory (config.json + safetensors) or a Python file defining build_model() -> nn.Module
     moecompile inspect REPORT.json
+    moecompile stats MODEL [--routing relu|topk] [--k K|auto] [--text FILE] [--seq-len N] [--batches N]
+        routing statistics per MoE layer (experts per token, load) on batches of token ids: bytes of a text file
+        (modulo the vocabulary) or, without --text, random ids; with --routing, the first half of the batches
+        calibrates the rewrite and the second half is measured
 """
 
 from __future__ import annotations
@@ -95,6 +99,52 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _token_batches(model: nn.Module, text: str | None, seq_len: int, count: int) -> tuple[list, str]:
+    import torch
+
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:
+        raise MoECompileError("stats needs a model with config.vocab_size (an HF causal LM) to build token batches")
+    if text is not None:
+        try:
+            data = Path(text).read_bytes()
+        except FileNotFoundError:
+            raise MoECompileError(f"{text}: no such text file; pass --text FILE with some text, or leave it out to "
+                                  "measure on random token ids") from None
+        ids = torch.tensor(list(data), dtype=torch.long) % vocab
+        if ids.numel() < seq_len * count:
+            raise MoECompileError(f"{text}: {ids.numel()} bytes, fewer than --batches x --seq-len = "
+                                  f"{seq_len * count}; pass a longer file or smaller numbers")
+        return [ids[i * seq_len:(i + 1) * seq_len][None] for i in range(count)], f"bytes of {text}"
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (1, seq_len), generator=gen) for _ in range(count)], "random token ids (seed 0)"
+
+
+def _cmd_stats(args) -> int:
+    from .backends.eager import optimize, report
+    from .stats import format_stats, routing_stats
+
+    if args.batches < (2 if args.routing else 1) or args.seq_len < 1:
+        raise MoECompileError("--batches must be >= 1 (>= 2 with --routing) and --seq-len >= 1")
+    model = load_model(args.model)
+    batches, source = _token_batches(model, args.text, args.seq_len, args.batches)
+    options = {}
+    measured = batches
+    if args.routing:
+        half = len(batches) // 2
+        k = args.k if args.k in (None, "auto") else int(args.k)
+        options = dict(routing=args.routing, calibration=batches[:half], **({"k": k} if k is not None else {}))
+        measured = batches[half:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimized = optimize(model, **options)
+    if args.routing:
+        print(report(optimized).table())
+    print(f"routing statistics on {len(measured)} batches x {args.seq_len} tokens ({source}):")
+    print(format_stats(routing_stats(optimized, measured)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moecompile", description="Find, describe and fuse the MoE blocks of a model.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print a pass log written by `optimize --report`")
     p.add_argument("report", help="a report JSON file")
     p.set_defaults(func=_cmd_inspect)
+    p = sub.add_parser("stats", help="routing statistics per MoE layer on token batches")
+    p.add_argument("model", help="a saved HF model directory, or a .py file defining build_model()")
+    p.add_argument("--routing", choices=["relu", "topk"], help="rewrite the routing first (calibrated on half the "
+                   "batches)")
+    p.add_argument("--k", help="k for --routing topk: an integer or 'auto'")
+    p.add_argument("--text", help="a text file whose bytes (modulo the vocabulary) are the token ids")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batches", type=int, default=8)
+    p.set_defaults(func=_cmd_stats)
     return parser
 
 

@@ -62,3 +62,24 @@ def test_inspect_bad_report(tmp_path, capsys):
     bad.write_text("[]")
     assert main(["inspect", str(bad)]) == 2
     assert "not a moecompile report" in capsys.readouterr().err
+
+
+def test_stats_on_text_with_relu_rewrite(tmp_path, capsys):
+    model = hf_zoo.build("mixtral")
+    model.save_pretrained(tmp_path / "ckpt")
+    text = tmp_path / "corpus.txt"
+    text.write_text(open(json.__file__).read() * 4)  # real text that ships with Python
+    assert main(["stats", str(tmp_path / "ckpt"), "--routing", "relu", "--text", str(text), "--batches", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "topk->relu" in out and f"bytes of {text}" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("model.layers.")]
+    stats_rows = [r for r in rows if r[1].isdigit()]  # layer, tokens, mean, ...
+    assert len(stats_rows) == 2 and all(int(r[1]) == 4 * 128 for r in stats_rows)
+    assert all(0 < float(r[2]) <= 8 for r in stats_rows)
+
+
+def test_stats_bad_input(tmp_path, capsys):
+    model = hf_zoo.build("mixtral")
+    model.save_pretrained(tmp_path / "ckpt")
+    assert main(["stats", str(tmp_path / "ckpt"), "--text", str(tmp_path / "missing.txt")]) == 2
+    assert "no such text file" in capsys.readouterr().err
