@@ -132,7 +132,11 @@ def _cmd_stats(args) -> int:
     measured = batches
     if args.routing:
         half = len(batches) // 2
-        k = args.k if args.k in (None, "auto") else int(args.k)
+        k = args.k
+        if k not in (None, "auto"):
+            if not k.isdigit():
+                raise MoECompileError(f"--k {k!r}: pass an integer number of experts or 'auto'")
+            k = int(k)
         options = dict(routing=args.routing, calibration=batches[:half], **({"k": k} if k is not None else {}))
         measured = batches[half:]
     with warnings.catch_warnings():

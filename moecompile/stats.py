@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import MoECompileError
 from .fused import FusedMoE
-from .passes.routing import MAX_CALIBRATION_TOKENS, _active_stats, _float_weights, collect_block_inputs
+from .passes.routing import MAX_CALIBRATION_TOKENS, active_stats, collect_block_inputs, float_weights
 from .reference import route
 
 
@@ -50,11 +50,11 @@ def routing_stats(model: nn.Module, batches: Iterable, max_tokens: int = MAX_CAL
             continue
         x = inputs[path]
         with torch.no_grad():
-            routing = route(module.spec.router, _float_weights(module.weights()), x)
+            routing = route(module.spec.router, float_weights(module.weights()), x)
         active = routing.active_per_token(x.shape[0])
         load = torch.bincount(routing.expert_index[routing.weight != 0], minlength=module.spec.num_experts).double()
         stats.append(LayerStats(path=path, routing=module.spec.summary(), tokens=x.shape[0],
-                                expert_load=(load / load.sum().clamp(min=1)).tolist(), **_active_stats(active)))
+                                expert_load=(load / load.sum().clamp(min=1)).tolist(), **active_stats(active)))
     return stats
 
 

@@ -21,8 +21,8 @@ from torch import nn
 from ..errors import MoECompileError
 from ..passes.log import PassRun, Report
 from ..passes.manager import ANALYSIS_PASSES, FusePass, PassContext, PassManager
-from ..passes.routing import DEFAULT_COVERAGE, ROUTINGS, rewrite_routing
-from ..spec import MoESpec
+from ..passes.routing import DEFAULT_COVERAGE, rewrite_routing
+from ..passes.routing import check_options as check_routing_options
 
 _REPORTS: "weakref.WeakKeyDictionary[nn.Module, Report]" = weakref.WeakKeyDictionary()
 _OPTIONS = {"seed": int, "routing": str, "k": (int, str), "calibration": object, "coverage": float}
@@ -84,8 +84,11 @@ def optimize(model: nn.Module, *, verify: bool = True, strict: bool = False, inp
         lines = "; ".join(f"layer {b.path or '<root>'}: {b.reason}" for b in left)
         raise MoECompileError(f"optimize(strict=True): {len(left)} MoE block(s) left alone: {lines}. "
                               "Pass strict=False to keep them as they are")
-    if "routing" in options and options["routing"] not in ROUTINGS:  # before anything changes
-        raise MoECompileError(f"optimize: routing must be one of {ROUTINGS}, got {options['routing']!r}")
+    if "routing" in options:  # before anything changes
+        try:
+            check_routing_options(options["routing"], options.get("k"), options.get("coverage", DEFAULT_COVERAGE))
+        except MoECompileError as exc:
+            raise MoECompileError(f"optimize: {exc}") from None
     PassManager([FusePass]).run(ctx)
     if "routing" in options:
         ctx.model = _rewrite_routing(ctx, model, options)
@@ -108,15 +111,16 @@ def _rewrite_routing(ctx: PassContext, model: nn.Module, options: dict) -> nn.Mo
     except BaseException:
         if ctx.model is model:  # inplace: put the original blocks back
             for record in ctx.report.fused:
-                _restore_block(model, record.path, ctx.candidates[record.path].module)
+                if record.path:
+                    model.set_submodule(record.path, ctx.candidates[record.path].module)
         raise
     by_path = {c.path: c for c in changes}
     for record in ctx.report.fused:
         change = by_path.get(record.path)
         if change is not None:
+            spec = target.get_submodule(record.path).spec
             record.routing_change, record.routing_summary = asdict(change), change.summary()
-            record.spec = target.get_submodule(record.path).spec.to_dict() if record.path else target.spec.to_dict()
-            record.spec_summary = MoESpec.from_dict(record.spec).summary()
+            record.spec, record.spec_summary = spec.to_dict(), spec.summary()
     ctx.report.passes.append(PassRun("routing", time.perf_counter() - start, True,
                                      f"{options['routing']}: {len(changes)} blocks"))
     if any(c.note.startswith("no calibration") for c in changes):
@@ -124,12 +128,6 @@ def _rewrite_routing(ctx: PassContext, model: nn.Module, options: dict) -> nn.Mo
                       "the model is a starting point for training, not a replacement for the top-k model",
                       stacklevel=3)
     return target
-
-
-def _restore_block(model: nn.Module, path: str, original: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    if path:
-        setattr(model.get_submodule(parent_path) if parent_path else model, name, original)
 
 
 def report(model: nn.Module) -> Report:

@@ -116,19 +116,17 @@ class FusePass:
             fused.train(candidate.module.training)
             fused.router_tap = make_tap(ctx.model, candidate.module)
             replacements.append((record, fused))
-        swapped: list[tuple[nn.Module, str, nn.Module]] = []
+        swapped: list[tuple[str, nn.Module]] = []
         try:
             for record, fused in replacements:
                 if record.path == "":  # the model itself is the block: the FusedMoE becomes the model
                     ctx.model = fused
                     continue
-                parent_path, _, name = record.path.rpartition(".")
-                parent = ctx.model.get_submodule(parent_path) if parent_path else ctx.model
-                swapped.append((parent, name, getattr(parent, name)))
-                setattr(parent, name, fused)
+                swapped.append((record.path, ctx.model.get_submodule(record.path)))
+                ctx.model.set_submodule(record.path, fused)
         except BaseException:
-            for parent, name, original in reversed(swapped):
-                setattr(parent, name, original)
+            for path, original in reversed(swapped):
+                ctx.model.set_submodule(path, original)
             raise
         for record, _ in replacements:
             record.decision = "fused"

@@ -128,11 +128,11 @@ def collect_block_inputs(model: nn.Module, batches: Iterable, max_tokens: int = 
 # ---------------------------------------------------------------- one block
 
 
-def _float_weights(weights: MoEWeights) -> MoEWeights:
+def float_weights(weights: MoEWeights) -> MoEWeights:
     return MoEWeights(**{name: None if t is None else t.detach().float().cpu() for name, t in weights.items()})
 
 
-def _active_stats(active: torch.Tensor) -> dict:
+def active_stats(active: torch.Tensor) -> dict:
     a = active.double()
     q = torch.quantile(a, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
     return dict(mean_active=a.mean().item(), active_p5=q[0].item(), active_p50=q[1].item(), active_p95=q[2].item())
@@ -168,7 +168,7 @@ def to_relu(spec: MoESpec, weights: MoEWeights, x: torch.Tensor | None, path: st
         change.note = ("no calibration data: threshold 0 (ReMoE's initialisation); a starting point for training "
                        "only, not a substitute for the top-k model")
     else:
-        fw = _float_weights(weights)
+        fw = float_weights(weights)
         logits = torch.nn.functional.linear(x, fw.router_weight, bias_values)
         tau = torch.quantile(logits.flatten().double()[:2 ** 24], 1 - k / E).item() if k < E else (
             logits.min().item() - 1.0)
@@ -178,16 +178,17 @@ def to_relu(spec: MoESpec, weights: MoEWeights, x: torch.Tensor | None, path: st
                                       correction_bias=None)
     change.threshold = tau
     if x is not None and x.shape[0] > 0:
-        _measure_relu(spec, weights, new_spec, new_weights, x, change)
+        fw_new = dataclasses.replace(fw, router_bias=new_bias.detach().float().cpu(), correction_bias=None)
+        _measure_relu(spec, fw, new_spec, fw_new, x, change)
         if change.output_scale != 1.0:
             new_spec = dataclasses.replace(new_spec, router=dataclasses.replace(
                 relu_router, scaling_factor=change.output_scale))
     return new_spec, new_weights, change
 
 
-def _measure_relu(old_spec, old_weights, new_spec, new_weights, x, change: RoutingChange) -> None:
-    """Active experts, unchanged choices, the output scale and the output error, on the calibration tokens."""
-    fw_old, fw_new = _float_weights(old_weights), _float_weights(new_weights)
+def _measure_relu(old_spec, fw_old, new_spec, fw_new, x, change: RoutingChange) -> None:
+    """Active experts, unchanged choices, the output scale and the output error, on the calibration tokens (fp32
+    CPU copies of the weights before and after)."""
     T, E = x.shape[0], old_spec.num_experts
     with torch.no_grad():
         y_old, routing_old = reference_forward(old_spec, fw_old, x)
@@ -204,7 +205,7 @@ def _measure_relu(old_spec, old_weights, new_spec, new_weights, x, change: Routi
         else:
             change.output_rel_error = err_1
     change.calibration_tokens = T
-    change.__dict__.update(_active_stats(routing_new.active_per_token(T)))
+    change.__dict__.update(active_stats(routing_new.active_per_token(T)))
     same = _chosen_mask(routing_old, T, E) == _chosen_mask(routing_new, T, E)
     change.same_choice_share = same.all(dim=1).double().mean().item()
 
@@ -231,7 +232,7 @@ def to_topk(spec: MoESpec, weights: MoEWeights, k: int | str, x: torch.Tensor | 
         raise MoECompileError(f"{path or 'block'}: routing='topk' takes ReLU-routed blocks; this one routes "
                               f"{r.scoring}>top{r.top_k} already")
     E = r.num_experts
-    fw = None if x is None else _float_weights(weights)
+    fw = None if x is None else float_weights(weights)
     gates = None
     if x is not None and x.shape[0] > 0:
         gates = route(r, fw, x).logits.relu()
@@ -250,7 +251,7 @@ def to_topk(spec: MoESpec, weights: MoEWeights, k: int | str, x: torch.Tensor | 
         active = (gates > 0).sum(dim=1)
         change.k_before = active.double().mean().item()
         change.calibration_tokens = x.shape[0]
-        change.__dict__.update(_active_stats(active.clamp(max=k)))
+        change.__dict__.update(active_stats(active.clamp(max=k)))
         change.pairs_kept_share = (active.clamp(max=k).sum() / active.sum().clamp(min=1)).item()
         with torch.no_grad():
             y_relu, _ = reference_forward(spec, fw, x)
@@ -265,12 +266,8 @@ def to_topk(spec: MoESpec, weights: MoEWeights, k: int | str, x: torch.Tensor | 
 ROUTINGS = ("relu", "topk")
 
 
-def rewrite_routing(model: nn.Module, routing: str, *, k: int | str | None = None, calibration: Iterable | None = None,
-                    coverage: float = DEFAULT_COVERAGE) -> tuple[nn.Module, list[RoutingChange]]:
-    """Rewrite the routing of every FusedMoE in `model` (in place): routing="relu" (TopK -> ReLU) or "topk"
-    (ReLU -> TopK, with k an int or "auto"). Returns the model (a new FusedMoE when the model is one block) and one
-    RoutingChange per block. All blocks are swapped at once after every rewrite succeeded; on any error the model
-    is unchanged."""
+def check_options(routing: str, k: int | str | None, coverage: float) -> None:
+    """The rewrite's options, checked before anything runs (optimize() calls this before it fuses)."""
     if routing not in ROUTINGS:
         raise MoECompileError(f"routing must be one of {ROUTINGS}, got {routing!r}")
     if routing == "topk" and k is None:
@@ -279,6 +276,15 @@ def rewrite_routing(model: nn.Module, routing: str, *, k: int | str | None = Non
         raise MoECompileError("routing='relu' takes no k: the calibration targets each block's own top-k")
     if not 0 < coverage <= 1:
         raise MoECompileError(f"coverage must be in (0, 1], got {coverage}")
+
+
+def rewrite_routing(model: nn.Module, routing: str, *, k: int | str | None = None, calibration: Iterable | None = None,
+                    coverage: float = DEFAULT_COVERAGE) -> tuple[nn.Module, list[RoutingChange]]:
+    """Rewrite the routing of every FusedMoE in `model` (in place): routing="relu" (TopK -> ReLU) or "topk"
+    (ReLU -> TopK, with k an int or "auto"). Returns the model (a new FusedMoE when the model is one block) and one
+    RoutingChange per block. All blocks are swapped at once after every rewrite succeeded; on any error the model
+    is unchanged."""
+    check_options(routing, k, coverage)
     blocks = [(path, m) for path, m in model.named_modules() if isinstance(m, FusedMoE)]
     if not blocks:
         raise MoECompileError(f"{type(model).__name__} has no fused MoE block to rewrite; run moecompile.optimize "
@@ -305,12 +311,10 @@ def rewrite_routing(model: nn.Module, routing: str, *, k: int | str | None = Non
             changes.append(change)
             if path == "":
                 return fused, changes
-            parent_path, _, name = path.rpartition(".")
-            parent = model.get_submodule(parent_path) if parent_path else model
-            swapped.append((parent, name, module))
-            setattr(parent, name, fused)
+            swapped.append((path, module))
+            model.set_submodule(path, fused)
     except BaseException:
-        for parent, name, original in reversed(swapped):
-            setattr(parent, name, original)
+        for path, original in reversed(swapped):
+            model.set_submodule(path, original)
         raise
     return model, changes
