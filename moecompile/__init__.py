@@ -3,16 +3,18 @@
 Public names only; see ARCHITECTURE.md in the repository for the pipeline.
 """
 
-from .backends.eager import optimize, report
+__version__ = "0.1.0"  # before the imports: checkpoint.py records it
+
+from .backends.eager import optimize, report, rewrite_routing
+from .checkpoint import convert, from_pretrained
 from .errors import MoECompileError
 from .fused import FusedMoE
 from .passes.log import BlockRecord, Report
-from .passes.routing import RoutingChange, rewrite_routing
+from .passes.routing import RoutingChange
 from .remoe import ReMoERegularizer
 from .spec import MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
 from .stats import LayerStats, routing_stats
 
 __all__ = ["optimize", "report", "FusedMoE", "MoECompileError", "MoESpec", "RouterSpec", "MLPSpec",
            "SharedExpertSpec", "MoEWeights", "Report", "BlockRecord", "rewrite_routing", "RoutingChange",
-           "routing_stats", "LayerStats", "ReMoERegularizer"]
-__version__ = "0.1.0"
+           "routing_stats", "LayerStats", "ReMoERegularizer", "convert", "from_pretrained"]

@@ -6,9 +6,12 @@ Place in the pipeline: the outermost layer; it calls optimize() and renders Repo
         MODEL is a saved HF directory (config.json + safetensors) or a Python file defining build_model() -> nn.Module
     moecompile inspect REPORT.json
     moecompile stats MODEL [--routing relu|topk] [--k K|auto] [--text FILE] [--seq-len N] [--batches N]
-        routing statistics per MoE layer (experts per token, load) on batches of token ids: bytes of a text file
-        (modulo the vocabulary) or, without --text, random ids; with --routing, the first half of the batches
-        calibrates the rewrite and the second half is measured
+        routing statistics per MoE layer (experts per token, load) on batches of token ids: a text file (tokenized
+        with the checkpoint's tokenizer, else its bytes modulo the vocabulary) or, without --text, random ids; with
+        --routing, the first half of the batches calibrates the rewrite and the second half is measured
+    moecompile convert HF_DIR --routing relu|topk [--k K|auto] [--calibration TEXT_FILE] --out DIR
+        rewrite the routing of a saved checkpoint and save it (checkpoint.py); moecompile.from_pretrained(DIR)
+        loads it, plain transformers loads the original architecture
 """
 
 from __future__ import annotations
@@ -25,14 +28,19 @@ from torch import nn
 from .errors import MoECompileError
 
 
-def load_model(source: str) -> nn.Module:
-    """A model from a saved HF directory or a Python script defining build_model()."""
+def load_model(source: str, verify: bool = True) -> nn.Module:
+    """A model from a saved HF directory (loaded fused, with any recorded routing rewrite applied) or a Python
+    script defining build_model() (not optimized yet)."""
     path = Path(source)
     if not path.exists():
         raise MoECompileError(f"{source}: no such file or directory; pass a saved HF model directory or a .py file "
                               "that defines build_model()")
     if path.is_dir():
-        return _load_hf_dir(path)
+        from .checkpoint import from_pretrained
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return from_pretrained(path, verify=verify)  # fused, with any routing rewrite its config records
     if path.suffix == ".py":
         namespace = runpy.run_path(str(path), run_name="moecompile_model_script")
         build = namespace.get("build_model")
@@ -46,36 +54,16 @@ def load_model(source: str) -> nn.Module:
     raise MoECompileError(f"{source}: not a directory or a .py file; pass a saved HF model directory or a script")
 
 
-def _load_hf_dir(path: Path) -> nn.Module:
-    if not (path / "config.json").is_file():
-        raise MoECompileError(f"{path}: no config.json; this is not a saved HF model directory "
-                              "(save one with model.save_pretrained(DIR))")
-    try:
-        import transformers
-    except ImportError:
-        raise MoECompileError("loading an HF directory needs transformers: pip install 'moecompile[hf]'") from None
-    try:
-        config = transformers.AutoConfig.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001
-        raise MoECompileError(f"{path}/config.json could not be read: {type(exc).__name__}: {exc}") from None
-    errors = []
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
-        try:
-            return auto.from_pretrained(path, config=config).eval()
-        except Exception as exc:  # noqa: BLE001 - try the next auto class, then report both
-            errors.append(f"{auto.__name__}: {type(exc).__name__}: {str(exc)[:300]}")
-    raise MoECompileError(f"{path}: the checkpoint could not be loaded ({'; '.join(errors)}); check that its weight "
-                          "files are complete safetensors matching config.json")
-
-
 def _cmd_optimize(args) -> int:
     from .backends.eager import optimize, report
 
-    model = load_model(args.model)
+    model = load_model(args.model, verify=not args.no_verify)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        optimized = optimize(model, verify=not args.no_verify, strict=args.strict)
+        optimized = model if _is_optimized(model) else optimize(model, verify=not args.no_verify, strict=args.strict)
     rep = report(optimized)
+    if args.strict and rep.left:
+        raise MoECompileError(f"--strict: {len(rep.left)} MoE block(s) left alone; see the log above")
     print(rep.table())
     if args.report:
         rep.save(args.report)
@@ -99,53 +87,64 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-def _token_batches(model: nn.Module, text: str | None, seq_len: int, count: int) -> tuple[list, str]:
-    import torch
+def _is_optimized(model: nn.Module) -> bool:
+    from .backends.eager import report
 
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is None:
-        raise MoECompileError("stats needs a model with config.vocab_size (an HF causal LM) to build token batches")
-    if text is not None:
-        try:
-            data = Path(text).read_bytes()
-        except FileNotFoundError:
-            raise MoECompileError(f"{text}: no such text file; pass --text FILE with some text, or leave it out to "
-                                  "measure on random token ids") from None
-        ids = torch.tensor(list(data), dtype=torch.long) % vocab
-        if ids.numel() < seq_len * count:
-            raise MoECompileError(f"{text}: {ids.numel()} bytes, fewer than --batches x --seq-len = "
-                                  f"{seq_len * count}; pass a longer file or smaller numbers")
-        return [ids[i * seq_len:(i + 1) * seq_len][None] for i in range(count)], f"bytes of {text}"
-    gen = torch.Generator().manual_seed(0)
-    return [torch.randint(0, vocab, (1, seq_len), generator=gen) for _ in range(count)], "random token ids (seed 0)"
+    try:
+        report(model)
+        return True
+    except MoECompileError:
+        return False
+
+
+def _parse_k(k: str | None):
+    if k in (None, "auto"):
+        return k
+    if not k.isdigit():
+        raise MoECompileError(f"--k {k!r}: pass an integer number of experts or 'auto'")
+    return int(k)
 
 
 def _cmd_stats(args) -> int:
-    from .backends.eager import optimize, report
+    from .backends.eager import optimize, report, rewrite_routing
+    from .calibration_text import random_batches, text_batches, vocab_size_of
     from .stats import format_stats, routing_stats
 
     if args.batches < (2 if args.routing else 1) or args.seq_len < 1:
         raise MoECompileError("--batches must be >= 1 (>= 2 with --routing) and --seq-len >= 1")
+    k = _parse_k(args.k)
     model = load_model(args.model)
-    batches, source = _token_batches(model, args.text, args.seq_len, args.batches)
-    options = {}
-    measured = batches
-    if args.routing:
-        half = len(batches) // 2
-        k = args.k
-        if k not in (None, "auto"):
-            if not k.isdigit():
-                raise MoECompileError(f"--k {k!r}: pass an integer number of experts or 'auto'")
-            k = int(k)
-        options = dict(routing=args.routing, calibration=batches[:half], **({"k": k} if k is not None else {}))
-        measured = batches[half:]
+    vocab = vocab_size_of(getattr(model, "config", None))
+    tokenizer_dir = args.model if Path(args.model).is_dir() else None
+    batches, source = (random_batches(vocab, args.seq_len, args.batches) if args.text is None else
+                       text_batches(args.text, vocab, args.seq_len, args.batches, tokenizer_dir))
+    if args.routing and len(batches) < 2:
+        raise MoECompileError(f"{args.text}: one sequence of {args.seq_len} tokens; --routing needs two (one to "
+                              "calibrate, one to measure): pass a longer file or a smaller --seq-len")
+    half = len(batches) // 2 if args.routing else 0
+    options = {} if not args.routing else dict(routing=args.routing, calibration=batches[:half],
+                                                **({"k": k} if k is not None else {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        optimized = optimize(model, **options)
+        if not _is_optimized(model):
+            model = optimize(model, **options)
+        elif options:
+            model, _ = rewrite_routing(model, **options)
     if args.routing:
-        print(report(optimized).table())
+        print(report(model).table())
+    measured = batches[half:]
     print(f"routing statistics on {len(measured)} batches x {args.seq_len} tokens ({source}):")
-    print(format_stats(routing_stats(optimized, measured)))
+    print(format_stats(routing_stats(model, measured)))
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from .checkpoint import convert
+
+    rep = convert(args.model, args.out, args.routing, k=_parse_k(args.k), calibration=args.calibration,
+                  seq_len=args.seq_len, batches=args.batches, overwrite=args.overwrite, verify=not args.no_verify)
+    print(rep.table())
+    print(f"written to {args.out}; load it with moecompile.from_pretrained({str(args.out)!r})")
     return 0
 
 
@@ -170,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batches", type=int, default=8)
     p.set_defaults(func=_cmd_stats)
+    p = sub.add_parser("convert", help="rewrite a saved HF checkpoint's routing and save it (safetensors)")
+    p.add_argument("model", help="a saved HF model directory (for --routing topk: one converted to relu)")
+    p.add_argument("--routing", choices=["relu", "topk"], required=True)
+    p.add_argument("--k", help="k for --routing topk: an integer or 'auto' (needs --calibration)")
+    p.add_argument("--calibration", help="a text file to calibrate on (the checkpoint's tokenizer, else its bytes)")
+    p.add_argument("--out", required=True, help="the directory to write (must not exist or be empty)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")
+    p.add_argument("--batches", type=int, default=16, help="at most this many calibration sequences")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-verify", action="store_true", help="skip reloading the written checkpoint to check it")
+    p.set_defaults(func=_cmd_convert)
     return parser
 
 

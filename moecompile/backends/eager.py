@@ -13,6 +13,7 @@ import itertools
 import time
 import warnings
 import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from typing import Any
 
@@ -21,11 +22,13 @@ from torch import nn
 from ..errors import MoECompileError
 from ..passes.log import PassRun, Report
 from ..passes.manager import ANALYSIS_PASSES, FusePass, PassContext, PassManager
-from ..passes.routing import DEFAULT_COVERAGE, rewrite_routing
+from ..passes.routing import DEFAULT_COVERAGE, RoutingChange
 from ..passes.routing import check_options as check_routing_options
+from ..passes.routing import rewrite_routing as passes_rewrite_routing
 
 _REPORTS: "weakref.WeakKeyDictionary[nn.Module, Report]" = weakref.WeakKeyDictionary()
-_OPTIONS = {"seed": int, "routing": str, "k": (int, str), "calibration": object, "coverage": float}
+_OPTIONS = {"seed": int, "routing": str, "k": (int, str), "calibration": object, "coverage": float,
+            "progress": object}
 
 
 def _structural_copy(model: nn.Module) -> nn.Module:
@@ -58,7 +61,8 @@ def optimize(model: nn.Module, *, verify: bool = True, strict: bool = False, inp
         routing ("relu" | "topk"): rewrite the fused blocks' routing (passes/routing.py); this changes what the model
         computes, and the pass log reports the effect per block. k (int | "auto") for routing="topk";
         calibration: an iterable of model inputs (tensors passed positionally, dicts as keyword arguments) to
-        calibrate on; coverage (float, default 0.99): the share of active pairs k="auto" keeps.
+        calibrate on; coverage (float, default 0.99): the share of active pairs k="auto" keeps; progress: a
+        callable called after each block's rewrite.
 
     Returns the optimized model; `moecompile.report(model)` gives the pass log.
     """
@@ -103,31 +107,58 @@ def optimize(model: nn.Module, *, verify: bool = True, strict: bool = False, inp
 
 def _rewrite_routing(ctx: PassContext, model: nn.Module, options: dict) -> nn.Module:
     """The routing pass after the fuse pass; on failure the fused copy is dropped (inplace: the swap is undone)."""
-    start = time.perf_counter()
     try:
-        target, changes = rewrite_routing(ctx.model, options["routing"], k=options.get("k"),
-                                          calibration=options.get("calibration"),
-                                          coverage=options.get("coverage", DEFAULT_COVERAGE))
+        return _routing_pass(ctx.model, ctx.report, options["routing"], k=options.get("k"),
+                             calibration=options.get("calibration"),
+                             coverage=options.get("coverage", DEFAULT_COVERAGE), progress=options.get("progress"))[0]
     except BaseException:
         if ctx.model is model:  # inplace: put the original blocks back
             for record in ctx.report.fused:
                 if record.path:
                     model.set_submodule(record.path, ctx.candidates[record.path].module)
         raise
-    by_path = {c.path: c for c in changes}
-    for record in ctx.report.fused:
-        change = by_path.get(record.path)
-        if change is not None:
-            spec = target.get_submodule(record.path).spec
-            record.routing_change, record.routing_summary = asdict(change), change.summary()
-            record.spec, record.spec_summary = spec.to_dict(), spec.summary()
-    ctx.report.passes.append(PassRun("routing", time.perf_counter() - start, True,
-                                     f"{options['routing']}: {len(changes)} blocks"))
+
+
+def _routing_pass(model: nn.Module, rep: Report | None, routing: str, **options
+                  ) -> tuple[nn.Module, list[RoutingChange]]:
+    start = time.perf_counter()
+    target, changes = passes_rewrite_routing(model, routing, **options)
+    if rep is not None:
+        record_routing(rep, target, changes, f"{routing}: {len(changes)} blocks", time.perf_counter() - start)
     if any(c.note.startswith("no calibration") for c in changes):
         warnings.warn("moecompile: routing='relu' without calibration data: the ReLU routers start at threshold 0; "
                       "the model is a starting point for training, not a replacement for the top-k model",
-                      stacklevel=3)
-    return target
+                      stacklevel=4)
+    return target, changes
+
+
+def record_routing(rep: Report, model: nn.Module, changes: list[RoutingChange], note: str, seconds: float = 0.0,
+                   name: str = "routing") -> None:
+    """Write each block's routing change (and its new spec) into its record, and the pass into the log."""
+    by_path = {c.path: c for c in changes}
+    for record in rep.fused:
+        change = by_path.get(record.path)
+        if change is not None:
+            spec = model.get_submodule(record.path).spec
+            record.routing_change, record.routing_summary = asdict(change), change.summary()
+            record.spec, record.spec_summary = spec.to_dict(), spec.summary()
+    rep.passes.append(PassRun(name, seconds, True, note))
+
+
+def rewrite_routing(model: nn.Module, routing: str, *, k: int | str | None = None, calibration: Iterable | None = None,
+                    coverage: float = DEFAULT_COVERAGE, progress: Callable[[], None] | None = None
+                    ) -> tuple[nn.Module, list[RoutingChange]]:
+    """Rewrite the routing of an optimized model's fused blocks in place (passes/routing.py): routing="relu"
+    (TopK -> ReLU, calibrated on `calibration` batches) or "topk" (ReLU -> TopK with k an int or "auto"). The
+    model's pass log (`moecompile.report(model)`) gets each block's measured effect. On error the model is
+    unchanged. Returns the model (a new FusedMoE when the model is a single block) and one RoutingChange per
+    block."""
+    rep = _REPORTS.get(model)
+    target, changes = _routing_pass(model, rep, routing, k=k, calibration=calibration, coverage=coverage,
+                                    progress=progress)
+    if rep is not None:
+        _REPORTS[target] = rep
+    return target, changes
 
 
 def report(model: nn.Module) -> Report:

@@ -24,7 +24,7 @@ A failure puts every block back, so the model is left as it was.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -279,11 +279,12 @@ def check_options(routing: str, k: int | str | None, coverage: float) -> None:
 
 
 def rewrite_routing(model: nn.Module, routing: str, *, k: int | str | None = None, calibration: Iterable | None = None,
-                    coverage: float = DEFAULT_COVERAGE) -> tuple[nn.Module, list[RoutingChange]]:
+                    coverage: float = DEFAULT_COVERAGE, progress: Callable[[], None] | None = None
+                    ) -> tuple[nn.Module, list[RoutingChange]]:
     """Rewrite the routing of every FusedMoE in `model` (in place): routing="relu" (TopK -> ReLU) or "topk"
     (ReLU -> TopK, with k an int or "auto"). Returns the model (a new FusedMoE when the model is one block) and one
-    RoutingChange per block. All blocks are swapped at once after every rewrite succeeded; on any error the model
-    is unchanged."""
+    RoutingChange per block. `progress()` is called after each block. On any error every block is put back, so the
+    model is unchanged."""
     check_options(routing, k, coverage)
     blocks = [(path, m) for path, m in model.named_modules() if isinstance(m, FusedMoE)]
     if not blocks:
@@ -309,6 +310,8 @@ def rewrite_routing(model: nn.Module, routing: str, *, k: int | str | None = Non
             fused.train(module.training)
             fused.router_tap = module.router_tap
             changes.append(change)
+            if progress is not None:
+                progress()
             if path == "":
                 return fused, changes
             swapped.append((path, module))
