@@ -25,8 +25,10 @@ class RouterLogitsTap(nn.Module):
 
     impersonates: type | None = None  # the router class a generated subclass stands in for
 
-    def __reduce__(self):  # the generated class is not importable by name: rebuild it on unpickling
-        return _tap_for, (self.impersonates, self.index)
+    def __reduce__(self):
+        # the generated class is not importable by name: rebuild it, then restore the state (deepcopy must keep the
+        # recording hooks HF installed, since HF does not install them again on a copied model)
+        return _tap_for, (self.impersonates, self.index), self.__dict__
 
 
 _TAP_CLASSES: dict[type, type] = {}
