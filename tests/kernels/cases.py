@@ -17,6 +17,7 @@ ROUTERS = {
     "sigmoid_topk_bias": dict(scoring="sigmoid", has_bias=True, renormalize=True),
     "sqrtsoftplus_topk": dict(scoring="sqrtsoftplus", renormalize=True),
     "relu": dict(scoring="relu", selection="all_positive", top_k=None),
+    "relu_bias": dict(scoring="relu", selection="all_positive", top_k=None, has_bias=True),  # what routing="relu" makes
     "relu_topk": dict(scoring="relu", has_bias=True),  # ReLU -> TopK deployment form: top-k of ReLU gates, no renorm
     # routed by PyTorch, experts by the kernels
     "sparsemixer": dict(selection="sparsemixer", score_order="select_then_score", jitter_eps=0.01),
@@ -121,3 +122,32 @@ def check_against_reference(spec: MoESpec, weights: MoEWeights, x: torch.Tensor,
     assert slot_weights.shape == ref_weights.shape
     if T:
         assert (slot_weights.double() - ref_weights).abs().max().item() <= 1e-5, "combine weights differ"
+
+
+def gradient_errors(router: str, E: int, k: int, T: int, H: int, I: int, dtype, device: str, seed: int,
+                    setup=None) -> tuple[dict[str, float], dict[str, torch.Tensor], torch.Tensor]:
+    """FusedMoE on the Triton op (forward kernels; the backward recomputes the reference) against float64 autograd
+    through the reference on the same values, for a linear loss sum(y * probe). Returns the normwise relative error
+    of each gradient (input "x" and every weight), the op's gradients, and the reference's router logits.
+    `setup(spec, weights, x)` may change the weights in place first."""
+    from moecompile import FusedMoE
+
+    spec = make_spec(router, E, k, H, I)
+    gen = torch.Generator().manual_seed(seed)
+    weights = make_weights(spec, dtype, device, gen)
+    x = torch.randn(T, H, generator=gen).to(device, dtype)
+    if setup is not None:
+        setup(spec, weights, x)
+    probe = torch.randn(T, H, generator=gen, dtype=torch.float64)
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in weights.items() if t is not None}
+    xg = x.clone().requires_grad_(True)
+    fused = FusedMoE(spec, MoEWeights(**leaves), backend="triton")  # raises if the kernels cannot run it
+    (fused(xg).double() * probe.to(device)).sum().backward()
+    ref_leaves = {n: t.detach().cpu().double().requires_grad_(True) for n, t in leaves.items()}
+    xr = x.cpu().double().requires_grad_(True)
+    y_ref, routing = reference_forward(spec, MoEWeights(**ref_leaves), xr)
+    (y_ref * probe).sum().backward()
+    grads = {"x": xg.grad, **{n: t.grad for n, t in leaves.items()}}
+    want = {"x": xr.grad, **{n: t.grad for n, t in ref_leaves.items()}}
+    errors = {n: relative_error(g.cpu(), want[n]) for n, g in grads.items()}
+    return errors, grads, routing.logits.detach()
