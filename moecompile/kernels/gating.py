@@ -53,7 +53,8 @@ def _gating_kernel(
     K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
     SCORING: tl.constexpr, SELECT_FIRST: tl.constexpr, ALL_POSITIVE: tl.constexpr, RENORM: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_CORR: tl.constexpr, GROUPED: tl.constexpr, N_GROUP: tl.constexpr,
-    TOPK_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr, HAS_SHARED_GATE: tl.constexpr, DOT_FP32: tl.constexpr,
+    TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_TOP2: tl.constexpr, HAS_SHARED_GATE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -103,24 +104,28 @@ def _gating_kernel(
         choice = tl.where(col_ok[None, :], choice, float("-inf"))
         index = tl.broadcast_to(cols[None, :], (BLOCK_T, E_PAD))
         if GROUPED:
-            GS: tl.constexpr = E_PAD // N_GROUP
-            grouped = tl.reshape(choice, (BLOCK_T, N_GROUP, GS))
+            # groups of the real size E / N_GROUP; padding columns (E < E_PAD) form extra groups of -inf scores
+            # that are never kept (an earlier version split E_PAD, not E, into N_GROUP groups: wrong for E < 16)
+            GS: tl.constexpr = GROUP_SIZE
+            NG: tl.constexpr = E_PAD // GROUP_SIZE
+            grouped = tl.reshape(choice, (BLOCK_T, NG, GS))
             best = tl.max(grouped, axis=2)
-            if GROUP_TOP2:
-                gidx = tl.broadcast_to(tl.arange(0, GS)[None, None, :], (BLOCK_T, N_GROUP, GS))
+            if GROUP_TOP2 and GS > 1:
+                gidx = tl.broadcast_to(tl.arange(0, GS)[None, None, :], (BLOCK_T, NG, GS))
                 first = tl.min(tl.where(grouped == best[:, :, None], gidx, GS), axis=2)
                 second = tl.max(tl.where(gidx == first[:, :, None], float("-inf"), grouped), axis=2)
                 gscore = best + second
             else:
                 gscore = best
-            gindex = tl.broadcast_to(tl.arange(0, N_GROUP)[None, :], (BLOCK_T, N_GROUP))
-            keep = tl.zeros((BLOCK_T, N_GROUP), dtype=tl.int32)
+            gindex = tl.broadcast_to(tl.arange(0, NG)[None, :], (BLOCK_T, NG))
+            gscore = tl.where(gindex < N_GROUP, gscore, float("-inf"))
+            keep = tl.zeros((BLOCK_T, NG), dtype=tl.int32)
             for _ in tl.static_range(TOPK_GROUP):
-                g = _first_argmax(gscore, gindex, N_GROUP)
+                g = _first_argmax(gscore, gindex, NG)
                 hit = gindex == g[:, None]
                 keep = tl.where(hit, 1, keep)
                 gscore = tl.where(hit, float("-inf"), gscore)
-            keep_e = tl.reshape(tl.broadcast_to(keep[:, :, None], (BLOCK_T, N_GROUP, GS)), (BLOCK_T, E_PAD))
+            keep_e = tl.reshape(tl.broadcast_to(keep[:, :, None], (BLOCK_T, NG, GS)), (BLOCK_T, E_PAD))
             choice = tl.where(keep_e != 0, choice, float("-inf"))
 
         kcol = tl.broadcast_to(tl.arange(0, K_PAD)[None, :], (BLOCK_T, K_PAD))

@@ -119,7 +119,7 @@ def _gate(spec: MoESpec, x, router_weight, router_bias, correction_bias, shared_
         SCORING=SCORING_CODES[r.scoring], SELECT_FIRST=r.score_order == "select_then_score",
         ALL_POSITIVE=r.is_variable_k, RENORM=r.renormalize, HAS_BIAS=router_bias is not None,
         HAS_CORR=correction_bias is not None, GROUPED=r.selection == "grouped_topk", N_GROUP=r.n_group,
-        TOPK_GROUP=r.topk_group, GROUP_TOP2=r.group_score == "top2_sum", HAS_SHARED_GATE=sg is not None,
+        TOPK_GROUP=r.topk_group, GROUP_SIZE=max(1, E // r.n_group), GROUP_TOP2=r.group_score == "top2_sum", HAS_SHARED_GATE=sg is not None,
         DOT_FP32=x.dtype == torch.float32 or router_weight.dtype == torch.float32 or DOTS_IN_FP32,
         num_warps=4,
     )
@@ -251,7 +251,19 @@ def _on_stream(side: torch.cuda.Stream | None):
         yield
 
 
+def _reference_outputs(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int):
+    """The op's outputs from the PyTorch reference, for calls the kernels cannot run (the CPU without the
+    interpreter, other dtypes): torch.compile graphs call the op on any device."""
+    with torch.no_grad():
+        y, routing = reference_forward(spec, weights, x, seq_len)
+    slot = (routing.logits.relu() * spec.router.scaling_factor if spec.router.is_variable_k
+            else routing.topk_weights())
+    return y.to(x.dtype), routing.logits.float(), slot.float()
+
+
 def _forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int):
+    if unsupported_reason(spec, weights, x) is not None:
+        return _reference_outputs(spec, weights, x, seq_len)
     T, H = x.shape
     E, S = spec.num_experts, slots_of(spec)
     r = spec.router

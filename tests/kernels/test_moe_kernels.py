@@ -71,6 +71,28 @@ def one_expert_takes_all(spec, weights, x):
     weights.router_bias[0] = 100.0  # expert 0 first for every token; with k=1 every other expert gets nothing
 
 
+GROUPINGS = [(8, 2, 1, "top2_sum"), (8, 4, 2, "top2_sum"), (8, 2, 1, "max"), (64, 8, 3, "top2_sum"),
+             (16, 4, 1, "max")]  # (E, n_group, topk_group, group score): groups of several experts, E < 16 padded
+
+
+def run_grouped(E, n_group, topk_group, score, T, dtype, device):
+    import dataclasses
+
+    spec = cases.make_spec("sigmoid_grouped_corr", E, 2, 64, 48)
+    spec = dataclasses.replace(spec, router=dataclasses.replace(spec.router, n_group=n_group, topk_group=topk_group,
+                                                                group_score=score))
+    gen = torch.Generator().manual_seed(next(_seed))
+    weights = cases.make_weights(spec, dtype, device, gen)
+    x = torch.randn(T, 64, generator=gen).to(device=device, dtype=dtype)
+    y, logits, slot_weights = kernel_moe.moe_forward(spec, weights, x)
+    cases.check_against_reference(spec, weights, x, y, logits, slot_weights)
+
+
+@pytest.mark.parametrize("E,n_group,topk_group,score", GROUPINGS)
+def test_grouped_topk_groups_of_several_experts_cpu(E, n_group, topk_group, score):
+    run_grouped(E, n_group, topk_group, score, 37, torch.float32, "cpu")
+
+
 def test_one_expert_takes_every_token_cpu():
     run_case("sigmoid_topk_bias", 8, 1, 50, 72, 40, torch.float32, "cpu", setup=one_expert_takes_all)
 
@@ -172,6 +194,12 @@ def test_router_forms_cuda(router, dtype, E, k):
 @pytest.mark.parametrize("mlp", list(cases.MLPS))
 def test_mlp_variants_cuda(mlp, dtype):
     run_case("softmax_topk_renorm", 64, 8, 333, 200, 136, DTYPES[dtype], "cuda", mlp=mlp)
+
+
+@needs_cuda
+@pytest.mark.parametrize("E,n_group,topk_group,score", GROUPINGS)
+def test_grouped_topk_groups_of_several_experts_cuda(E, n_group, topk_group, score):
+    run_grouped(E, n_group, topk_group, score, 1000, torch.bfloat16, "cuda")
 
 
 @needs_cuda
