@@ -5,6 +5,7 @@ Public names only; see ARCHITECTURE.md in the repository for the pipeline.
 
 __version__ = "0.1.0"  # before the imports: checkpoint.py records it
 
+from .backends.dynamo import backend
 from .backends.eager import optimize, report, rewrite_routing
 from .checkpoint import convert, from_pretrained
 from .errors import MoECompileError
@@ -17,4 +18,4 @@ from .stats import LayerStats, routing_stats
 
 __all__ = ["optimize", "report", "FusedMoE", "MoECompileError", "MoESpec", "RouterSpec", "MLPSpec",
            "SharedExpertSpec", "MoEWeights", "Report", "BlockRecord", "rewrite_routing", "RoutingChange",
-           "routing_stats", "LayerStats", "ReMoERegularizer", "convert", "from_pretrained"]
+           "routing_stats", "LayerStats", "ReMoERegularizer", "convert", "from_pretrained", "backend"]

@@ -49,41 +49,52 @@ class FusedMoE(nn.Module):
         return MoEWeights(**{name: getattr(self, name) for name in self._weight_names})
 
     def forward(self, hidden_states: torch.Tensor):
-        H = self.spec.hidden_size
-        if hidden_states.shape[-1] != H:
-            raise MoECompileError(
-                f"FusedMoE {self.source_path or '<block>'}: input's last dimension is {hidden_states.shape[-1]}, "
-                f"the block's hidden size is {H}; pass hidden states of shape [..., {H}]")
-        lead_shape = hidden_states.shape[:-1]
-        x = hidden_states.reshape(-1, H)
-        seq_len = hidden_states.shape[-2] if hidden_states.dim() >= 2 and x.shape[0] else None
-        weights = self.weights()
-        if self._use_kernels(weights, x):
-            need_routing = self.router_tap is not None or self.spec.extra_output != "none"
-            y, logits, slot_weights = kernel_moe.run(self.spec, weights, x, seq_len, self.spec_json, need_routing)
-        else:
-            y, routing = moe_forward(self.spec, weights, x, seq_len)
-            logits = routing.logits
-            slot_weights = None if self.spec.router.is_variable_k else routing.topk_weights()
-        if self.router_tap is not None:
-            self.router_tap(logits)
-        if not self.spec.flat_output:
-            y = y.reshape(*lead_shape, H)
-        extra = self.spec.extra_output
-        if extra == "none":
-            return y
-        if extra == "router_logits":
-            return y, logits.to(hidden_states.dtype)
-        return y, slot_weights.to(hidden_states.dtype)
-
-    def _use_kernels(self, weights: MoEWeights, x: torch.Tensor) -> bool:
-        if self.backend == "reference" or (self.backend == "auto" and not x.is_cuda):
-            return False
-        reason = kernel_moe.unsupported_reason(self.spec, weights, x)
-        if self.backend == "triton" and reason is not None:
-            raise MoECompileError(f"FusedMoE {self.source_path or '<block>'}: backend='triton' but the Triton kernels "
-                                  f"cannot run this call: {reason}; use backend='auto' or 'reference'")
-        return reason is None
+        return run_block(self.spec, self.weights(), hidden_states, spec_json=self.spec_json, backend=self.backend,
+                         router_tap=self.router_tap, source_path=self.source_path)
 
     def extra_repr(self) -> str:
         return self.spec.summary()
+
+
+def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *, spec_json: str | None = None,
+              backend: str = "auto", router_tap: nn.Module | None = None, source_path: str = "",
+              through_op: bool = False):
+    """What a FusedMoE computes, for weights passed in: FusedMoE.forward, and the torch.compile backend's graph
+    calls (which rebuild the weights from the graph's parameter inputs each call). through_op: always the
+    registered op (kernels where they run, the reference elsewhere), which Inductor can trace on any device."""
+    H = spec.hidden_size
+    if hidden_states.shape[-1] != H:
+        raise MoECompileError(
+            f"FusedMoE {source_path or '<block>'}: input's last dimension is {hidden_states.shape[-1]}, "
+            f"the block's hidden size is {H}; pass hidden states of shape [..., {H}]")
+    lead_shape = hidden_states.shape[:-1]
+    x = hidden_states.reshape(-1, H)
+    seq_len = hidden_states.shape[-2] if hidden_states.dim() >= 2 and x.shape[0] else None
+    if through_op or _use_kernels(spec, weights, x, backend, source_path):
+        need_routing = router_tap is not None or spec.extra_output != "none"
+        y, logits, slot_weights = kernel_moe.run(spec, weights, x, seq_len, spec_json or spec.to_json(),
+                                                 need_routing)
+    else:
+        y, routing = moe_forward(spec, weights, x, seq_len)
+        logits = routing.logits
+        slot_weights = None if spec.router.is_variable_k else routing.topk_weights()
+    if router_tap is not None:
+        router_tap(logits)
+    if not spec.flat_output:
+        y = y.reshape(*lead_shape, H)
+    extra = spec.extra_output
+    if extra == "none":
+        return y
+    if extra == "router_logits":
+        return y, logits.to(hidden_states.dtype)
+    return y, slot_weights.to(hidden_states.dtype)
+
+
+def _use_kernels(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, backend: str, source_path: str) -> bool:
+    if backend == "reference" or (backend == "auto" and not x.is_cuda):
+        return False
+    reason = kernel_moe.unsupported_reason(spec, weights, x)
+    if backend == "triton" and reason is not None:
+        raise MoECompileError(f"FusedMoE {source_path or '<block>'}: backend='triton' but the Triton kernels "
+                              f"cannot run this call: {reason}; use backend='auto' or 'reference'")
+    return reason is None

@@ -162,9 +162,16 @@ def rewrite_routing(model: nn.Module, routing: str, *, k: int | str | None = Non
 
 
 def report(model: nn.Module) -> Report:
-    """The report of the last optimize() of `model` (the input or the returned model)."""
+    """The report of the last optimize() of `model` (the input or the returned model), or of the graphs that
+    torch.compile(model, backend="moecompile") compiled so far."""
     try:
         return _REPORTS[model]
     except KeyError:
-        raise MoECompileError(f"report: {type(model).__name__} has not been through moecompile.optimize(); "
-                              "call optimize(model) first") from None
+        pass
+    from .dynamo import graph_report
+
+    compiled = graph_report(model)
+    if compiled is not None:
+        return compiled
+    raise MoECompileError(f"report: {type(model).__name__} has not been through moecompile.optimize() or "
+                          "torch.compile(backend='moecompile') (with a forward run); call one of them first")

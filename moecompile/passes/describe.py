@@ -13,6 +13,7 @@ hypothesis and its error: the candidate is then left alone.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import inspect
 import itertools
@@ -71,10 +72,17 @@ def _get(block: nn.Module, where: tuple) -> torch.Tensor:
     return expert_view(getattr(owner, where[1]), where[2] if len(where) > 2 else 0)
 
 
+# set while a torch.compile graph rebuilds canonical weights from its parameter inputs on every call: the re-laid-out
+# tensors must stay in the autograd graph of the model's parameters, not become new Parameters
+KEEP_AUTOGRAD = contextvars.ContextVar("moecompile_keep_autograd", default=False)
+
+
 def _canonical(source: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Keep the source Parameter itself when no copy was needed (shared storage, trained together); else a new
     Parameter (or buffer tensor) holding the re-laid-out copy. A view of a Parameter (DBRX's [E*I, H] seen as
-    [E, I, H]) is copied: a Parameter cannot be a view."""
+    [E, I, H]) is copied: a Parameter cannot be a view. Under KEEP_AUTOGRAD, the re-laid-out tensor, contiguous."""
+    if KEEP_AUTOGRAD.get():
+        return value.contiguous()  # the kernels take canonical, contiguous weights
     if (value is source and source._base is None) or isinstance(value, nn.Parameter):
         return value
     value = value.detach().contiguous()

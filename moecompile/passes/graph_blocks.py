@@ -1,0 +1,390 @@
+"""MoE blocks in the FX graphs dynamo hands the torch.compile backend: find them at the op level, read them with the
+core's passes, and replace each with one call of the fused op.
+
+Place in the pipeline: the torch.compile path (backends/dynamo.py calls `rewrite_graph`). The eager path works on
+nn.Modules; here there are only graph nodes, so:
+
+1. Router nodes: a linear-like op (F.linear, matmul, mm, addmm, @) whose weight is a graph input of shape [E, H] with
+   E >= 2, and whose result reaches top-k, softmax, sigmoid or ReLU within a few ops.
+2. The block around a router: the innermost module (dynamo records each node's `nn_module_stack`) whose nodes hold
+   the router and also use a parameter with E rows leading (stacked experts) or E modules' parameters (a list of
+   experts). Its nodes form the region; the region must take one activation tensor (plus parameters) and give one
+   tensor back (or that tensor and the router logits).
+3. The region becomes a `RegionBlock`: an nn.Module holding the region's parameters at their paths relative to the
+   block, whose forward runs the region's ops. The core's detect, describe and confirm read it exactly as they read
+   an eager block: structure proposes, execution on random inputs decides, and a block no description reproduces is
+   left as it was, with the reason in the pass log.
+4. The region's nodes are replaced by one call that rebuilds the canonical weights from the graph's own parameter
+   inputs (so training updates and gradients reach the model's parameters) and runs FusedMoE's computation.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.utils.stateless import _reparametrize_module
+
+from ..fused import run_block
+from .describe import KEEP_AUTOGRAD, Description
+from .log import BlockRecord, Report
+from .manager import ANALYSIS_PASSES, PassContext, PassManager
+
+LINEAR_OPS = {F.linear, torch.matmul, torch.mm, torch.addmm, operator.matmul}
+SELECT_OPS = {torch.topk, torch.softmax, F.softmax, torch.sigmoid, F.sigmoid, torch.relu, F.relu}
+SELECT_METHODS = {"topk", "softmax", "sigmoid", "relu"}
+ROUTER_REACH = 4  # ops between the router GEMM and the scoring/selection op
+
+
+@dataclass
+class Region:
+    path: str  # the block's module path, relative to the compiled frame's module ("model.layers.0.mlp")
+    module_type: str
+    nodes: list[fx.Node]
+    activation: fx.Node  # the one non-parameter input
+    params: dict[str, fx.Node]  # relative parameter path -> placeholder
+    outputs: list[fx.Node]  # region nodes used after it
+    extra_inputs: list[fx.Node] = field(default_factory=list)
+
+
+def _param_path(placeholder: fx.Node) -> str | None:
+    """'L_self_modules_model_modules_layers_modules_0_modules_mlp_parameters_weight_' -> 'model.layers.0.mlp.weight'
+    (dynamo's names for lifted parameters and buffers); None for other inputs."""
+    name = str(placeholder.target)
+    if "_parameters_" not in name and "_buffers_" not in name:
+        return None
+    parts = re.split(r"(?:^|_)(modules|parameters|buffers)_", name.rstrip("_"))
+    names = [parts[i + 1] for i in range(1, len(parts) - 1, 2)]
+    return ".".join(names) if names else None
+
+
+def _module_path(stack_path: str) -> str:
+    """"L['self'].model.layers[0].mlp" -> "model.layers.0.mlp"."""
+    path = re.sub(r"\[(\d+)\]", r".\1", stack_path)
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"^L\['[^']+'\]\.?", "", path)
+    return path.lstrip(".")
+
+
+def _example(node: fx.Node):
+    return node.meta.get("example_value")
+
+
+CAST_METHODS = {"to", "type", "float", "half", "bfloat16", "t", "contiguous"}
+
+
+def _through_casts(arg) -> fx.Node | None:
+    """The parameter input behind `arg`, through dtype casts and transposes (DeepSeek computes its router in fp32)."""
+    while isinstance(arg, fx.Node):
+        if arg.op == "placeholder":
+            return arg if _param_path(arg) is not None else None
+        if arg.op == "call_method" and arg.target in CAST_METHODS or (
+                arg.op == "call_function" and arg.target in (torch.t, torch.Tensor.to)):
+            arg = arg.args[0]
+            continue
+        return None
+    return None
+
+
+def _router_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, int]]:
+    """(node, E) for each linear-like op on an [E, H] parameter that feeds a scoring or selection op."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in LINEAR_OPS:
+            continue
+        weight = next((w for w in map(_through_casts, node.args) if w is not None), None)
+        value = _example(weight) if weight is not None else None
+        if value is None or value.dim() != 2 or value.shape[0] < 2:
+            continue
+        frontier, seen = [node], 0
+        while frontier and seen < ROUTER_REACH:
+            frontier = [u for n in frontier for u in n.users]
+            seen += 1
+            if any((u.op == "call_function" and u.target in SELECT_OPS) or
+                   (u.op == "call_method" and u.target in SELECT_METHODS) for u in frontier):
+                found.append((node, value.shape[0]))
+                break
+    return found
+
+
+def _regions(gm: fx.GraphModule) -> tuple[list[Region], dict[str, Region]]:
+    """The MoE block regions, and every module's region that maps one tensor to one tensor (by path)."""
+    by_module: dict[str, list[fx.Node]] = {}
+    types: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        for key, (stack_path, cls) in node.meta.get("nn_module_stack", {}).items():
+            by_module.setdefault(stack_path, []).append(node)
+            types[stack_path] = getattr(cls, "__name__", str(cls))
+    all_regions = {}
+    for stack_path, nodes in by_module.items():
+        sub = _make_region(gm, _module_path(stack_path), types[stack_path], nodes, _region_params(nodes))
+        if sub is not None:
+            all_regions[sub.path] = sub
+    # the compiled module's own forward has no stack entry: the whole graph is its region
+    by_module[""] = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    types[""] = "compiled module"
+    regions, used = [], set()
+    for router, E in _router_nodes(gm):
+        stack = list(router.meta.get("nn_module_stack", {}).values())
+        for stack_path in [p for p, _ in reversed(stack)] + [""]:  # innermost first
+            nodes = by_module[stack_path]
+            params = _region_params(nodes)
+            if _has_experts(params, E):
+                region = None if stack_path in used else _make_region(
+                    gm, _module_path(stack_path), types[stack_path], nodes, params)
+                if region is not None:
+                    regions.append(region)
+                    used.add(stack_path)
+                break
+    return regions, all_regions
+
+
+def _region_params(nodes: list[fx.Node]) -> dict[str, fx.Node]:
+    params = {}
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg.op == "placeholder" and _param_path(arg) is not None:
+                params[_param_path(arg)] = arg
+    return params
+
+
+def _has_experts(params: dict[str, fx.Node], E: int) -> bool:
+    stacked = any(_example(p) is not None and _example(p).dim() >= 3 and _example(p).shape[0] == E
+                  for p in params.values())
+    groups: dict[str, set[str]] = {}  # "experts" -> {"0", "1", ...}: modules of a list, by the list's path
+    for path in params:
+        parts = path.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part.isdigit():
+                groups.setdefault(".".join(parts[:i]), set()).add(part)
+    listed = max((len(v) for v in groups.values()), default=0) >= E
+    return stacked or listed
+
+
+def _make_region(gm, path, module_type, nodes, params) -> Region | None:
+    members = set(nodes)
+    inputs = {a for n in nodes for a in n.all_input_nodes if a not in members}
+    param_nodes = set(params.values())
+    others = [a for a in inputs if a not in param_nodes]
+    tensors = [a for a in others if isinstance(_example(a), torch.Tensor)]
+    outputs = [n for n in nodes if any(u not in members for u in n.users)]
+    if len(tensors) != 1 or len(outputs) != 1:
+        return None  # a block that is not one hidden-states -> one tensor map (e.g. its router logits are kept)
+    prefix = path + "." if path else ""
+    rel = {p[len(prefix):] if p.startswith(prefix) else p: node for p, node in params.items()}
+    return Region(path, module_type, nodes, tensors[0], rel, outputs,
+                  [a for a in others if a is not tensors[0]])
+
+
+class RegionBlock(nn.Module):
+    """A graph region as a module: the region's parameters at their relative paths, forward = the region's ops
+    (hidden states in, the block's output out). Submodules that are regions of their own (a shared expert, an
+    expert of a list) are RegionBlocks too, so the core can call them alone as it calls an eager block's."""
+
+    def __init__(self, region: Region, value_of: dict[fx.Node, torch.Tensor], graph_module: fx.GraphModule,
+                 regions: dict[str, Region]):
+        super().__init__()
+        prefix = region.path + "." if region.path else ""
+        inside = sorted(p[len(prefix):] for p in regions if p.startswith(prefix) and p != region.path)
+        children = [c for c in inside if not any(c.startswith(o + ".") for o in inside if o != c)]
+        for child in children:
+            sub = regions[prefix + child]
+            module = (_linear(sub, value_of) if sub.module_type == "Linear" else None) or RegionBlock(
+                sub, value_of, graph_module, regions)
+            self._container(child.rsplit(".", 1)[0] if "." in child else "").add_module(child.rsplit(".", 1)[-1],
+                                                                                        module)
+        for rel_path, node in region.params.items():
+            if any(rel_path.startswith(c + ".") for c in children):
+                continue  # held by the child region
+            parent, _, leaf = rel_path.rpartition(".")
+            value = value_of[node]
+            owner = self._container(parent)
+            if isinstance(value, nn.Parameter):
+                owner.register_parameter(leaf, value)
+            else:
+                owner.register_buffer(leaf, value)
+        _listify(self)
+        self._rel_paths = list(region.params)
+        self._graph = _region_graph(region, graph_module)
+        self._shape = tuple(_example(region.activation).shape)
+        for name, value in _selection_constants(region).items():  # what an eager block keeps as attributes
+            setattr(self, name, value)
+
+    def _container(self, path: str) -> nn.Module:
+        owner = self
+        for name in filter(None, path.split(".")):
+            if not hasattr(owner, name):
+                owner.add_module(name, nn.Module())
+            owner = getattr(owner, name)
+        return owner
+
+    def forward(self, x: torch.Tensor):
+        """Dynamo specialises a graph to its input's shape (sizes become constants in views and aranges), so the
+        region runs on chunks of exactly that shape: x's tokens in order, the last chunk padded with zeros."""
+        params = [self.get_parameter(p) if _is_param(self, p) else self.get_buffer(p) for p in self._rel_paths]
+        shape = self._shape
+        if tuple(x.shape) == shape:
+            return self._graph(x, *params)[0]
+        per_chunk = max(1, int(torch.Size(shape[:-1]).numel()))
+        flat = x.reshape(-1, x.shape[-1])
+        n = flat.shape[0]
+        pad = (-n) % per_chunk
+        padded = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])]) if pad else flat
+        outs = [self._graph(chunk.reshape(shape), *params)[0].reshape(per_chunk, -1)
+                for chunk in padded.split(per_chunk)] if n else []
+        out = torch.cat(outs)[:n] if outs else flat.new_zeros(0, shape[-1])
+        return out.reshape(*x.shape[:-1], -1)
+
+
+def _linear(region: Region, value_of) -> nn.Linear | None:
+    """A Linear region as a real nn.Linear (detect recognises a shared-expert gate by its type)."""
+    if set(region.params) - {"weight", "bias"} or "weight" not in region.params:
+        return None
+    weight = value_of[region.params["weight"]]
+    linear = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(linear)
+    linear.in_features, linear.out_features = weight.shape[1], weight.shape[0]
+    linear.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+    bias = value_of[region.params["bias"]] if "bias" in region.params else None
+    linear.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
+def _topk_calls(region: Region) -> list[tuple[tuple, int]]:
+    """(input shape, k) of each top-k in the region, in order."""
+    calls = []
+    for node in region.nodes:
+        if (node.op == "call_function" and node.target is torch.topk) or (node.op == "call_method" and
+                                                                           node.target == "topk"):
+            source = node.args[0]
+            k = node.args[1] if len(node.args) > 1 else node.kwargs.get("k")
+            if isinstance(source, fx.Node) and isinstance(k, int) and _example(source) is not None:
+                calls.append((tuple(_example(source).shape), k))
+    return calls
+
+
+def _selection_constants(region: Region) -> dict[str, int]:
+    """k and the expert groups, read from the graph's top-k calls (dynamo bakes them in as constants): the last
+    top-k over E scores gives top_k; a top-k over [..., G, E/G] gives n_group = G; one over [..., G], topk_group."""
+    router_rows = [_example(p).shape[0] for p in region.params.values()
+                   if _example(p) is not None and _example(p).dim() == 2]
+    out: dict[str, int] = {}
+    for shape, k in _topk_calls(region):
+        if len(shape) >= 2 and shape[-1] in router_rows:
+            out["top_k"] = k
+        elif len(shape) >= 3 and any(shape[-1] * shape[-2] == E for E in router_rows):
+            out["n_group"] = shape[-2]
+        elif "n_group" in out and shape[-1] == out["n_group"]:
+            out["topk_group"] = k
+    return out
+
+
+def _listify(module: nn.Module) -> None:
+    """Plain containers whose children are named 0..n-1 become ModuleLists, as the eager block had them."""
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Module and child._modules and not child._parameters and not child._buffers and \
+                sorted(child._modules) == sorted(str(i) for i in range(len(child._modules))):
+            setattr(module, name, nn.ModuleList(child._modules[str(i)] for i in range(len(child._modules))))
+        elif type(child) is nn.Module:
+            _listify(child)
+
+
+def _is_param(module: nn.Module, path: str) -> bool:
+    parent, _, leaf = path.rpartition(".")
+    return leaf in (module.get_submodule(parent) if parent else module)._parameters
+
+
+def _region_graph(region: Region, gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {region.activation: graph.placeholder("x")}
+    for i, node in enumerate(region.params.values()):
+        env[node] = graph.placeholder(f"p{i}")
+    for node in region.nodes:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(tuple(env[n] for n in region.outputs))
+    return fx.GraphModule(gm, graph)
+
+
+@dataclass
+class GraphBlock:
+    record: BlockRecord
+    region: Region
+    template: nn.Module | None = None  # the RegionBlock the description was read from
+    description: Description | None = None
+
+
+def find_blocks(gm: fx.GraphModule, example_inputs: list, report: Report, verify: bool = True, seed: int = 0
+                ) -> list[GraphBlock]:
+    """Find and read every MoE block in `gm`; each gets a record in `report` (fused candidates stay "pending")."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    value_of = dict(zip(placeholders, example_inputs))
+    blocks = []
+    regions, all_regions = _regions(gm)
+    for region in regions:
+        record = BlockRecord(path=region.path, module_type=region.module_type)
+        if region.extra_inputs:
+            record.leave(f"the block takes inputs besides its hidden states ({[n.name for n in region.extra_inputs]})"
+                         "; moecompile fuses blocks that map hidden states alone")
+            report.blocks.append(record)
+            continue
+        block = RegionBlock(region, value_of, gm, all_regions)
+        ctx = PassContext(model=block, report=Report(model_type=region.module_type), verify=verify, seed=seed)
+        PassManager(ANALYSIS_PASSES).run(ctx)
+        inner = next((b for b in ctx.report.blocks if b.path == ""), None)
+        if inner is None:
+            record.leave("a router feeding experts was found in the graph, but the core reads no MoE block in it: "
+                         + (ctx.report.blocks[0].reason if ctx.report.blocks else "no router beside experts"))
+        else:
+            inner.path, inner.module_type = region.path, region.module_type
+            record = inner
+        report.blocks.append(record)
+        blocks.append(GraphBlock(record, region, block, ctx.descriptions.get("")))
+    return blocks
+
+
+def _fused_call(description: Description, rel_paths: list[str], path: str, template: nn.Module):
+    """The graph's replacement for a region: the canonical weights are rebuilt from the graph's own parameter
+    inputs (swapped into the template RegionBlock for the recipe to read), then the block runs through the op."""
+    spec, spec_json = description.spec, description.spec.to_json()
+
+    def moecompile_fused_block(x, *params):
+        token = KEEP_AUTOGRAD.set(True)
+        try:
+            with _reparametrize_module(template, dict(zip(rel_paths, params))):
+                weights = description.extract(template)
+        finally:
+            KEEP_AUTOGRAD.reset(token)
+        return run_block(spec, weights, x, spec_json=spec_json, source_path=path, through_op=True)
+
+    return moecompile_fused_block
+
+
+def rewrite_graph(gm: fx.GraphModule, blocks: list[GraphBlock]) -> int:
+    """Replace each confirmed block's region with one call of the fused computation; returns how many."""
+    done = 0
+    for block in blocks:
+        if block.record.decision != "pending" or block.description is None:
+            continue
+        region = block.region
+        fn = _fused_call(block.description, list(region.params), region.path, block.template)
+        (out,) = region.outputs
+        with gm.graph.inserting_after(out):
+            call = gm.graph.call_function(fn, (region.activation, *region.params.values()))
+        call.meta = dict(out.meta)
+        members = set(region.nodes)
+        out.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call and user not in members)
+        for node in reversed(region.nodes):
+            if not node.users:
+                gm.graph.erase_node(node)
+        block.record.decision = "fused"
+        done += 1
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done
