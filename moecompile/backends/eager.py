@@ -174,4 +174,4 @@ def report(model: nn.Module) -> Report:
     if compiled is not None:
         return compiled
     raise MoECompileError(f"report: {type(model).__name__} has not been through moecompile.optimize() or "
-                          "torch.compile(backend='moecompile') (with a forward run); call one of them first")
+                          "torch.compile(backend='moecompile'); call optimize(model) first, or run the compiled model once")

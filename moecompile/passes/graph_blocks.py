@@ -211,7 +211,8 @@ class RegionBlock(nn.Module):
                 owner.register_buffer(leaf, value)
         _listify(self)
         self._rel_paths = list(region.params)
-        self._graph = _region_graph(region, graph_module)
+        self._native = _region_graph(region, graph_module, fp32=False)  # as captured (confirm's native check)
+        self._fp32 = _region_graph(region, graph_module, fp32=True)
         self._shape = tuple(_example(region.activation).shape)
         for name, value in _selection_constants(region).items():  # what an eager block keeps as attributes
             setattr(self, name, value)
@@ -228,15 +229,16 @@ class RegionBlock(nn.Module):
         """Dynamo specialises a graph to its input's shape (sizes become constants in views and aranges), so the
         region runs on chunks of exactly that shape: x's tokens in order, the last chunk padded with zeros."""
         params = [self.get_parameter(p) if _is_param(self, p) else self.get_buffer(p) for p in self._rel_paths]
+        graph = self._fp32 if x.dtype == torch.float32 else self._native
         shape = self._shape
         if tuple(x.shape) == shape:
-            return self._graph(x, *params)[0]
+            return graph(x, *params)[0]
         per_chunk = max(1, int(torch.Size(shape[:-1]).numel()))
         flat = x.reshape(-1, x.shape[-1])
         n = flat.shape[0]
         pad = (-n) % per_chunk
         padded = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])]) if pad else flat
-        outs = [self._graph(chunk.reshape(shape), *params)[0].reshape(per_chunk, -1)
+        outs = [graph(chunk.reshape(shape), *params)[0].reshape(per_chunk, -1)
                 for chunk in padded.split(per_chunk)] if n else []
         out = torch.cat(outs)[:n] if outs else flat.new_zeros(0, shape[-1])
         return out.reshape(*x.shape[:-1], -1)
@@ -300,15 +302,46 @@ def _is_param(module: nn.Module, path: str) -> bool:
     return leaf in (module.get_submodule(parent) if parent else module)._parameters
 
 
-def _region_graph(region: Region, gm: fx.GraphModule) -> fx.GraphModule:
+def _region_graph(region: Region, gm: fx.GraphModule, fp32: bool) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {region.activation: graph.placeholder("x")}
     for i, node in enumerate(region.params.values()):
         env[node] = graph.placeholder(f"p{i}")
     for node in region.nodes:
-        env[node] = graph.node_copy(node, lambda n: env[n])
+        copy = graph.node_copy(node, lambda n: env[n])
+        if fp32:
+            # the core reads a block on a float32 copy: 16-bit dtypes the capture baked in become float32, and
+            # grouped GEMMs (16-bit only on some GPUs) take any dtype
+            copy.args, copy.kwargs = _to_fp32(copy.args), _to_fp32(copy.kwargs)
+            if copy.op == "call_function" and copy.target is getattr(torch, "_grouped_mm", None):
+                copy.target = _grouped_mm_any_dtype
+        env[node] = copy
     graph.output(tuple(env[n] for n in region.outputs))
     return fx.GraphModule(gm, graph)
+
+
+def _to_fp32(value):
+    if value in (torch.bfloat16, torch.float16):
+        return torch.float32
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_fp32(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_fp32(v) for k, v in value.items()}
+    return value
+
+
+def _grouped_mm_any_dtype(a, b, offs=None, bias=None, out_dtype=None):
+    """torch._grouped_mm for 2-D a [N, K] grouped by offs against b [G, K, M] (or 3-D a against 3-D b), any dtype."""
+    if offs is None:
+        out = torch.bmm(a, b)
+    else:
+        ends = offs.tolist()
+        starts = [0] + ends[:-1]
+        out = torch.cat([a[s:e] @ b[g] for g, (s, e) in enumerate(zip(starts, ends))] + [a.new_zeros(
+            a.shape[0] - (ends[-1] if ends else 0), b.shape[-1])])
+    if bias is not None:
+        out = out + bias
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 @dataclass
