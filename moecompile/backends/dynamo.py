@@ -105,3 +105,19 @@ def graph_report(model: torch.nn.Module) -> Report | None:
         merged.blocks.extend(rep.blocks)
         merged.passes.extend(rep.passes)
     return merged
+
+
+def _register_without_entry_point() -> None:
+    """Where moecompile runs from a source tree (PYTHONPATH, no installed metadata), the entry point does not exist;
+    importing moecompile then registers the name itself. Installed, the entry point does it (registering here too
+    would collide with torch's own registration when it loads the entry point)."""
+    from importlib.metadata import entry_points
+
+    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+
+    if "moecompile" in entry_points(group="torch_dynamo_backends").names or "moecompile" in _COMPILER_FNS:
+        return
+    register_backend(compiler_fn=moecompile_backend, name="moecompile")
+
+
+_register_without_entry_point()

@@ -74,6 +74,44 @@ def _example(node: fx.Node):
     return node.meta.get("example_value")
 
 
+def _hint(size) -> int:
+    """A size as an int: a symbolic size (a graph recompiled with dynamic shapes) by the value it was traced with."""
+    return int(size.node.hint) if isinstance(size, torch.SymInt) else int(size)
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    return tuple(_hint(d) for d in _example(node).shape)
+
+
+@dataclass
+class SymbolicSizes:
+    """How a region traced with symbolic sizes gets them from its input: the symbol of each symbolic dim of the
+    activation, and each extra size input as an expression in those symbols."""
+
+    dims: dict  # sympy symbol -> activation dim
+    exprs: list  # sympy expression per extra input, in order
+
+    def values(self, shape) -> list[int]:
+        subs = {sym: shape[d] for sym, d in self.dims.items()}
+        return [int(e.subs(subs)) for e in self.exprs]
+
+
+def _symbolic_sizes(region: Region) -> SymbolicSizes | None:
+    dims = {}
+    for i, d in enumerate(_example(region.activation).shape):
+        if isinstance(d, torch.SymInt):
+            if not d.node.expr.is_Symbol:
+                return None
+            dims[d.node.expr] = i
+    exprs = []
+    for node in region.extra_inputs:
+        value = _example(node)
+        if not isinstance(value, torch.SymInt) or not value.node.expr.free_symbols <= set(dims):
+            return None
+        exprs.append(value.node.expr)
+    return SymbolicSizes(dims, exprs)
+
+
 CAST_METHODS = {"to", "type", "float", "half", "bfloat16", "t", "contiguous"}
 
 
@@ -173,7 +211,8 @@ def _make_region(gm, path, module_type, nodes, params) -> Region | None:
     param_nodes = set(params.values())
     others = [a for a in inputs if a not in param_nodes]
     tensors = [a for a in others if isinstance(_example(a), torch.Tensor)]
-    outputs = [n for n in nodes if any(u not in members for u in n.users)]
+    # tensor outputs; a size the region computes and later code reuses (dynamo shares them) stays in the graph
+    outputs = [n for n in nodes if any(u not in members for u in n.users) and isinstance(_example(n), torch.Tensor)]
     if len(tensors) != 1 or len(outputs) != 1:
         return None  # a block that is not one hidden-states -> one tensor map (e.g. its router logits are kept)
     prefix = path + "." if path else ""
@@ -213,7 +252,9 @@ class RegionBlock(nn.Module):
         self._rel_paths = list(region.params)
         self._native = _region_graph(region, graph_module, fp32=False)  # as captured (confirm's native check)
         self._fp32 = _region_graph(region, graph_module, fp32=True)
-        self._shape = tuple(_example(region.activation).shape)
+        self._shape = _shape(region.activation)
+        self._sizes = _symbolic_sizes(region) if region.extra_inputs else None
+        self._sym_dims = set(self._sizes.dims.values()) if self._sizes else set()
         for name, value in _selection_constants(region).items():  # what an eager block keeps as attributes
             setattr(self, name, value)
 
@@ -231,14 +272,22 @@ class RegionBlock(nn.Module):
         params = [self.get_parameter(p) if _is_param(self, p) else self.get_buffer(p) for p in self._rel_paths]
         graph = self._fp32 if x.dtype == torch.float32 else self._native
         shape = self._shape
-        if tuple(x.shape) == shape:
+        if tuple(x.shape) == shape and not self._sizes:
             return graph(x, *params)[0]
-        per_chunk = max(1, int(torch.Size(shape[:-1]).numel()))
         flat = x.reshape(-1, x.shape[-1])
         n = flat.shape[0]
+        if self._sizes:  # traced with symbolic sizes: one call, every token in the last symbolic dim
+            last = max(self._sym_dims)
+            static = int(torch.Size([d for i, d in enumerate(shape[:-1]) if i not in self._sym_dims]).numel())
+            chunk_shape = [1 if i in self._sym_dims else d for i, d in enumerate(shape)]
+            chunk_shape[last] = max(1, -(-n // static))
+            per_chunk = int(torch.Size(chunk_shape[:-1]).numel())
+        else:
+            chunk_shape, per_chunk = list(shape), max(1, int(torch.Size(shape[:-1]).numel()))
+        sizes = self._sizes.values(chunk_shape) if self._sizes else []
         pad = (-n) % per_chunk
         padded = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])]) if pad else flat
-        outs = [graph(chunk.reshape(shape), *params)[0].reshape(per_chunk, -1)
+        outs = [graph(chunk.reshape(chunk_shape), *params, *sizes)[0].reshape(per_chunk, -1)
                 for chunk in padded.split(per_chunk)] if n else []
         out = torch.cat(outs)[:n] if outs else flat.new_zeros(0, shape[-1])
         return out.reshape(*x.shape[:-1], -1)
@@ -267,7 +316,7 @@ def _topk_calls(region: Region) -> list[tuple[tuple, int]]:
             source = node.args[0]
             k = node.args[1] if len(node.args) > 1 else node.kwargs.get("k")
             if isinstance(source, fx.Node) and isinstance(k, int) and _example(source) is not None:
-                calls.append((tuple(_example(source).shape), k))
+                calls.append((_shape(source), k))
     return calls
 
 
@@ -307,6 +356,8 @@ def _region_graph(region: Region, gm: fx.GraphModule, fp32: bool) -> fx.GraphMod
     env: dict[fx.Node, fx.Node] = {region.activation: graph.placeholder("x")}
     for i, node in enumerate(region.params.values()):
         env[node] = graph.placeholder(f"p{i}")
+    for i, node in enumerate(region.extra_inputs):  # symbolic sizes (dynamic-shape graphs)
+        env[node] = graph.placeholder(f"size{i}")
     for node in region.nodes:
         copy = graph.node_copy(node, lambda n: env[n])
         if fp32:
@@ -361,7 +412,7 @@ def find_blocks(gm: fx.GraphModule, example_inputs: list, report: Report, verify
     regions, all_regions = _regions(gm)
     for region in regions:
         record = BlockRecord(path=region.path, module_type=region.module_type)
-        if region.extra_inputs:
+        if region.extra_inputs and _symbolic_sizes(region) is None:
             record.leave(f"the block takes inputs besides its hidden states ({[n.name for n in region.extra_inputs]})"
                          "; moecompile fuses blocks that map hidden states alone")
             report.blocks.append(record)

@@ -152,3 +152,30 @@ def test_configured_backend_and_bad_options(quiet):
     assert close(compiled(x), model(x))
     with pytest.raises(MoECompileError, match="backend option 'inductor' must be bool"):
         moecompile.backend(inductor="no")
+
+
+def test_sequence_lengths_5_to_500_compile_at_most_twice_and_stay_fused(quiet):
+    """dynamic=None: the second length recompiles with symbolic sizes, which the fused blocks take."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    model = hf_zoo.build("qwen3_moe", "grouped_mm")
+    compiled = torch.compile(model, backend=moecompile.backend(inductor=False))
+    for length in (5, 6, 37, 128, 500):
+        ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            assert close(compiled(input_ids=ids).logits, model(input_ids=ids).logits), length
+    assert counters["stats"]["unique_graphs"] <= 2
+    rep = moecompile.report(compiled)
+    assert len(rep.blocks) == 4 and all(b.decision == "fused" for b in rep.blocks)  # 2 graphs x 2 layers
+
+
+def test_generate_with_a_compiled_forward_gives_the_same_tokens(quiet):
+    model = hf_zoo.build("mixtral", "grouped_mm")
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    want = model.generate(ids, max_new_tokens=6, do_sample=False)
+    model.forward = torch.compile(model.forward, backend=moecompile.backend(inductor=False))
+    got = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
+    rep = moecompile.report(model)
+    assert rep.blocks and all(b.decision == "fused" for b in rep.blocks)  # prefill and decode graphs
