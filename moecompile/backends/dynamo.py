@@ -25,7 +25,8 @@ from ..passes.log import PassRun, Report
 
 BACKEND_OPTIONS = {"inductor": bool, "verify": bool, "seed": int}
 
-# parameter tensor id -> the reports of the graphs that used it (so report(compiled_model) can find them)
+# (weak references to a graph's parameters, its report), so report(compiled_model) can find the graphs of a model;
+# entries whose model is gone are dropped as new graphs compile
 _GRAPH_REPORTS: list[tuple[list[weakref.ref], Report]] = []
 
 
@@ -67,6 +68,7 @@ def moecompile_backend(gm: fx.GraphModule, example_inputs: list, *, mode: str | 
                           "data-dependent expert ids, HF's eager experts) is not found at graph level: run "
                           "moecompile.optimize(model) before torch.compile to fuse it")
     params = [weakref.ref(t) for t in example_inputs if isinstance(t, torch.nn.Parameter)]
+    _GRAPH_REPORTS[:] = [(refs, rep) for refs, rep in _GRAPH_REPORTS if any(r() is not None for r in refs)]
     if params:
         _GRAPH_REPORTS.append((params, report))
     if os.environ.get("MOECOMPILE_LOG", "0") not in ("", "0"):
