@@ -280,7 +280,6 @@ def _write(loaded: _Loaded, model: nn.Module, source_dir: Path, out: Path, histo
               for p, e in layers.items() if "router_bias" in e}
     if (out / SINGLE_FILE).is_file():  # transformers reads a single file before an index: make it an index
         (out / SINGLE_FILE).rename(out / "model-00001-of-00001.safetensors")
-        weight_map = {}
         with safe_open(str(out / "model-00001-of-00001.safetensors"), "pt") as handle:
             weight_map = {key: "model-00001-of-00001.safetensors" for key in handle.keys()}
         index = {"metadata": {}, "weight_map": weight_map}
@@ -340,8 +339,7 @@ def convert(source: str | Path, out: str | Path, routing: str, *, k: int | str |
                               "give k as an integer")
     if calibration is not None:
         check_text_file(calibration)
-    config = read_config(source)
-    weight_files(source)
+    config = read_config(source)  # its weight files are checked by the load below, before anything is written
     if out.resolve() == source.resolve():
         raise MoECompileError(f"{out}: the output is the source directory; write the converted checkpoint elsewhere")
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:

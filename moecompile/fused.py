@@ -70,13 +70,10 @@ def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *
     lead_shape = hidden_states.shape[:-1]
     x = hidden_states.reshape(-1, H)
     seq_len = hidden_states.shape[-2] if hidden_states.dim() >= 2 and x.shape[0] else None
-    if through_op:  # always the registered op: under Inductor's tracing the tensors are fake, so no eager shortcut
-        y, logits, slot_weights = torch.ops.moecompile.moe_forward(*kernel_moe.op_args(
-            spec_json or spec.to_json(), weights, x, seq_len if seq_len is not None else max(x.shape[0], 1)))
-    elif _use_kernels(spec, weights, x, backend, source_path):
+    if through_op or _use_kernels(spec, weights, x, backend, source_path):
         need_routing = router_tap is not None or spec.extra_output != "none"
         y, logits, slot_weights = kernel_moe.run(spec, weights, x, seq_len, spec_json or spec.to_json(),
-                                                 need_routing)
+                                                 need_routing, through_op=through_op)
     else:
         y, routing = moe_forward(spec, weights, x, seq_len)
         logits = routing.logits

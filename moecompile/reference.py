@@ -36,6 +36,10 @@ class Routing:
     def active_per_token(self, num_tokens: int) -> torch.Tensor:
         return torch.bincount(self.token_index, minlength=num_tokens)
 
+    def slot_weights(self, scaling_factor: float) -> torch.Tensor:
+        """The fused op's third output: the [T, k] combine weights, or for ReLU routing the [T, E] scaled gates."""
+        return self.logits.relu() * scaling_factor if self.top_k is None else self.topk_weights()
+
 
 def activation(spec: MLPSpec, x: torch.Tensor) -> torch.Tensor:
     """The elementwise activation of a plain MLP (or of the gate half of a gated one)."""

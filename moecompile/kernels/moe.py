@@ -256,14 +256,10 @@ def _reference_outputs(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_
     interpreter, other dtypes): torch.compile graphs call the op on any device."""
     with torch.no_grad():
         y, routing = reference_forward(spec, weights, x, seq_len)
-    slot = (routing.logits.relu() * spec.router.scaling_factor if spec.router.is_variable_k
-            else routing.topk_weights())
-    return y.to(x.dtype), routing.logits.float(), slot.float()
+    return y.to(x.dtype), routing.logits.float(), routing.slot_weights(spec.router.scaling_factor).float()
 
 
 def _forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int):
-    if unsupported_reason(spec, weights, x) is not None:
-        return _reference_outputs(spec, weights, x, seq_len)
     T, H = x.shape
     E, S = spec.num_experts, slots_of(spec)
     r = spec.router
@@ -323,6 +319,8 @@ def moe_forward_op(
     weights = MoEWeights(router_weight=router_weight, w1=w1, w2=w2, router_bias=router_bias,
                          correction_bias=correction_bias, b1=b1, b2=b2, shared_w1=shared_w1, shared_w2=shared_w2,
                          shared_b1=shared_b1, shared_b2=shared_b2, shared_gate=shared_gate, output_bias=output_bias)
+    if unsupported_reason(spec, weights, x) is not None:  # torch.compile graphs call the op on any device
+        return _reference_outputs(spec, weights, x, seq_len)
     return _forward(spec, weights, x, seq_len)
 
 
@@ -351,8 +349,7 @@ def _backward(ctx, grad_y, grad_logits, grad_weight):
         x = leaves.pop("x")
         weights = MoEWeights(**leaves)
         y, routing = reference_forward(spec, weights, x, ctx.seq_len)
-        slot_weights = (routing.logits.relu() * spec.router.scaling_factor if spec.router.is_variable_k
-                        else routing.topk_weights())
+        slot_weights = routing.slot_weights(spec.router.scaling_factor)
         wanted = [t for t, needs in zip([x, *leaves.values()], ctx.needs_input_grad) if t is not None and needs]
         grads = iter(torch.autograd.grad([y, routing.logits, slot_weights], wanted,
                                          [grad_y, grad_logits, grad_weight], allow_unused=True))
@@ -380,14 +377,16 @@ def moe_forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: in
 
 
 def run(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None = None,
-        spec_json: str | None = None, need_routing: bool = True):
+        spec_json: str | None = None, need_routing: bool = True, through_op: bool = False):
     """moe_forward for a call already checked with unsupported_reason (FusedMoE checks once, to pick a path).
     With need_routing=False a caller that reads only y may get None for the logits and slot weights (the graph
-    replay then skips copying them out)."""
+    replay then skips copying them out). through_op: always the registered op (the compile backend's graph calls:
+    Inductor traces them with fake tensors, which the eager shortcut cannot take; off the kernels' reach the op
+    computes with the reference)."""
     seq_len = seq_len if seq_len is not None else max(x.shape[0], 1)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
         t is not None and t.requires_grad for _, t in weights.items()))
-    if not torch.compiler.is_compiling() and not needs_grad:
+    if not through_op and not torch.compiler.is_compiling() and not needs_grad:
         # eager inference: the same launches without the op's dispatch overhead (tens of microseconds per call);
         # few tokens: replayed from a CUDA graph, since launching them from Python costs more than running them
         if graphs.applies(x):

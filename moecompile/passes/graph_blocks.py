@@ -150,7 +150,11 @@ def _router_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, int]]:
 
 
 def _regions(gm: fx.GraphModule) -> tuple[list[Region], dict[str, Region]]:
-    """The MoE block regions, and every module's region that maps one tensor to one tensor (by path)."""
+    """The MoE block regions, and the regions of their submodules that map one tensor to one tensor (by path).
+    A graph without a router op costs one pass over its nodes."""
+    routers = _router_nodes(gm)
+    if not routers:
+        return [], {}
     by_module: dict[str, list[fx.Node]] = {}
     types: dict[str, str] = {}
     for node in gm.graph.nodes:
@@ -159,16 +163,11 @@ def _regions(gm: fx.GraphModule) -> tuple[list[Region], dict[str, Region]]:
         for key, (stack_path, cls) in node.meta.get("nn_module_stack", {}).items():
             by_module.setdefault(stack_path, []).append(node)
             types[stack_path] = getattr(cls, "__name__", str(cls))
-    all_regions = {}
-    for stack_path, nodes in by_module.items():
-        sub = _make_region(gm, _module_path(stack_path), types[stack_path], nodes, _region_params(nodes))
-        if sub is not None:
-            all_regions[sub.path] = sub
     # the compiled module's own forward has no stack entry: the whole graph is its region
     by_module[""] = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     types[""] = "compiled module"
     regions, used = [], set()
-    for router, E in _router_nodes(gm):
+    for router, E in routers:
         stack = list(router.meta.get("nn_module_stack", {}).values())
         for stack_path in [p for p, _ in reversed(stack)] + [""]:  # innermost first
             nodes = by_module[stack_path]
@@ -180,7 +179,14 @@ def _regions(gm: fx.GraphModule) -> tuple[list[Region], dict[str, Region]]:
                     regions.append(region)
                     used.add(stack_path)
                 break
-    return regions, all_regions
+    inside = {r.path: r for r in regions}
+    for stack_path, nodes in by_module.items():  # submodules of the blocks, which the core may call alone
+        path = _module_path(stack_path)
+        if path not in inside and any(r.path == "" or path.startswith(r.path + ".") for r in regions):
+            sub = _make_region(gm, path, types[stack_path], nodes, _region_params(nodes))
+            if sub is not None:
+                inside[path] = sub
+    return regions, inside
 
 
 def _region_params(nodes: list[fx.Node]) -> dict[str, fx.Node]:
