@@ -14,6 +14,7 @@ Backward recomputes the block with the differentiable reference (reference.py) a
 
 from __future__ import annotations
 
+
 import json
 from contextlib import contextmanager
 from functools import lru_cache
@@ -321,7 +322,7 @@ def moe_forward_op(
                          shared_b1=shared_b1, shared_b2=shared_b2, shared_gate=shared_gate, output_bias=output_bias)
     if unsupported_reason(spec, weights, x) is not None:  # torch.compile graphs call the op on any device
         return _reference_outputs(spec, weights, x, seq_len)
-    return _forward(spec, weights, x, seq_len)
+    return _launch(spec, spec_json, weights, x, seq_len, copy_out=3)
 
 
 @moe_forward_op.register_fake
@@ -333,6 +334,45 @@ def _(x, router_weight, w1, w2, router_bias, correction_bias, b1, b2, shared_w1,
             x.new_empty(T, slots_of(spec), dtype=torch.float32))
 
 
+@contextmanager
+def _autograd_inside_op():
+    """Autograd for code inside an op's implementation. The dispatcher runs an implementation with the autograd keys
+    excluded (it is below autograd), so enable_grad alone records nothing; this lifts that exclusion."""
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (keys.AutogradFunctionality, keys.ADInplaceOrView):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+        yield
+
+
+@torch.library.custom_op("moecompile::moe_backward", mutates_args=())
+def moe_backward_op(grad_y: torch.Tensor, grad_logits: torch.Tensor | None, grad_weight: torch.Tensor | None,
+                    inputs: list[torch.Tensor | None], wanted: list[bool], spec_json: str,
+                    seq_len: int) -> list[torch.Tensor]:
+    """The gradients of moe_forward's inputs marked in `wanted` (in input order): the PyTorch reference recomputed
+    under autograd. An op of its own so that AOTAutograd (torch.compile training) traces one opaque call: the
+    reference's per-expert loop has data-dependent sizes that tracing cannot take."""
+    spec = _spec(spec_json)
+    with _autograd_inside_op(), torch.enable_grad():
+        leaves = {name: None if t is None else t.detach().requires_grad_(needs)
+                  for name, t, needs in zip(_TENSOR_ARGS, inputs, wanted)}
+        x = leaves.pop("x")
+        y, routing = reference_forward(spec, MoEWeights(**leaves), x, seq_len)
+        slot_weights = routing.slot_weights(spec.router.scaling_factor)
+        targets = [x, *leaves.values()]
+        grads = torch.autograd.grad([y, routing.logits, slot_weights],
+                                    [t for t, needs in zip(targets, wanted) if needs],
+                                    [grad_y, grad_logits, grad_weight], allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g
+            for g, t in zip(grads, [t for t, needs in zip(targets, wanted) if needs])]
+
+
+@moe_backward_op.register_fake
+def _(grad_y, grad_logits, grad_weight, inputs, wanted, spec_json, seq_len):
+    return [torch.empty_like(t) for t, needs in zip(inputs, wanted) if needs]
+
+
 def _setup_context(ctx, inputs, output):
     ctx.spec_json, ctx.seq_len = inputs[-2], inputs[-1]
     ctx.save_for_backward(*[t if t is not None else torch.empty(0) for t in inputs[:-2]])
@@ -340,21 +380,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, grad_logits, grad_weight):
-    spec = _spec(ctx.spec_json)
-    saved = ctx.saved_tensors
-    with torch.enable_grad():
-        leaves = {}
-        for name, present, tensor, needs in zip(_TENSOR_ARGS, ctx.present, saved, ctx.needs_input_grad):
-            leaves[name] = tensor.detach().requires_grad_(needs) if present else None
-        x = leaves.pop("x")
-        weights = MoEWeights(**leaves)
-        y, routing = reference_forward(spec, weights, x, ctx.seq_len)
-        slot_weights = routing.slot_weights(spec.router.scaling_factor)
-        wanted = [t for t, needs in zip([x, *leaves.values()], ctx.needs_input_grad) if t is not None and needs]
-        grads = iter(torch.autograd.grad([y, routing.logits, slot_weights], wanted,
-                                         [grad_y, grad_logits, grad_weight], allow_unused=True))
-    return (*[next(grads) if needs and present else None for present, needs in zip(ctx.present, ctx.needs_input_grad)],
-            None, None)
+    inputs = [t if present else None for t, present in zip(ctx.saved_tensors, ctx.present)]
+    wanted = [present and needs for present, needs in zip(ctx.present, ctx.needs_input_grad)]
+    grads = iter(torch.ops.moecompile.moe_backward(grad_y, grad_logits, grad_weight, inputs, wanted,
+                                                   ctx.spec_json, ctx.seq_len))
+    return (*[next(grads) if needs else None for needs in wanted], None, None)
 
 
 moe_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -376,6 +406,16 @@ def moe_forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: in
     return run(spec, weights, x, seq_len, spec_json)
 
 
+def _launch(spec: MoESpec, spec_json: str, weights: MoEWeights, x: torch.Tensor, seq_len: int, copy_out: int):
+    """_forward's launches; few tokens: replayed from a CUDA graph (kernels/graphs.py), since launching them from
+    Python costs more than running them. Both the eager shortcut and the op (compiled graphs) come here."""
+    if not graphs.applies(x):
+        return _forward(spec, weights, x, seq_len)
+    key = (spec_json, seq_len, *[(t.data_ptr(), t.dtype, t.shape, t.stride()) for _, t in weights.items()
+                                 if t is not None])
+    return graphs.call(key, lambda static_x: _forward(spec, weights, static_x, seq_len), x, copy_out=copy_out)
+
+
 def run(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None = None,
         spec_json: str | None = None, need_routing: bool = True, through_op: bool = False):
     """moe_forward for a call already checked with unsupported_reason (FusedMoE checks once, to pick a path).
@@ -387,13 +427,7 @@ def run(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
         t is not None and t.requires_grad for _, t in weights.items()))
     if not through_op and not torch.compiler.is_compiling() and not needs_grad:
-        # eager inference: the same launches without the op's dispatch overhead (tens of microseconds per call);
-        # few tokens: replayed from a CUDA graph, since launching them from Python costs more than running them
-        if graphs.applies(x):
-            key = (spec_json or spec.to_json(), seq_len, *[(t.data_ptr(), t.dtype, t.shape, t.stride())
-                                                           for _, t in weights.items() if t is not None])
-            outputs = graphs.call(key, lambda static_x: _forward(spec, weights, static_x, seq_len), x,
-                                  copy_out=3 if need_routing else 1)
-            return outputs if need_routing else (outputs[0], None, None)
-        return _forward(spec, weights, x, seq_len)
+        # eager inference: the same launches without the op's dispatch overhead (tens of microseconds per call)
+        outputs = _launch(spec, spec_json or spec.to_json(), weights, x, seq_len, copy_out=3 if need_routing else 1)
+        return outputs if need_routing else (outputs[0], None, None)
     return torch.ops.moecompile.moe_forward(*op_args(spec_json or spec.to_json(), weights, x, seq_len))
