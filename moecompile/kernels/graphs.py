@@ -1,7 +1,8 @@
-"""CUDA graphs for small eager calls: an eager FusedMoE call with few tokens replays the kernels' launches from a
-captured graph instead of launching them one by one from Python.
+"""CUDA graphs for small calls: a FusedMoE call or a compiled graph's op call with few tokens replays the kernels'
+launches from a captured graph instead of launching them one by one from Python.
 
-Place in the pipeline: kernels/moe.py `run` sends eager, no-grad CUDA calls of at most MAX_TOKENS tokens here. At
+Place in the pipeline: kernels/moe.py sends CUDA calls of at most MAX_TOKENS tokens here, from eager FusedMoE calls
+and from the op's implementation (what a torch.compile graph runs). At
 decode sizes the GPU work of one block takes tens of microseconds, while the host needs several times that to
 allocate the buffers and launch seven kernels from Python (benchmarks/profile_moe.py measures both), so an eager
 decode step is bound by the host. A graph replay costs one launch.
@@ -13,8 +14,8 @@ a weight moved elsewhere gives a new key). Each replay copies the input into the
 copies of its outputs, so no call's result is overwritten by a later one. All graphs of a (device, stream) share
 one memory pool: their buffers are only read during their own replay and the copies after it, on that stream.
 
-Not used while compiling (torch.compile traces the op instead), while the caller captures its own graph, when any
-input needs a gradient, or when MOECOMPILE_CUDA_GRAPHS=0.
+Not used while compiling (torch.compile traces the op's fake implementation instead), while the caller captures its
+own graph (mode="reduce-overhead" graphs the whole model), or when MOECOMPILE_CUDA_GRAPHS=0.
 """
 
 from __future__ import annotations
