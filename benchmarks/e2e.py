@@ -5,7 +5,11 @@ Issue 5's shapes, bf16, experts_implementation="grouped_mm", real HF classes wit
   mixtral:   MixtralForCausalLM, 2 layers, H 4096, I 14336, E 8, k 2, 32 heads / 8 KV heads of 128
 Phases: prefill (1 x 2048 tokens, no cache) and one decode step at batch 1 and 32 over 2048 past tokens (a
 DynamicCache cropped back to 2048 after each step). Per backend and phase: the median time (triton do_bench), the
-first call's time (compile included) and the logits' difference from eager.
+first call's time (compile included) and the logits' difference from eager. Each phase also gets the model's
+roofline floor: max(bytes read / copy bandwidth, FLOPs / bf16 matmul rate), both ceilings measured at the start of
+the run (benchmarks/moe_layer.py's measure_ceilings). Bytes: every weight but the embedding table, only the experts
+the router picks for these tokens (counted from eager's router logits), and the KV cache; FLOPs: the dense layers, k
+experts per token, attention (causal half for prefill) and the LM head.
 
 Run on the device: `python benchmarks/e2e.py` (writes results/e2e.json and results/e2e.md). `--small` runs tiny
 shapes, on the CPU too, to check the script itself.
@@ -24,6 +28,7 @@ from pathlib import Path
 import torch
 
 import moecompile
+from moe_layer import measure_ceilings  # benchmarks/ is the script's directory
 
 RESULTS = Path(__file__).parent / "results"
 FULL = {
@@ -72,46 +77,71 @@ def sync(device: str) -> None:
 
 
 def phases(model, seq: int, batches: tuple[int, ...], device: str, vocab: int) -> dict:
-    """name -> (call, fresh inputs); decode calls crop their cache back so every step sees `seq` past tokens."""
+    """name -> (call, fresh inputs, past tokens); call(model, ids, **kwargs) returns the model's output. Decode calls
+    crop their cache back so every step sees `seq` past tokens."""
     gen = torch.Generator().manual_seed(1)
-    out = {f"prefill 1x{seq}": (lambda m, ids: m(input_ids=ids, use_cache=False).logits,
-                                torch.randint(0, vocab, (1, seq), generator=gen).to(device))}
+    out = {f"prefill 1x{seq}": (lambda m, ids, **kw: m(input_ids=ids, use_cache=False, **kw),
+                                torch.randint(0, vocab, (1, seq), generator=gen).to(device), 0)}
     for b in batches:
         past = torch.randint(0, vocab, (b, seq), generator=gen).to(device)
         with torch.no_grad():
             cache = model(input_ids=past, use_cache=True).past_key_values
 
-        def step(m, ids, cache=cache):
-            logits = m(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        def step(m, ids, cache=cache, **kw):
+            output = m(input_ids=ids, past_key_values=cache, use_cache=True, **kw)
             cache.crop(-ids.shape[1])  # back to `seq` past tokens (a negative crop removes tokens)
-            return logits
+            return output
 
-        out[f"decode b{b} past {seq}"] = (step, torch.randint(0, vocab, (b, 1), generator=gen).to(device))
+        out[f"decode b{b} past {seq}"] = (step, torch.randint(0, vocab, (b, 1), generator=gen).to(device), seq)
     return out
+
+
+def floor_ms(model, call, ids, past: int, cfg: dict, ceilings: dict | None) -> dict | None:
+    """The roofline floor of one phase (see the module docstring), from the experts eager's router picks."""
+    if ceilings is None:
+        return None
+    batch, q = ids.shape
+    with torch.no_grad():
+        router_logits = call(model, ids, output_router_logits=True).router_logits
+    params = dict(model.named_parameters())
+    expert_bytes_each = sum(p.numel() for n, p in params.items() if ".experts." in n and "layers.0." in n) * 2 // cfg["E"]
+    embed = model.get_input_embeddings().weight.numel()
+    dense = sum(p.numel() for n, p in params.items() if ".experts." not in n) - embed
+    distinct = sum(int(torch.unique(logits.topk(cfg["k"], dim=-1).indices).numel()) for logits in router_logits)
+    kv_bytes = batch * past * cfg["layers"] * 2 * cfg["kv"] * cfg["head_dim"] * 2
+    attn_len = past + (q + 1) / 2  # keys each query attends to, on average (causal)
+    flops = (2 * batch * q * (dense + cfg["layers"] * cfg["k"] * expert_bytes_each // 2)
+             + cfg["layers"] * 4 * batch * q * attn_len * cfg["heads"] * cfg["head_dim"])
+    t_bytes = (2 * dense + distinct * expert_bytes_each + kv_bytes) / (ceilings["copy_GBps"] * 1e6)
+    t_flops = flops / (ceilings["bf16_TFLOPs"] * 1e9)
+    return dict(floor_ms=max(t_bytes, t_flops), bound="bytes" if t_bytes >= t_flops else "flops",
+                distinct_experts=distinct)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
 
 
-def run_model(name: str, cfg: dict, args, device: str, dtype: torch.dtype, rows: list) -> None:
+def run_model(name: str, cfg: dict, args, device: str, dtype: torch.dtype, ceilings: dict | None,
+              rows: list) -> None:
     model = build(name, cfg, dtype, device, args.vocab)
     calls = phases(model, args.seq, tuple(args.batches), device, args.vocab)
     with torch.no_grad():
-        eager = {phase: call(model, ids) for phase, (call, ids) in calls.items()}
+        eager = {phase: call(model, ids).logits for phase, (call, ids, _) in calls.items()}
+    floors = {phase: floor_ms(model, call, ids, past, cfg, ceilings) for phase, (call, ids, past) in calls.items()}
     for backend in ("inductor", "moecompile"):
         torch._dynamo.reset()
         compiled = torch.compile(model, backend=backend if backend == "inductor" else moecompile.backend())
-        for phase, (call, ids) in calls.items():
+        for phase, (call, ids, _) in calls.items():
             with torch.no_grad():
                 sync(device)
                 start = time.perf_counter()
-                logits = call(compiled, ids)
+                logits = call(compiled, ids).logits
                 sync(device)
                 first_s = time.perf_counter() - start
                 ms = timed(lambda: call(compiled, ids), device, args.reps)
             row = dict(model=name, phase=phase, backend=backend, ms=ms, first_call_s=first_s,
-                       logits_rel_err_vs_eager=rel(logits, eager[phase]))
+                       logits_rel_err_vs_eager=rel(logits, eager[phase]), **(floors[phase] or {}))
             if backend == "moecompile":
                 rep = moecompile.report(compiled)
                 row["blocks_fused"] = f"{len(rep.fused)}/{len(rep.blocks)}"
@@ -124,16 +154,23 @@ def markdown(result: dict) -> str:
     lines = [f"# End to end under torch.compile ({result['device']}, torch {result['torch']}, transformers "
              f"{result['transformers']}, {result['date']})", "",
              "Inductor alone against backend='moecompile' (fused MoE blocks, then Inductor); bf16, grouped_mm. "
-             "Command: `python benchmarks/e2e.py`.", "",
-             "| model | phase | inductor ms | moecompile ms | speedup | compile s (ind / moe) | fused | rel err |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Command: `python benchmarks/e2e.py`.", ""]
+    if result["ceilings"]:
+        lines += [f"Ceilings measured in the same run: copy {result['ceilings']['copy_GBps']:.0f} GB/s, bf16 matmul "
+                  f"{result['ceilings']['bf16_TFLOPs']:.0f} TFLOP/s. `floor`: the model's roofline floor for the phase "
+                  "(see the script's docstring); `% floor` = floor / moecompile ms. First call = compile included "
+                  "(decode phases: the recompile for the cached shapes).", ""]
+    lines += ["| model | phase | inductor ms | moecompile ms | speedup | floor ms | % floor | first call s (ind / moe) "
+              "| fused | rel err vs eager (ind / moe) |", "|---|---|---|---|---|---|---|---|---|---|"]
     rows = result["rows"]
     for r in [r for r in rows if r["backend"] == "moecompile"]:
         base = next(b for b in rows if b["backend"] == "inductor" and (b["model"], b["phase"]) ==
                     (r["model"], r["phase"]))
+        floor = f"{r['floor_ms']:.3f} | {100 * r['floor_ms'] / r['ms']:.0f}" if r.get("floor_ms") else "- | -"
         lines.append(f"| {r['model']} | {r['phase']} | {base['ms']:.3f} | {r['ms']:.3f} | {base['ms'] / r['ms']:.2f}x "
+                     f"| {floor} "
                      f"| {base['first_call_s']:.1f} / {r['first_call_s']:.1f} | {r.get('blocks_fused', '-')} | "
-                     f"{r['logits_rel_err_vs_eager']:.1e} |")
+                     f"{base['logits_rel_err_vs_eager']:.1e} / {r['logits_rel_err_vs_eager']:.1e} |")
     return "\n".join(lines) + "\n"
 
 
@@ -150,13 +187,16 @@ def main() -> None:
 
     result = dict(device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu", torch=torch.__version__,
                   transformers=transformers.__version__, date=datetime.date.today().isoformat(),
-                  small=args.small, rows=[])
-    for name in args.models:
-        run_model(name, (SMALL if args.small else FULL)[name], args, device, dtype, result["rows"])
+                  small=args.small, ceilings=measure_ceilings() if device == "cuda" else None, rows=[])
+    print(json.dumps(result), flush=True)
     suffix = "_small" if args.small else ""
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"e2e{suffix}.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / f"e2e{suffix}.md").write_text(markdown(result))
+    for name in args.models:
+        run_model(name, (SMALL if args.small else FULL)[name], args, device, dtype, result["ceilings"],
+                  result["rows"])
+        # written after each model, so a run cut short keeps what it measured
+        (RESULTS / f"e2e{suffix}.json").write_text(json.dumps(result, indent=1))
+        (RESULTS / f"e2e{suffix}.md").write_text(markdown(result))
     print(markdown(result))
 
 
