@@ -7,6 +7,7 @@ __version__ = "0.1.0"  # before the imports: checkpoint.py records it
 
 from .backends.dynamo import backend
 from .backends.eager import optimize, report, rewrite_routing
+from .backends.onnx import export_onnx, export_report
 from .checkpoint import convert, from_pretrained
 from .errors import MoECompileError
 from .fused import FusedMoE
@@ -18,4 +19,5 @@ from .stats import LayerStats, routing_stats
 
 __all__ = ["optimize", "report", "FusedMoE", "MoECompileError", "MoESpec", "RouterSpec", "MLPSpec",
            "SharedExpertSpec", "MoEWeights", "Report", "BlockRecord", "rewrite_routing", "RoutingChange",
-           "routing_stats", "LayerStats", "ReMoERegularizer", "convert", "from_pretrained", "backend"]
+           "routing_stats", "LayerStats", "ReMoERegularizer", "convert", "from_pretrained", "backend",
+           "export_onnx", "export_report"]

@@ -12,6 +12,8 @@ Place in the pipeline: the outermost layer; it calls optimize() and renders Repo
     moecompile convert HF_DIR --routing relu|topk [--k K|auto] [--calibration TEXT_FILE] --out DIR
         rewrite the routing of a saved checkpoint and save it (checkpoint.py); moecompile.from_pretrained(DIR)
         loads it, plain transformers loads the original architecture
+    moecompile export HF_DIR OUT.onnx [--moe-op auto|standard|ort] [--verify] [--static]
+        export to ONNX (backends/onnx.py): the MoE blocks as com.microsoft.MoE or standard operators
 """
 
 from __future__ import annotations
@@ -148,6 +150,25 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    import torch
+
+    from .backends.onnx import export_onnx, export_report
+
+    model = load_model(args.model)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:
+        raise MoECompileError(f"{args.model}: export from the command line takes a saved HF model directory (its "
+                              "config names the vocabulary); for other models call moecompile.export_onnx(model, "
+                              "path, example_inputs)")
+    ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+    out = export_onnx(model, args.out, {"input_ids": ids}, dynamic=not args.static, moe_op=args.moe_op,
+                      verify=args.verify)
+    print(export_report(out).table())
+    print(f"written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moecompile", description="Find, describe and fuse the MoE blocks of a model.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,6 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-verify", action="store_true", help="skip reloading the written checkpoint to check it")
     p.set_defaults(func=_cmd_convert)
+    p = sub.add_parser("export", help="export a saved HF model to ONNX (optimized on the way)")
+    p.add_argument("model", help="a saved HF model directory")
+    p.add_argument("out", help="the .onnx file to write (weights over 2 GB go to OUT.data beside it)")
+    p.add_argument("--moe-op", choices=["auto", "standard", "ort"], default="auto",
+                   help="the MoE blocks' ONNX form: com.microsoft.MoE where it applies (auto), standard operators, "
+                        "or the contrib operator everywhere (ort)")
+    p.add_argument("--verify", action="store_true", help="run the file in onnxruntime against PyTorch at two "
+                   "sequence lengths; a mismatch is an error and nothing is written")
+    p.add_argument("--static", action="store_true", help="fixed batch and sequence axes")
+    p.add_argument("--batch", type=int, default=2, help="batch size of the example input")
+    p.add_argument("--seq-len", type=int, default=16, help="sequence length of the example input")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -35,6 +35,7 @@ class FusedMoE(nn.Module):
         self.backend = backend
         self.source_path = source_path
         self.router_tap: nn.Module | None = None  # set by the fuse pass for HF models recording router logits
+        self.lowering: nn.Module | None = None  # export_onnx's copy: the ONNX form (backends/onnx_lowering.py)
         self._weight_names: list[str] = []
         for name, tensor in weights.items():
             if tensor is None:
@@ -50,7 +51,8 @@ class FusedMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor):
         return run_block(self.spec, self.weights(), hidden_states, spec_json=self.spec_json, backend=self.backend,
-                         router_tap=self.router_tap, source_path=self.source_path)
+                         router_tap=self.router_tap, source_path=self.source_path,
+                         lowering=self.lowering)
 
     def extra_repr(self) -> str:
         return self.spec.summary()
@@ -58,10 +60,11 @@ class FusedMoE(nn.Module):
 
 def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *, spec_json: str | None = None,
               backend: str = "auto", router_tap: nn.Module | None = None, source_path: str = "",
-              through_op: bool = False):
+              through_op: bool = False, lowering: nn.Module | None = None):
     """What a FusedMoE computes, for weights passed in: FusedMoE.forward, and the torch.compile backend's graph
     calls (which rebuild the weights from the graph's parameter inputs each call). through_op: always the
-    registered op (kernels where they run, the reference elsewhere), which Inductor can trace on any device."""
+    registered op (kernels where they run, the reference elsewhere), which Inductor can trace on any device.
+    lowering: the ONNX form (backends/onnx_lowering.py) to compute with while torch.onnx exports, or None."""
     H = spec.hidden_size
     if hidden_states.shape[-1] != H:
         raise MoECompileError(
@@ -70,7 +73,9 @@ def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *
     lead_shape = hidden_states.shape[:-1]
     x = hidden_states.reshape(-1, H)
     seq_len = hidden_states.shape[-2] if hidden_states.dim() >= 2 and x.shape[0] else None
-    if through_op or _use_kernels(spec, weights, x, backend, source_path):
+    if lowering is not None:
+        y, logits, slot_weights = lowering(spec, weights, x)
+    elif through_op or _use_kernels(spec, weights, x, backend, source_path):
         need_routing = router_tap is not None or spec.extra_output != "none"
         y, logits, slot_weights = kernel_moe.run(spec, weights, x, seq_len, spec_json or spec.to_json(),
                                                  need_routing, through_op=through_op)

@@ -31,6 +31,7 @@ class BlockRecord:
     seconds: float = 0.0
     routing_change: dict | None = None  # a routing rewrite's measured effect (passes/routing.py RoutingChange)
     routing_summary: str = ""
+    export: str = ""  # the ONNX form export_onnx gave the block (backends/onnx.py), and why
 
     def leave(self, reason: str) -> None:
         self.decision, self.reason = "left", reason
@@ -108,6 +109,11 @@ class Report:
         if rewrites:
             lines.append("routing rewrites (they change what the model computes; measured on the calibration tokens):")
             lines.extend(f"  {b.path or '<root>'}: {b.routing_summary}" for b in rewrites)
+        exported = [b for b in self.blocks if b.export]
+        if exported:
+            lines.append("ONNX export:")
+            lines.extend(f"  {b.path or '<root>'}: {b.export}" for b in exported)
         if self.passes:
-            lines.append("passes: " + ", ".join(f"{p.name} {p.seconds:.2f}s" for p in self.passes))
+            lines.append("passes: " + ", ".join(f"{p.name} {p.seconds:.2f}s" + (f" ({p.note})" if p.note else "")
+                                                for p in self.passes))
         return "\n".join(lines)

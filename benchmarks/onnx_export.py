@@ -1,0 +1,137 @@
+"""ONNX export of a 4-layer Qwen3-MoE-shaped model (issue 6): file size, export time, and onnxruntime CPU latency of
+each MoE lowering against PyTorch eager on the same CPU, measured in one run.
+
+Model: Qwen3MoeForCausalLM from its config, random weights, H 2048, I 768, E 128, k 8, 32 heads / 4 KV heads of
+128, vocabulary 32000, fp16 weights (onnxruntime's MoE kernels take fp32 and fp16; fp32 would need 10 GB per copy).
+Input: batch 1 x `--tokens` tokens, no cache. Latency: median of `--reps` calls after one warm-up call, 2 threads.
+Error: max |onnxruntime - PyTorch| over max |PyTorch| on the logits (PyTorch runs the same fp16 weights in fp32).
+
+Run: `python benchmarks/onnx_export.py` (writes results/onnx.json and results/onnx.md). `--small` for a check of
+the script. The GPU provider (onnxruntime-gpu) cannot be installed on the device machine, so no GPU figure is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import moecompile
+
+RESULTS = Path(__file__).parent / "results"
+FULL = dict(layers=4, H=2048, I=768, E=128, k=8, heads=32, kv=4, head_dim=128, vocab=32000)
+SMALL = dict(FULL, H=128, I=64, E=16, heads=4, kv=2, head_dim=32, vocab=512)
+
+
+def build(cfg: dict) -> torch.nn.Module:
+    import transformers
+
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=cfg["vocab"], hidden_size=cfg["H"], num_hidden_layers=cfg["layers"],
+        num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv"], head_dim=cfg["head_dim"],
+        moe_intermediate_size=cfg["I"], num_experts=cfg["E"], num_experts_per_tok=cfg["k"], norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM._from_config(config, experts_implementation="grouped_mm",
+                                                           dtype=torch.float16)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return model.eval()
+
+
+def median_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    import onnxruntime as ort
+    import transformers
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    cfg = SMALL if args.small else FULL
+    torch.set_num_threads(2)
+    model = build(cfg)
+    ids = torch.randint(0, cfg["vocab"], (1, args.tokens), generator=torch.Generator().manual_seed(1))
+    result = dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), torch=torch.__version__,
+                  transformers=transformers.__version__, onnxruntime=ort.__version__,
+                  date=datetime.date.today().isoformat(), model=cfg, tokens=args.tokens, dtype="float16", rows=[])
+    with torch.no_grad():
+        exact = copy.deepcopy(model).float()
+        want = exact(input_ids=ids, use_cache=False).logits
+        eager_ms = median_ms(lambda: exact(input_ids=ids, use_cache=False), args.reps)
+        eager16_ms = median_ms(lambda: model(input_ids=ids, use_cache=False), args.reps)
+    del exact
+    gc.collect()
+    result["rows"].append(dict(runtime="PyTorch eager (fp32 compute)", ms=eager_ms))
+    result["rows"].append(dict(runtime="PyTorch eager (fp16 weights)", ms=eager16_ms))
+    print(json.dumps(result["rows"]), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for moe_op in ("ort", "standard"):
+            path = Path(tmp) / f"{moe_op}.onnx"
+            start = time.perf_counter()
+            moecompile.export_onnx(model, path, {"input_ids": ids}, moe_op=moe_op)
+            export_s = time.perf_counter() - start
+            gc.collect()
+            size = sum(f.stat().st_size for f in Path(tmp).iterdir() if f.name.startswith(path.name))
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 2
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            feeds = {"input_ids": ids.numpy()}
+            got = torch.from_numpy(session.run(None, feeds)[0]).float()
+            ms = median_ms(lambda: session.run(None, feeds), args.reps)
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            row = dict(runtime=f"onnxruntime CPU, moe_op={moe_op}", ms=ms, export_s=export_s, file_mb=size / 2 ** 20,
+                       rel_err=err)
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            del session
+            for f in Path(tmp).iterdir():
+                f.unlink()
+            gc.collect()
+    suffix = "_small" if args.small else ""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"onnx{suffix}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"onnx{suffix}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    m = r["model"]
+    lines = [f"# ONNX export, onnxruntime CPU vs PyTorch eager ({r['date']}; {r['cores']} CPU cores, 2 threads used; "
+             f"torch {r['torch']}, transformers {r['transformers']}, onnxruntime {r['onnxruntime']})", "",
+             f"Qwen3-MoE-shaped model, {m['layers']} layers, H {m['H']}, I {m['I']}, E {m['E']}, k {m['k']}, vocabulary "
+             f"{m['vocab']}, fp16 weights, 1 x {r['tokens']} tokens. Command: `python benchmarks/onnx_export.py`.",
+             "onnxruntime's CUDA provider (onnxruntime-gpu) cannot be installed on the GPU machine, so its speed is "
+             "not measured here.", "",
+             "| runtime | ms per call | export s | file MB | max err / max logit |", "|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['runtime']} | {row['ms']:.1f} | {row.get('export_s', 0):.1f} | "
+                     f"{row.get('file_mb', 0):.0f} | {row.get('rel_err', 0):.1e} |".replace("| 0.0 |", "| - |")
+                     .replace("| 0 |", "| - |").replace("| 0.0e+00 |", "| - |"))
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

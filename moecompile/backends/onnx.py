@@ -1,0 +1,279 @@
+"""ONNX export of an optimized model: export_onnx() and `moecompile export`.
+
+Place in the pipeline: the last stage. The model is optimized on a copy (the user's model is not touched), each
+fused block gets an ONNX form (backends/onnx_lowering.py: onnxruntime's com.microsoft.MoE where its semantics are
+the block's, standard operators otherwise), torch.onnx's dynamo exporter writes the file, onnx.checker checks it,
+and with verify=True onnxruntime runs it against the original PyTorch model at two sequence lengths. The file is
+written beside the output path and moved there only when every step passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import MoECompileError
+from ..fused import FusedMoE
+from ..passes.log import BlockRecord, PassRun, Report
+from . import onnx_lowering
+from .eager import optimize, report
+
+MOE_OPS = ("auto", "standard", "ort")
+# verify: max |onnxruntime - PyTorch| over max |PyTorch output|, by the exported weights' dtype
+VERIFY_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+class _Outputs(nn.Module):
+    """The model with every input positional (the keyword ones after the positional ones, in order) and its main
+    output as a plain tensor (the logits of an HF causal LM run without a cache)."""
+
+    def __init__(self, model: nn.Module, n_args: int, keywords: list[str], hf: bool):
+        super().__init__()
+        self.model, self.n_args, self.keywords, self.hf = model, n_args, keywords, hf
+
+    def forward(self, *inputs):
+        kwargs = dict(zip(self.keywords, inputs[self.n_args:]))
+        if self.hf:
+            kwargs["use_cache"] = False
+        return main_output(self.model(*inputs[:self.n_args], **kwargs))
+
+
+def main_output(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    for name in ("logits", "last_hidden_state"):
+        if getattr(out, name, None) is not None:
+            return getattr(out, name)
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise MoECompileError(f"export_onnx: the model returned {type(out).__name__}; export needs a tensor, a tuple "
+                          "starting with one, or an output with .logits")
+
+
+def _as_args(example_inputs) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs), {}
+    raise MoECompileError("export_onnx: example_inputs must be a tensor, a tuple of tensors or a dict of keyword "
+                          f"tensors (got {type(example_inputs).__name__})")
+
+
+def _dynamic_dims(t: torch.Tensor) -> dict:
+    """Batch and sequence axes: every axis of integer ids; every axis but the last (features) of float inputs."""
+    n = t.dim() if not t.is_floating_point() else t.dim() - 1
+    return {i: torch.export.Dim.DYNAMIC for i in range(n)}
+
+
+def _choose_lowerings(model: nn.Module, moe_op: str, rep: Report) -> dict[str, str]:
+    """path -> "ort" | "standard" for every fused block, recorded in the pass log; raises before anything is
+    written when a block cannot be exported as asked."""
+    choice, cannot = {}, []
+    records = {b.path: b for b in rep.blocks}
+    for path, module in model.named_modules():
+        if not isinstance(module, FusedMoE):
+            continue
+        dtype = module.weights().w1.dtype
+        standard_why = onnx_lowering.standard_unsupported(module.spec)
+        ort_why = onnx_lowering.ort_mismatch(module.spec, dtype)
+        if moe_op == "ort" and ort_why is not None:
+            cannot.append(f"{path or '<root>'}: {ort_why}")
+            continue
+        if moe_op == "standard" or ort_why is not None:
+            if standard_why is not None:
+                cannot.append(f"{path or '<root>'}: {standard_why}")
+                continue
+            choice[path] = onnx_lowering.STANDARD
+            note = "standard ONNX operators" + (f" (com.microsoft.MoE does not apply: {ort_why})"
+                                                if moe_op == "auto" else " (moe_op='standard')")
+        else:
+            choice[path] = onnx_lowering.ORT
+            note = "com.microsoft.MoE"
+        if path not in records:  # fused before this process (a checkpoint loaded fused): a record of its own
+            records[path] = BlockRecord(path=path, module_type="FusedMoE", decision="fused",
+                                        spec_summary=module.spec.summary())
+            rep.blocks.append(records[path])
+        records[path].export = note
+    if cannot:
+        how = ("use moe_op='auto' or 'standard' (--moe-op) for these blocks" if moe_op == "ort"
+               else "these blocks have no ONNX form yet; leave them unfused (optimize them with verify=False is not "
+                    "a way out) or export without moecompile")
+        raise MoECompileError(f"export_onnx: {len(cannot)} block(s) cannot be exported with moe_op={moe_op!r}: "
+                              + "; ".join(cannot) + f"; {how}. Nothing was written.")
+    return choice
+
+
+def export_onnx(model: nn.Module, path, example_inputs, *, dynamic: bool = True, moe_op: str = "auto",
+                verify: bool = False, opset: int = 18, external_data: bool | None = None) -> Path:
+    """Export `model` (optimized on a copy if it was not) to ONNX at `path`; returns the path.
+
+    example_inputs: a tensor, a tuple of tensors, or a dict of keyword tensors (an HF model: {"input_ids": ids});
+        use sizes of at least 2 on the axes that should stay dynamic.
+    dynamic: batch and sequence axes dynamic (every axis of integer inputs, all but the last of float inputs).
+    moe_op: "auto" (com.microsoft.MoE where it computes the block exactly, standard operators elsewhere),
+        "standard" (standard operators everywhere), "ort" (the contrib operator everywhere, or an error naming the
+        blocks that cannot use it). The choice per block goes to the pass log and the file's metadata.
+    verify: run the file in onnxruntime at two sequence lengths against the original model in PyTorch; a
+        mismatch over the tolerance (VERIFY_TOLERANCE) is an error and nothing is left at `path`.
+    external_data: weights in `<path>.data` beside the file; None (the default): when the model is over 2 GB.
+    """
+    if moe_op not in MOE_OPS:
+        raise MoECompileError(f"export_onnx: moe_op={moe_op!r} is not one of {MOE_OPS}")
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise MoECompileError(f"export_onnx: {path} does not end in .onnx; name the output file <name>.onnx")
+    if not path.parent.is_dir():
+        raise MoECompileError(f"export_onnx: the directory {path.parent} does not exist; create it first")
+    args, kwargs = _as_args(example_inputs)
+    start = time.perf_counter()
+    hf = hasattr(model, "config") and hasattr(model, "can_generate")
+    exported = copy.deepcopy(model).eval()
+    if not any(isinstance(m, FusedMoE) for m in exported.modules()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exported = optimize(exported, inplace=True)
+    rep = copy.deepcopy(report(exported)) if _has_report(exported) else Report(model_type=type(model).__name__)
+    for path_, kind in _choose_lowerings(exported, moe_op, rep).items():
+        module = exported.get_submodule(path_)
+        module.lowering = onnx_lowering.lowering_for(kind, module.spec, module.weights())
+    wrapper = _Outputs(exported, len(args), list(kwargs), hf).eval()
+    inputs = (*args, *kwargs.values())
+    names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
+    dynamic_shapes = (tuple(_dynamic_dims(t) for t in inputs),) if dynamic else None  # one entry: *inputs
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        tmp_file = Path(tmp) / path.name
+        program = _torch_onnx_export(wrapper, inputs, names, dynamic_shapes, opset)
+        export_s = time.perf_counter() - start
+        rep.passes.append(PassRun(name="export_onnx", seconds=export_s, modified=True,
+                                  note=f"opset {opset}, moe_op={moe_op}, dynamic={dynamic}"))
+        program.model.metadata_props["moecompile.pass_log"] = json.dumps(_log_summary(rep))
+        program.save(str(tmp_file), external_data=external_data)
+        _check(tmp_file)
+        if verify:
+            verify_start = time.perf_counter()
+            err, lengths = _verify(tmp_file, model, args, kwargs, dynamic)
+            rep.passes.append(PassRun(name="verify_onnxruntime", seconds=time.perf_counter() - verify_start,
+                                      modified=False, note=f"max error {err:.1e} of max |output| at lengths "
+                                                           f"{'/'.join(map(str, lengths))}"))
+        for produced in Path(tmp).iterdir():  # the model and its external data, if any
+            shutil.move(str(produced), str(path.parent / produced.name))
+    _EXPORT_REPORTS[str(path.resolve())] = rep
+    return path
+
+
+_EXPORT_REPORTS: dict[str, Report] = {}
+
+
+def export_report(path) -> Report:
+    """The pass log of the last export_onnx to `path` in this process (lowering per block, export and verify)."""
+    return _EXPORT_REPORTS[str(Path(path).resolve())]
+
+
+def _has_report(model: nn.Module) -> bool:
+    try:
+        report(model)
+        return True
+    except MoECompileError:
+        return False
+
+
+def _log_summary(rep: Report) -> dict:
+    return dict(model_type=rep.model_type, blocks=[dict(path=b.path, decision=b.decision, export=b.export,
+                                                        spec=b.spec_summary or b.reason) for b in rep.blocks],
+                passes=[dict(name=p.name, note=p.note) for p in rep.passes])
+
+
+def _torch_onnx_export(wrapper: nn.Module, inputs: tuple, names: list[str], dynamic_shapes, opset: int):
+    translation = {torch.ops.moecompile.ort_moe.default: onnx_lowering.ort_moe_translation}
+    try:
+        with warnings.catch_warnings(), _quiet_exporter():
+            warnings.simplefilter("ignore")
+            return torch.onnx.export(wrapper, inputs, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                     input_names=names, output_names=["output"], opset_version=opset,
+                                     custom_translation_table=translation, verbose=False, optimize=True,
+                                     report=False)
+    except Exception as exc:  # the exporter's own errors name the node and its module
+        text = str(exc).strip()
+        raise MoECompileError(f"export_onnx: torch.onnx could not export the model: {text[:3000]}. Nothing was "
+                              "written; make the named module exportable (torch.export) or leave it out of the "
+                              "exported forward") from exc
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch.onnx prints its progress to stdout; the pass log says what happened instead."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def _check(file: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(file), full_check=True)
+    except Exception as exc:
+        raise MoECompileError(f"export_onnx: the exported file fails onnx.checker: {exc}. Nothing was written; "
+                              "this is a moecompile bug, please report it with the model") from exc
+
+
+def _random_like(t: torch.Tensor, length: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
+    shape = list(t.shape)
+    axis = 1 if t.dim() >= 2 and not t.is_floating_point() else max(t.dim() - 2, 0)
+    shape[axis] = length
+    if t.is_floating_point():
+        return torch.randn(shape, generator=gen).to(t.dtype)
+    return torch.randint(0, vocab, shape, generator=gen).to(t.dtype)
+
+
+def _verify(file: Path, model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> tuple[float, tuple]:
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(str(file), providers=providers)
+    names = [i.name for i in session.get_inputs()]
+    tensors = list(args) + list(kwargs.values())
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    vocab = vocab or int(max((t.max().item() for t in tensors if not t.is_floating_point()), default=1)) + 1
+    base = tensors[0].shape[1] if tensors[0].dim() >= 2 and not tensors[0].is_floating_point() else \
+        tensors[0].shape[max(tensors[0].dim() - 2, 0)]
+    lengths = (base, base + 5) if dynamic else (base,)
+    worst, gen = 0.0, torch.Generator().manual_seed(0)
+    for length in lengths:
+        fresh = [_random_like(t, length, vocab, gen) for t in tensors]
+        fresh_args, fresh_kwargs = fresh[:len(args)], dict(zip(kwargs, fresh[len(args):]))
+        with torch.no_grad():
+            if hasattr(model, "config") and hasattr(model, "can_generate"):
+                fresh_kwargs.setdefault("use_cache", False)
+            want = main_output(model(*fresh_args, **fresh_kwargs)).float()
+        feeds = {name: t.numpy() if t.dtype != torch.bfloat16 else t.float().numpy()
+                 for name, t in zip(names, fresh)}
+        got = torch.from_numpy(session.run(None, feeds)[0]).float()
+        if got.shape != want.shape:
+            raise MoECompileError(f"export_onnx verify: onnxruntime returned shape {tuple(got.shape)}, PyTorch "
+                                  f"{tuple(want.shape)} at length {length}. Nothing was written")
+        err = ((got - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
+        tol = VERIFY_TOLERANCE.get(_weights_dtype(model), 1e-4)
+        if not err <= tol:  # NaN fails too
+            raise MoECompileError(f"export_onnx verify: onnxruntime differs from PyTorch by {err:.2e} of max |output| "
+                                  f"at length {length} (tolerance {tol:.0e}). Nothing was written; export with "
+                                  "moe_op='standard' to tell whether the MoE lowering is the cause")
+        worst = max(worst, err)
+    return worst, lengths
+
+
+def _weights_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

@@ -1,0 +1,173 @@
+"""ONNX export (backends/onnx.py, backends/onnx_lowering.py): files run in onnxruntime (CPU provider) and compared
+with the original PyTorch model, at two sequence lengths, independently of export_onnx's own verify.
+Tolerance: max |onnxruntime - PyTorch| <= 1e-4 of max |PyTorch output| in fp32, 2e-2 in fp16."""
+import copy
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import moecompile
+from moecompile import MoECompileError, hf_zoo
+from moecompile.backends import onnx_lowering
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+import handwritten  # noqa: E402
+
+ORT_NODE, STANDARD = "com.microsoft.MoE", "standard ONNX operators"
+
+
+def run_ort(path: Path, feeds: dict) -> torch.Tensor:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {k: v.numpy() for k, v in feeds.items()})[0])
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+def moe_nodes(path: Path) -> list[str]:
+    model = onnx.load(str(path), load_external_data=False)
+    return [n.op_type for n in model.graph.node if n.domain == "com.microsoft"]
+
+
+def check_hf_lengths(model, path: Path, lengths=(3, 11), batch=2, tol=1e-4) -> None:
+    for length in lengths:
+        ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(length))
+        want = hf_zoo.model_output(model, {"input_ids": ids})
+        assert rel_err(run_ort(path, {"input_ids": ids}), want) <= tol, length
+
+
+@pytest.mark.parametrize("family, moe_op, expected", [
+    ("mixtral", "auto", ORT_NODE),  # softmax > top-2 > renormalise, SwiGLU
+    ("qwen2_moe", "auto", ORT_NODE),  # no renormalisation, shared expert with a sigmoid gate beside the operator
+    ("gpt_oss", "auto", ORT_NODE),  # top-k before softmax, clamped SwiGLU, router and expert biases
+    ("deepseek_v3", "auto", STANDARD),  # sigmoid scores, correction bias, grouped top-k
+    ("qwen3_moe", "standard", STANDARD),
+])
+def test_hf_family_exports_and_matches_pytorch(family, moe_op, expected, tmp_path, quiet):
+    model = hf_zoo.build(family, "grouped_mm")
+    path = moecompile.export_onnx(model, tmp_path / "m.onnx", hf_zoo.example_inputs(model), moe_op=moe_op,
+                                  verify=True)
+    rep = moecompile.export_report(path)
+    assert len(rep.blocks) == model.config.num_hidden_layers
+    assert all(b.export.startswith(expected) for b in rep.blocks), rep.table()
+    assert moe_nodes(path) == (["MoE"] * len(rep.blocks) if expected == ORT_NODE else [])
+    onnx.checker.check_model(str(path), full_check=True)
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert expected in meta["moecompile.pass_log"]
+    check_hf_lengths(model, path)
+    assert not any(isinstance(m, moecompile.FusedMoE) for m in model.modules())  # the user's model is untouched
+
+
+def test_standard_form_has_no_per_expert_subgraph(tmp_path, quiet):
+    """The node count does not grow with the number of experts."""
+    counts = {}
+    for E in (4, 16):
+        torch.manual_seed(0)
+        block = handwritten.EinsumMoE(E=E)
+        path = moecompile.export_onnx(block, tmp_path / f"e{E}.onnx", torch.randn(6, 32), moe_op="standard")
+        counts[E] = len(onnx.load(str(path)).graph.node)
+    assert counts[4] == counts[16]
+
+
+@pytest.mark.parametrize("build, moe_op, expected", [
+    (lambda: handwritten.EinsumMoE(), "auto", ORT_NODE),
+    (lambda: handwritten.EinsumMoE(), "standard", STANDARD),
+    (lambda: handwritten.ReluRouterMoE(), "auto", STANDARD),  # ReLU routing: variable k
+    (lambda: handwritten.Top1SharedMoE(), "auto", None),
+])
+def test_handwritten_block_alone(build, moe_op, expected, tmp_path, quiet):
+    torch.manual_seed(0)
+    block = build().eval()
+    H = next(p for n, p in block.named_parameters() if p.dim() == 2).shape[1]
+    path = moecompile.export_onnx(block, tmp_path / "b.onnx", torch.randn(7, H), moe_op=moe_op, verify=True)
+    rep = moecompile.export_report(path)
+    assert rep.blocks and all(b.export for b in rep.blocks)
+    if expected is not None:
+        assert rep.blocks[0].export.startswith(expected), rep.table()
+    for tokens in (2, 13):
+        x = torch.randn(tokens, H)
+        with torch.no_grad():
+            want = block(x)
+        assert rel_err(run_ort(path, {"input_0": x}), want) <= 1e-4, tokens
+
+
+def test_relu_routed_model_exports_and_matches(tmp_path, quiet):
+    model = hf_zoo.build("mixtral", "grouped_mm")
+    relu = moecompile.optimize(model, routing="relu", calibration=[hf_zoo.example_inputs(model, seed=s) for s in (1, 2)])
+    path = moecompile.export_onnx(relu, tmp_path / "relu.onnx", hf_zoo.example_inputs(model), verify=True)
+    assert all("ReLU routing" in b.export for b in moecompile.export_report(path).blocks)
+    check_hf_lengths(relu, path)
+
+
+def test_fp16_weights_and_external_data(tmp_path, quiet):
+    model = hf_zoo.build("mixtral", "grouped_mm", dtype=torch.float16)
+    path = moecompile.export_onnx(model, tmp_path / "h.onnx", hf_zoo.example_inputs(model), external_data=True)
+    assert (tmp_path / "h.onnx.data").stat().st_size > (tmp_path / "h.onnx").stat().st_size
+    assert moe_nodes(path) == ["MoE", "MoE"]
+    exact = copy.deepcopy(model).float()
+    check_hf_lengths(exact, path, tol=2e-2)  # fp16 file against the same weights in fp32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.onnx", "h.onnx.data"]  # no temporary left over
+
+
+def test_ort_everywhere_names_the_blocks_that_cannot_and_writes_nothing(tmp_path, quiet):
+    model = hf_zoo.build("deepseek_v3", "grouped_mm")
+    with pytest.raises(MoECompileError, match=r"model\.layers\.0\.mlp: grouped_topk selection.*moe_op='auto'"):
+        moecompile.export_onnx(model, tmp_path / "m.onnx", hf_zoo.example_inputs(model), moe_op="ort")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_mismatch_is_an_error_and_nothing_is_written(tmp_path, monkeypatch, quiet):
+    # a wrong lowering: the operator told to use alpha 2 in its SwiGLU, while the block computes SiLU
+    monkeypatch.setattr(onnx_lowering, "_ort_activation", lambda spec: ("swiglu", 2.0, 0.0, float("inf")))
+    model = hf_zoo.build("mixtral", "grouped_mm")
+    with pytest.raises(MoECompileError, match="onnxruntime differs from PyTorch"):
+        moecompile.export_onnx(model, tmp_path / "m.onnx", hf_zoo.example_inputs(model), verify=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unsupported_op_is_named_and_nothing_is_written(tmp_path, quiet):
+    @torch.library.custom_op("mctest::opaque", mutates_args=())
+    def opaque(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    opaque.register_fake(lambda x: torch.empty_like(x))
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = handwritten.EinsumMoE()
+
+        def forward(self, x):
+            return torch.ops.mctest.opaque(self.moe(x))
+
+    with pytest.raises(MoECompileError, match="mctest.opaque"):
+        moecompile.export_onnx(Model(), tmp_path / "m.onnx", torch.randn(5, 32))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_arguments(tmp_path):
+    block = handwritten.EinsumMoE()
+    with pytest.raises(MoECompileError, match="moe_op='fast' is not one of"):
+        moecompile.export_onnx(block, tmp_path / "m.onnx", torch.randn(5, 32), moe_op="fast")
+    with pytest.raises(MoECompileError, match="does not end in .onnx"):
+        moecompile.export_onnx(block, tmp_path / "m.pt", torch.randn(5, 32))
+    with pytest.raises(MoECompileError, match="example_inputs must be"):
+        moecompile.export_onnx(block, tmp_path / "m.onnx", [1, 2])
+
+
+def test_cli_export_of_a_saved_checkpoint(tmp_path, quiet, capsys):
+    from moecompile.cli import main
+
+    model = hf_zoo.build("qwen3_moe", "grouped_mm")
+    model.save_pretrained(tmp_path / "ckpt")
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "out.onnx"), "--verify"]) == 0
+    assert "com.microsoft.MoE" in capsys.readouterr().out
+    check_hf_lengths(model, tmp_path / "out.onnx")
+    assert main(["export", str(tmp_path / "missing"), str(tmp_path / "m.onnx")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
