@@ -19,7 +19,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 import warnings
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import e2e  # benchmarks/ is the script's directory: the same HF model builder
 import moecompile
 
 RESULTS = Path(__file__).parent / "results"
@@ -35,29 +35,12 @@ SMALL = dict(FULL, H=128, I=64, E=16, heads=4, kv=2, head_dim=32, vocab=512)
 
 
 def build(cfg: dict) -> torch.nn.Module:
-    import transformers
-
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=cfg["vocab"], hidden_size=cfg["H"], num_hidden_layers=cfg["layers"],
-        num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv"], head_dim=cfg["head_dim"],
-        moe_intermediate_size=cfg["I"], num_experts=cfg["E"], num_experts_per_tok=cfg["k"], norm_topk_prob=True,
-        decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=4096)
-    torch.manual_seed(0)
-    model = transformers.Qwen3MoeForCausalLM._from_config(config, experts_implementation="grouped_mm",
-                                                           dtype=torch.float16)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    return model.eval()
+    return e2e.build("qwen3_moe", cfg, torch.float16, "cpu", cfg["vocab"])
 
 
 def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    fn()  # warm-up
+    return e2e.timed(fn, "cpu", reps)
 
 
 def main() -> None:

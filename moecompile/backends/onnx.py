@@ -26,7 +26,7 @@ from ..errors import MoECompileError
 from ..fused import FusedMoE
 from ..passes.log import BlockRecord, PassRun, Report
 from . import onnx_lowering
-from .eager import optimize, report
+from .eager import _structural_copy, optimize, report
 
 MOE_OPS = ("auto", "standard", "ort")
 # verify: max |onnxruntime - PyTorch| over max |PyTorch output|, by the exported weights' dtype
@@ -139,12 +139,13 @@ def export_onnx(model: nn.Module, path, example_inputs, *, dynamic: bool = True,
     args, kwargs = _as_args(example_inputs)
     start = time.perf_counter()
     hf = hasattr(model, "config") and hasattr(model, "can_generate")
-    exported = copy.deepcopy(model).eval()
+    exported = _structural_copy(model).eval()  # shares the weights: a second copy of a large model may not fit
     if not any(isinstance(m, FusedMoE) for m in exported.modules()):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            exported = optimize(exported, inplace=True)
-    rep = copy.deepcopy(report(exported)) if _has_report(exported) else Report(model_type=type(model).__name__)
+            optimize(exported, inplace=True)
+    known = next((m for m in (exported, model) if _has_report(m)), None)
+    rep = copy.deepcopy(report(known)) if known is not None else Report(model_type=type(model).__name__)
     for path_, kind in _choose_lowerings(exported, moe_op, rep).items():
         module = exported.get_submodule(path_)
         module.lowering = onnx_lowering.lowering_for(kind, module.spec, module.weights())
@@ -163,7 +164,11 @@ def export_onnx(model: nn.Module, path, example_inputs, *, dynamic: bool = True,
         _check(tmp_file)
         if verify:
             verify_start = time.perf_counter()
-            err, lengths = _verify(tmp_file, model, args, kwargs, dynamic)
+            was_training = model.training
+            try:
+                err, lengths = _verify(tmp_file, model.eval(), args, kwargs, dynamic)
+            finally:
+                model.train(was_training)
             rep.passes.append(PassRun(name="verify_onnxruntime", seconds=time.perf_counter() - verify_start,
                                       modified=False, note=f"max error {err:.1e} of max |output| at lengths "
                                                            f"{'/'.join(map(str, lengths))}"))

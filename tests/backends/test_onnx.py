@@ -5,7 +5,6 @@ import copy
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
