@@ -13,6 +13,7 @@ import contextlib
 import copy
 import io
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -201,19 +202,42 @@ def _log_summary(rep: Report) -> dict:
 
 
 def _torch_onnx_export(wrapper: nn.Module, inputs: tuple, names: list[str], dynamic_shapes, opset: int):
+    """torch.export, then torch.onnx's translation of the exported program; errors name the node and the module
+    it came from."""
     translation = {torch.ops.moecompile.ort_moe.default: onnx_lowering.ort_moe_translation}
-    try:
-        with warnings.catch_warnings(), _quiet_exporter():
-            warnings.simplefilter("ignore")
-            return torch.onnx.export(wrapper, inputs, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                     input_names=names, output_names=["output"], opset_version=opset,
-                                     custom_translation_table=translation, verbose=False, optimize=True,
-                                     report=False)
-    except Exception as exc:  # the exporter's own errors name the node and its module
-        text = str(exc).strip()
-        raise MoECompileError(f"export_onnx: torch.onnx could not export the model: {text[:3000]}. Nothing was "
-                              "written; make the named module exportable (torch.export) or leave it out of the "
-                              "exported forward") from exc
+    with warnings.catch_warnings(), _quiet_exporter():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.export.export(wrapper, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception as exc:
+            raise MoECompileError(f"export_onnx: torch.export could not trace the model: {str(exc).strip()[:3000]}. "
+                                  "Nothing was written; make the named code traceable by torch.export (sizes of "
+                                  "at least 2 on the dynamic axes of example_inputs, no data-dependent Python "
+                                  "control flow) or export with dynamic=False") from exc
+        try:
+            return torch.onnx.export(program, inputs, dynamo=True, input_names=names, output_names=["output"],
+                                     opset_version=opset, custom_translation_table=translation, verbose=False,
+                                     optimize=True, report=False)
+        except Exception as exc:
+            where = _failed_node(program, exc)
+            raise MoECompileError(f"export_onnx: torch.onnx has no ONNX translation for {where}. Nothing was "
+                                  "written; replace that operation in the module, or register a translation "
+                                  f"(torch.onnx custom_translation_table). Exporter's message: "
+                                  f"{str(exc).strip()[:1500]}") from exc
+
+
+def _failed_node(program, exc: Exception) -> str:
+    """'node <name> (<target>) in module <path>' for the node the exporter's error names, else 'the model'."""
+    match = re.search(r"translating node %(\S+)", str(exc))
+    if match is None:
+        return "an operation of the model"
+    node = next((n for n in program.graph.nodes if n.name == match.group(1)), None)
+    if node is None:
+        return f"node {match.group(1)}"
+    stack = node.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.values()))[0] if stack else "model"
+    path = "<root>" if path == "model" else path.removeprefix("model.")  # the user's model is the wrapper's .model
+    return f"node {node.name} ({node.target}) in module {path}"
 
 
 @contextlib.contextmanager
