@@ -144,7 +144,7 @@ def export_onnx(model: nn.Module, path, example_inputs, *, dynamic: bool = True,
     if not any(isinstance(m, FusedMoE) for m in exported.modules()):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            optimize(exported, inplace=True)
+            exported = optimize(exported, inplace=True)  # a new module when the root itself is the block
     known = next((m for m in (exported, model) if _has_report(m)), None)
     rep = copy.deepcopy(report(known)) if known is not None else Report(model_type=type(model).__name__)
     for path_, kind in _choose_lowerings(exported, moe_op, rep).items():

@@ -63,6 +63,19 @@ def test_hf_family_exports_and_matches_pytorch(family, moe_op, expected, tmp_pat
     assert not any(isinstance(m, moecompile.FusedMoE) for m in model.modules())  # the user's model is untouched
 
 
+@pytest.mark.parametrize("family, moe_op", [("qwen2_moe", "auto"), ("olmoe", "standard")])
+def test_hf_block_alone(family, moe_op, tmp_path, quiet):
+    model = hf_zoo.build(family, "grouped_mm")
+    block = model.model.layers[0].mlp
+    H = model.config.hidden_size
+    path = moecompile.export_onnx(block, tmp_path / "b.onnx", torch.randn(2, 5, H), moe_op=moe_op, verify=True)
+    for seq in (3, 8):
+        x = torch.randn(2, seq, H)
+        with torch.no_grad():
+            want = moecompile.backends.onnx.main_output(block(x))
+        assert rel_err(run_ort(path, {"input_0": x}), want) <= 1e-4, seq
+
+
 def test_standard_form_has_no_per_expert_subgraph(tmp_path, quiet):
     """The node count does not grow with the number of experts."""
     counts = {}
