@@ -109,8 +109,8 @@ def _choose_lowerings(model: nn.Module, moe_op: str, rep: Report) -> dict[str, s
         records[path].export = note
     if cannot:
         how = ("use moe_op='auto' or 'standard' (--moe-op) for these blocks" if moe_op == "ort"
-               else "these blocks have no ONNX form yet; leave them unfused (optimize them with verify=False is not "
-                    "a way out) or export without moecompile")
+               else "these blocks have no ONNX form in moecompile yet; export the original model with "
+                    "torch.onnx.export, which keeps the model's own code for them")
         raise MoECompileError(f"export_onnx: {len(cannot)} block(s) cannot be exported with moe_op={moe_op!r}: "
                               + "; ".join(cannot) + f"; {how}. Nothing was written.")
     return choice

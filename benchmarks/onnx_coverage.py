@@ -1,0 +1,106 @@
+"""ONNX export over the coverage list: every family that results/coverage.json reports fully fused is exported with
+moe_op="auto" and verify=True (onnxruntime CPU against PyTorch at two sequence lengths, 1e-4 of max |logit|), and
+the lowering each block got is counted. One subprocess per family, under a time limit.
+
+Run: `python benchmarks/onnx_coverage.py [--families a,b]` (CPU; writes results/onnx_coverage.json and .md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+FAMILY_SECONDS = 300
+
+
+def export_one(family: str) -> dict:
+    import warnings
+
+    import torch
+
+    import moecompile
+    from moecompile import hf_zoo
+
+    warnings.filterwarnings("ignore")
+    impls = hf_zoo.experts_implementations(family)
+    impl = "grouped_mm" if "grouped_mm" in impls else None
+    model = hf_zoo.build(family, impl)
+    inputs = hf_zoo.example_inputs(model, batch=2, seq=9)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = moecompile.export_onnx(model, Path(tmp) / "m.onnx", inputs, verify=True)
+        except moecompile.MoECompileError as exc:
+            return dict(family=family, impl=impl or "n/a", status="error", note=" ".join(str(exc).split())[:300],
+                        seconds=round(time.perf_counter() - start, 1))
+        rep = moecompile.export_report(path)
+    lowerings = [b.export.split(" (")[0] for b in rep.blocks if b.export]
+    verify = next(p.note for p in rep.passes if p.name == "verify_onnxruntime")
+    return dict(family=family, impl=impl or "n/a", status="exported", blocks=len(lowerings),
+                ort_blocks=sum(x == "com.microsoft.MoE" for x in lowerings), verify=verify,
+                seconds=round(time.perf_counter() - start, 1), torch=torch.__version__)
+
+
+def isolated(family: str) -> dict:
+    try:
+        done = subprocess.run([sys.executable, __file__, "--one", family], capture_output=True, text=True,
+                              timeout=FAMILY_SECONDS)
+    except subprocess.TimeoutExpired:
+        return dict(family=family, status="error", note=f"took over {FAMILY_SECONDS}s")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return dict(family=family, status="error", note=" ".join(done.stderr.split())[-300:])
+    return json.loads(lines[-1])
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    ok = [r for r in rows if r["status"] == "exported"]
+    lines = [f"# ONNX export over the coverage list ({result['date']}, CPU, transformers {result['transformers']}, "
+             f"onnxruntime {result['onnxruntime']})", "",
+             f"{len(ok)} of {len(rows)} fully fused families exported and verified in onnxruntime (two sequence "
+             "lengths, 1e-4 of max |logit|). Command: `python benchmarks/onnx_coverage.py`.", "",
+             "| family | impl | status | blocks (com.microsoft.MoE / all) | verify or error |", "|---|---|---|---|---|"]
+    for r in rows:
+        blocks = f"{r['ort_blocks']} / {r['blocks']}" if r["status"] == "exported" else "-"
+        lines.append(f"| {r['family']} | {r.get('impl', '-')} | {r['status']} | {blocks} | "
+                     f"{r.get('verify') or r.get('note', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", help="comma-separated model types (default: the fully fused ones)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(export_one(args.one)))
+        return
+    import onnxruntime
+    import transformers
+
+    coverage = json.loads((RESULTS / "coverage.json").read_text())
+    by_family: dict[str, list] = {}
+    for row in coverage["rows"]:
+        by_family.setdefault(row["family"], []).append(row["status"])
+    families = args.families.split(",") if args.families else sorted(
+        f for f, statuses in by_family.items() if all(s == "fused" for s in statuses))
+    result = dict(date=datetime.date.today().isoformat(), transformers=transformers.__version__,
+                  onnxruntime=onnxruntime.__version__, rows=[])
+    for family in families:
+        row = isolated(family)
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        (RESULTS / "onnx_coverage.json").write_text(json.dumps(result, indent=1))
+        (RESULTS / "onnx_coverage.md").write_text(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
