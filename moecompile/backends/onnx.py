@@ -272,7 +272,12 @@ def _verify(file: Path, model: nn.Module, args: tuple, kwargs: dict, dynamic: bo
     providers = ["CPUExecutionProvider"]
     if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
-    session = ort.InferenceSession(str(file), providers=providers)
+    try:
+        session = ort.InferenceSession(str(file), providers=providers)
+    except Exception as exc:  # e.g. no kernel for an operator in this dtype on this provider
+        raise MoECompileError(f"export_onnx verify: onnxruntime ({', '.join(providers)}) cannot load the file: "
+                              f"{' '.join(str(exc).split())[:500]}. Nothing was written; export without verify, or "
+                              "verify where the runtime has those kernels (bf16 needs onnxruntime-gpu)") from exc
     names = [i.name for i in session.get_inputs()]
     tensors = list(args) + list(kwargs.values())
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)

@@ -63,31 +63,29 @@ def standard_block(spec: MoESpec, weights: MoEWeights, x: torch.Tensor):
     logits, dense, chosen, slot = _dense_routing(spec, weights, x)
     acc = torch.promote_types(x.dtype, torch.float32)
     e_spec = spec.experts
+    # batched MatMuls over the expert axis (ONNX MatMul takes bf16, Einsum does not): [E, T, *] activations
     if spec.router.weight_on_input:  # each expert sees its weighted input
-        expert_in = (x.to(acc).unsqueeze(1) * dense.unsqueeze(-1)).to(x.dtype)  # [T, E, H]
-        h = torch.einsum("teh,efh->tef", expert_in, weights.w1)
+        expert_in = (x.to(acc).unsqueeze(0) * dense.t().unsqueeze(-1)).to(x.dtype)  # [E, T, H]
     else:
-        h = torch.einsum("th,efh->tef", x, weights.w1)  # [T, E, F]
+        expert_in = x.unsqueeze(0)  # [1, T, H], broadcast over the experts
+    h = torch.matmul(expert_in, weights.w1.transpose(1, 2))  # [E, T, F]
     if weights.b1 is not None:
-        h = h + weights.b1
+        h = h + weights.b1.unsqueeze(1)
     if e_spec.gated:
         gate, up = h.split(e_spec.intermediate_size, dim=-1)
         h = glu(e_spec, gate, up)
     else:
         h = activation(e_spec, h)
-    y = torch.einsum("tei,ehi->teh", h, weights.w2)  # [T, E, H]
+    y = torch.matmul(h, weights.w2.transpose(1, 2))  # [E, T, H]
     if weights.b2 is not None:
-        y = y + weights.b2
-    if spec.router.weight_on_input:
-        out = (y.to(acc) * chosen.to(acc).unsqueeze(-1)).sum(dim=1)
-    else:
-        out = torch.einsum("teh,te->th", y.to(acc), dense)
+        y = y + weights.b2.unsqueeze(1)
+    combine = chosen.to(acc) if spec.router.weight_on_input else dense  # [T, E]
+    out = torch.matmul(combine.unsqueeze(1), y.to(acc).transpose(0, 1)).squeeze(1)  # [T, 1, E] @ [T, E, H]
     if spec.shared is not None:
         out = out + shared_experts(spec, weights, x)
     if spec.has_output_bias:
         out = out + weights.output_bias.to(acc)
     return out.to(x.dtype), logits, slot
-
 
 
 class StandardLowering(nn.Module):

@@ -127,6 +127,18 @@ def test_fp16_weights_and_external_data(tmp_path, quiet):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.onnx", "h.onnx.data"]  # no temporary left over
 
 
+def test_bf16_exports_checked_and_cpu_verify_says_what_is_missing(tmp_path, quiet):
+    """bf16 blocks take the standard form (the contrib operator has no bf16); the file passes the full check, while
+    onnxruntime's CPU provider has no bf16 kernels, which verify reports instead of writing the file."""
+    model = hf_zoo.build("mixtral", "grouped_mm", dtype=torch.bfloat16)
+    path = moecompile.export_onnx(model, tmp_path / "b.onnx", hf_zoo.example_inputs(model))
+    onnx.checker.check_model(str(path), full_check=True)
+    assert all(b.export.startswith(STANDARD) and "bfloat16" in b.export for b in moecompile.export_report(path).blocks)
+    with pytest.raises(MoECompileError, match="cannot load the file.*bf16 needs onnxruntime-gpu"):
+        moecompile.export_onnx(model, tmp_path / "v.onnx", hf_zoo.example_inputs(model), verify=True)
+    assert not (tmp_path / "v.onnx").exists()
+
+
 def test_ort_everywhere_names_the_blocks_that_cannot_and_writes_nothing(tmp_path, quiet):
     model = hf_zoo.build("deepseek_v3", "grouped_mm")
     with pytest.raises(MoECompileError, match=r"model\.layers\.0\.mlp: grouped_topk selection.*moe_op='auto'"):
