@@ -101,8 +101,8 @@ def markdown(result: dict) -> str:
              "| family | impl | status | blocks (com.microsoft.MoE / all) | verify or error |", "|---|---|---|---|---|"]
     for r in rows:
         blocks = f"{r['ort_blocks']} / {r['blocks']}" if r["status"] == "exported" else "-"
-        lines.append(f"| {r['family']} | {r.get('impl', '-')} | {r['status']} | {blocks} | "
-                     f"{r.get('verify') or r.get('note', '')} |")
+        text = (r.get("verify") or r.get("note", "")).replace("|", "\\|")  # a cell may quote |output|
+        lines.append(f"| {r['family']} | {r.get('impl', '-')} | {r['status']} | {blocks} | {text} |")
     return "\n".join(lines) + "\n"
 
 
