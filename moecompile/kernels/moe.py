@@ -9,11 +9,11 @@ accumulator; the result is cast to the input's dtype. Nothing waits on the host,
 on shapes only. Router forms the gating kernel does not cover (sparsemixer, expert capacity, non-power-of-two expert
 groups) route with the PyTorch reference, still without a host sync, and share everything after it.
 
-Backward recomputes the block with the differentiable reference (reference.py) and differentiates that.
+Backward recomputes the block with the differentiable reference (reference.py) and differentiates that, inside an op
+of its own (moe_backward), so that torch.compile's AOTAutograd traces it as one call.
 """
 
 from __future__ import annotations
-
 
 import json
 from contextlib import contextmanager
