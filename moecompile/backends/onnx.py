@@ -73,9 +73,16 @@ def _as_args(example_inputs) -> tuple[tuple, dict]:
 
 
 def _dynamic_dims(t: torch.Tensor) -> dict:
-    """Batch and sequence axes: every axis of integer ids; every axis but the last (features) of float inputs."""
+    """Batch and sequence axes: every axis of integer ids; every axis but the last (features) of float inputs. An
+    axis whose example size is 0 or 1 stays static (torch.export specialises those sizes)."""
     n = t.dim() if not t.is_floating_point() else t.dim() - 1
-    return {i: torch.export.Dim.DYNAMIC for i in range(n)}
+    return {i: torch.export.Dim.DYNAMIC for i in range(n) if t.shape[i] >= 2}
+
+
+def _static_axes_note(inputs: tuple, names: list[str]) -> str:
+    static = [f"{name} axis {i}" for name, t in zip(names, inputs)
+              for i in range(t.dim() if not t.is_floating_point() else t.dim() - 1) if t.shape[i] < 2]
+    return f"; static (example size < 2): {', '.join(static)}" if static else ""
 
 
 def _choose_lowerings(model: nn.Module, moe_op: str, rep: Report) -> dict[str, str]:
@@ -121,7 +128,7 @@ def export_onnx(model: nn.Module, path, example_inputs, *, dynamic: bool = True,
     """Export `model` (optimized on a copy if it was not) to ONNX at `path`; returns the path.
 
     example_inputs: a tensor, a tuple of tensors, or a dict of keyword tensors (an HF model: {"input_ids": ids});
-        use sizes of at least 2 on the axes that should stay dynamic.
+        an axis of example size 0 or 1 is exported static (the pass log lists those), so use sizes of at least 2.
     dynamic: batch and sequence axes dynamic (every axis of integer inputs, all but the last of float inputs).
     moe_op: "auto" (com.microsoft.MoE where it computes the block exactly, standard operators elsewhere),
         "standard" (standard operators everywhere), "ort" (the contrib operator everywhere, or an error naming the
@@ -159,7 +166,8 @@ def export_onnx(model: nn.Module, path, example_inputs, *, dynamic: bool = True,
         program = _torch_onnx_export(wrapper, inputs, names, dynamic_shapes, opset)
         export_s = time.perf_counter() - start
         rep.passes.append(PassRun(name="export_onnx", seconds=export_s, modified=True,
-                                  note=f"opset {opset}, moe_op={moe_op}, dynamic={dynamic}"))
+                                  note=f"opset {opset}, moe_op={moe_op}, dynamic={dynamic}"
+                                       + (_static_axes_note(inputs, names) if dynamic else "")))
         program.model.metadata_props["moecompile.pass_log"] = json.dumps(_log_summary(rep))
         program.save(str(tmp_file), external_data=external_data)
         _check(tmp_file)

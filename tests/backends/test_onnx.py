@@ -180,6 +180,14 @@ def test_unsupported_op_is_named_and_nothing_is_written(tmp_path, quiet):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_example_axis_of_size_1_is_exported_static_and_logged(tmp_path, quiet):
+    model = hf_zoo.build("mixtral", "grouped_mm")
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    path = moecompile.export_onnx(model, tmp_path / "m.onnx", {"input_ids": ids})
+    assert "static (example size < 2): input_ids axis 0" in moecompile.export_report(path).table()
+    check_hf_lengths(model, path, batch=1)  # the sequence axis stays dynamic
+
+
 def test_bad_arguments(tmp_path):
     block = handwritten.EinsumMoE()
     with pytest.raises(MoECompileError, match="moe_op='fast' is not one of"):
