@@ -72,16 +72,23 @@ def _as_args(example_inputs) -> tuple[tuple, dict]:
                           f"tensors (got {type(example_inputs).__name__})")
 
 
+def _batch_axes(t: torch.Tensor) -> range:
+    """Batch and sequence axes: every axis of integer ids; every axis but the last (features) of float inputs."""
+    return range(t.dim() if not t.is_floating_point() else t.dim() - 1)
+
+
+def _length_axis(t: torch.Tensor) -> int:
+    """The sequence (or token) axis: axis 1 of [batch, seq] ids, the one before the features of float inputs."""
+    return 1 if t.dim() >= 2 and not t.is_floating_point() else max(t.dim() - 2, 0)
+
+
 def _dynamic_dims(t: torch.Tensor) -> dict:
-    """Batch and sequence axes: every axis of integer ids; every axis but the last (features) of float inputs. An
-    axis whose example size is 0 or 1 stays static (torch.export specialises those sizes)."""
-    n = t.dim() if not t.is_floating_point() else t.dim() - 1
-    return {i: torch.export.Dim.DYNAMIC for i in range(n) if t.shape[i] >= 2}
+    """The batch axes, but those whose example size is 0 or 1: they stay static (torch.export specialises them)."""
+    return {i: torch.export.Dim.DYNAMIC for i in _batch_axes(t) if t.shape[i] >= 2}
 
 
 def _static_axes_note(inputs: tuple, names: list[str]) -> str:
-    static = [f"{name} axis {i}" for name, t in zip(names, inputs)
-              for i in range(t.dim() if not t.is_floating_point() else t.dim() - 1) if t.shape[i] < 2]
+    static = [f"{name} axis {i}" for name, t in zip(names, inputs) for i in _batch_axes(t) if t.shape[i] < 2]
     return f"; static (example size < 2): {', '.join(static)}" if static else ""
 
 
@@ -152,8 +159,8 @@ def export_onnx(model: nn.Module, path, example_inputs, *, dynamic: bool = True,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             exported = optimize(exported, inplace=True)  # a new module when the root itself is the block
-    known = next((m for m in (exported, model) if _has_report(m)), None)
-    rep = copy.deepcopy(report(known)) if known is not None else Report(model_type=type(model).__name__)
+    known = _report_or_none(exported) or _report_or_none(model)
+    rep = copy.deepcopy(known) if known is not None else Report(model_type=type(model).__name__)
     for path_, kind in _choose_lowerings(exported, moe_op, rep).items():
         module = exported.get_submodule(path_)
         module.lowering = onnx_lowering.lowering_for(kind, module.spec, module.weights())
@@ -175,7 +182,8 @@ def export_onnx(model: nn.Module, path, example_inputs, *, dynamic: bool = True,
             verify_start = time.perf_counter()
             was_training = model.training
             try:
-                err, lengths = _verify(tmp_file, model.eval(), args, kwargs, dynamic)
+                err, lengths = _verify(tmp_file, _Outputs(model.eval(), len(args), list(kwargs), hf), inputs,
+                                       dynamic)
             finally:
                 model.train(was_training)
             rep.passes.append(PassRun(name="verify_onnxruntime", seconds=time.perf_counter() - verify_start,
@@ -195,12 +203,11 @@ def export_report(path) -> Report:
     return _EXPORT_REPORTS[str(Path(path).resolve())]
 
 
-def _has_report(model: nn.Module) -> bool:
+def _report_or_none(model: nn.Module) -> Report | None:
     try:
-        report(model)
-        return True
+        return report(model)
     except MoECompileError:
-        return False
+        return None
 
 
 def _log_summary(rep: Report) -> dict:
@@ -267,14 +274,15 @@ def _check(file: Path) -> None:
 
 def _random_like(t: torch.Tensor, length: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
     shape = list(t.shape)
-    axis = 1 if t.dim() >= 2 and not t.is_floating_point() else max(t.dim() - 2, 0)
-    shape[axis] = length
+    shape[_length_axis(t)] = length
     if t.is_floating_point():
         return torch.randn(shape, generator=gen).to(t.dtype)
     return torch.randint(0, vocab, shape, generator=gen).to(t.dtype)
 
 
-def _verify(file: Path, model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> tuple[float, tuple]:
+def _verify(file: Path, original: _Outputs, inputs: tuple, dynamic: bool) -> tuple[float, tuple]:
+    """Worst error of onnxruntime against `original` (the user's model, called as the exported wrapper is) on
+    random inputs shaped like `inputs`, at the example's length and 5 more."""
     import onnxruntime as ort
 
     providers = ["CPUExecutionProvider"]
@@ -287,20 +295,16 @@ def _verify(file: Path, model: nn.Module, args: tuple, kwargs: dict, dynamic: bo
                               f"{' '.join(str(exc).split())[:500]}. Nothing was written; export without verify, or "
                               "verify where the runtime has those kernels (bf16 needs onnxruntime-gpu)") from exc
     names = [i.name for i in session.get_inputs()]
-    tensors = list(args) + list(kwargs.values())
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    vocab = vocab or int(max((t.max().item() for t in tensors if not t.is_floating_point()), default=1)) + 1
-    base = tensors[0].shape[1] if tensors[0].dim() >= 2 and not tensors[0].is_floating_point() else \
-        tensors[0].shape[max(tensors[0].dim() - 2, 0)]
+    vocab = getattr(getattr(original.model, "config", None), "vocab_size", None)
+    vocab = vocab or int(max((t.max().item() for t in inputs if not t.is_floating_point()), default=1)) + 1
+    base = inputs[0].shape[_length_axis(inputs[0])]
     lengths = (base, base + 5) if dynamic else (base,)
+    tol = VERIFY_TOLERANCE.get(_weights_dtype(original), 1e-4)
     worst, gen = 0.0, torch.Generator().manual_seed(0)
     for length in lengths:
-        fresh = [_random_like(t, length, vocab, gen) for t in tensors]
-        fresh_args, fresh_kwargs = fresh[:len(args)], dict(zip(kwargs, fresh[len(args):]))
+        fresh = [_random_like(t, length, vocab, gen) for t in inputs]
         with torch.no_grad():
-            if hasattr(model, "config") and hasattr(model, "can_generate"):
-                fresh_kwargs.setdefault("use_cache", False)
-            want = main_output(model(*fresh_args, **fresh_kwargs)).float()
+            want = original(*fresh).float()
         feeds = {name: t.numpy() if t.dtype != torch.bfloat16 else t.float().numpy()
                  for name, t in zip(names, fresh)}
         got = torch.from_numpy(session.run(None, feeds)[0]).float()
@@ -308,7 +312,6 @@ def _verify(file: Path, model: nn.Module, args: tuple, kwargs: dict, dynamic: bo
             raise MoECompileError(f"export_onnx verify: onnxruntime returned shape {tuple(got.shape)}, PyTorch "
                                   f"{tuple(want.shape)} at length {length}. Nothing was written")
         err = ((got - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
-        tol = VERIFY_TOLERANCE.get(_weights_dtype(model), 1e-4)
         if not err <= tol:  # NaN fails too
             raise MoECompileError(f"export_onnx verify: onnxruntime differs from PyTorch by {err:.2e} of max |output| "
                                   f"at length {length} (tolerance {tol:.0e}). Nothing was written; export with "
