@@ -109,14 +109,37 @@ def for_fp32(cfg: GemmConfig) -> GemmConfig:
     return GemmConfig(**{**cfg.to_dict(), "BK": min(cfg.BK, 32), "num_stages": 2})
 
 
+@lru_cache(maxsize=None)
+def _tuned_tokens(hidden: int, inter: int, num_experts: int, slots: int) -> tuple[int, ...]:
+    """Token counts the table has entries for at this layer shape."""
+    suffix = table_key(0, hidden, inter, num_experts, slots)[len("T0"):]
+    return tuple(sorted(int(key[1:].split("_", 1)[0]) for key in _table() if key.endswith(suffix)
+                        and key.startswith("T") and key[1:].split("_", 1)[0].isdigit()))
+
+
+@lru_cache(maxsize=4096)
+def nearest_tuned(tokens: int, hidden: int, inter: int, num_experts: int, slots: int) -> int | None:
+    """The tuned token count nearest to `tokens` (by ratio) at this layer shape, if within a factor of 2 and in
+    the same tile regime of the heuristic (decode-sized calls keep their small row blocks)."""
+    regime = heuristic(tokens, hidden, inter, num_experts, slots, 132).up.BM
+    best = None
+    for tuned in _tuned_tokens(hidden, inter, num_experts, slots):
+        ratio = max(tuned, tokens) / max(1, min(tuned, tokens))
+        if ratio <= 2 and heuristic(tuned, hidden, inter, num_experts, slots, 132).up.BM == regime and (
+                best is None or ratio < best[0]):
+            best = (ratio, tuned)
+    return None if best is None else best[1]
+
+
 def choose(tokens: int, hidden: int, inter: int, num_experts: int, slots: int, device: torch.device) -> MoEConfig:
-    """The tuned entry for these exact shapes on a Hopper GPU, else the heuristic."""
-    sm_count = sm_count_of(device)
+    """On a Hopper GPU, the tuned entry for this layer shape at the nearest tuned token count (nearest_tuned), else
+    the heuristic."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
-        entry = _table().get(table_key(tokens, hidden, inter, num_experts, slots))
-        if entry is not None:
+        tuned = nearest_tuned(tokens, hidden, inter, num_experts, slots)
+        if tuned is not None:
+            entry = _table()[table_key(tuned, hidden, inter, num_experts, slots)]
             return MoEConfig(GemmConfig(**entry["up"]), GemmConfig(**entry["down"]))
-    return heuristic(tokens, hidden, inter, num_experts, slots, sm_count)
+    return heuristic(tokens, hidden, inter, num_experts, slots, sm_count_of(device))
 
 
 @lru_cache(maxsize=None)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])  # one compiled variant for every token count
 def _dispatch_kernel(
     ids_ptr, weight_ptr, counts_ptr, cursor_ptr,
     sorted_pair_ptr, block_expert_ptr, block_end_ptr, num_blocks_ptr,

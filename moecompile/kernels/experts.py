@@ -18,6 +18,10 @@ import triton
 import triton.language as tl
 
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4, "clamped_swiglu": 5}
+# arguments that change from call to call with the token count: not specialised (Triton would otherwise compile a
+# variant for 1, for multiples of 16 and for the rest), so prefill, decode and the backend's confirmation share one
+# compiled kernel per tile config
+_PER_CALL = ["T", "block_lo", "round_blocks", "NUM_PROGS"]
 
 
 @triton.jit
@@ -83,16 +87,16 @@ def _block_rows(m_blk, sorted_pair_ptr, block_expert_ptr, block_end_ptr, T, S, B
     return rows, pair, token, ok, expert
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL)
 def _expert_up_kernel(
     x_ptr, w1_ptr, b1_ptr, h_ptr, pair_weight_ptr,
     sorted_pair_ptr, block_expert_ptr, block_end_ptr, num_blocks_ptr,
     T, H, I, S, block_lo, round_blocks,
     stride_xt, stride_w1e, stride_w1f, stride_w1h, stride_b1e, stride_ht,
-    alpha, limit,
+    alpha, limit, NUM_PROGS,
     DENSE: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_B1: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr, DOT_FP32: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     num_m = _round_blocks(num_blocks_ptr, block_lo, round_blocks, T, BM, DENSE)
     num_n = tl.cdiv(I, BN)
@@ -142,16 +146,15 @@ def _expert_up_kernel(
         tl.store(h_ptrs, out.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL)
 def _expert_down_kernel(
     h_ptr, w2_ptr, b2_ptr, out_ptr, pair_weight_ptr, row_scale_ptr,
     sorted_pair_ptr, block_expert_ptr, block_end_ptr, num_blocks_ptr,
     T, H, I, S, block_lo, round_blocks,
-    stride_ht, stride_w2e, stride_w2h, stride_w2i, stride_b2e, stride_ot,
+    stride_ht, stride_w2e, stride_w2h, stride_w2i, stride_b2e, stride_ot, NUM_PROGS,
     DENSE: tl.constexpr, HAS_B2: tl.constexpr, APPLY_WEIGHT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGS: tl.constexpr,
 ):
     num_m = _round_blocks(num_blocks_ptr, block_lo, round_blocks, T, BM, DENSE)
     num_n = tl.cdiv(H, BN)

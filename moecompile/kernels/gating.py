@@ -44,7 +44,7 @@ def _first_argmax(v, index, SIZE: tl.constexpr):
     return tl.where(idx < SIZE, idx, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # one compiled variant for every token count
 def _gating_kernel(
     x_ptr, wr_ptr, br_ptr, corr_ptr, sg_ptr,
     logits_ptr, weight_ptr, ids_ptr, counts_ptr, sg_out_ptr,

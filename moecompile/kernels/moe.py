@@ -1,5 +1,5 @@
-"""The Triton MoE forward as one PyTorch op, `torch.ops.moecompile.moe_forward`, with a fake (shape) implementation
-and an autograd formula, so the same op runs eagerly, is traced by torch.compile and torch.export, and is captured in
+"""The Triton MoE forward as one PyTorch op, `torch.ops.moecompile.moe_forward` (and `moe_forward_y`, its output
+alone, for compiled inference graphs), with a fake (shape) implementation and an autograd formula, so the same op runs eagerly, is traced by torch.compile and torch.export, and is captured in
 CUDA graphs.
 
 Place in the pipeline: FusedMoE.forward calls `moe_forward(spec, weights, x, seq_len)` here on CUDA tensors. The op
@@ -207,21 +207,20 @@ def _run_experts(mlp, x, w1, w2, b1, b2, acc, cfg: configs.MoEConfig, *, dense: 
             sorted_pair, block_expert, block_end, num_blocks,
             T, H, I, S, block_lo, round_blocks,
             x.stride(0), w1s[0], w1s[1], w1s[2], b1s, h.stride(0),
-            float(mlp.activation_alpha), float(mlp.activation_limit),
+            float(mlp.activation_alpha), float(mlp.activation_limit), up_programs,
             DENSE=dense, GATED=mlp.gated, ACT=ACTIVATION_CODES[mlp.activation], HAS_B1=b1 is not None,
             WEIGHT_ON_INPUT=weight_on_input, DOT_FP32=dot_fp32,
-            BM=up.BM, BN=up.BN, BK=up.BK, GROUP_M=up.GROUP_M, NUM_PROGS=up_programs,
+            BM=up.BM, BN=up.BN, BK=up.BK, GROUP_M=up.GROUP_M,
             num_warps=up.num_warps, num_stages=up.num_stages,
         )
         _expert_down_kernel[(down_programs,)](
             h, w2, b2 if b2 is not None else acc, acc, pw, rs,
             sorted_pair, block_expert, block_end, num_blocks,
             T, H, I, S, block_lo, round_blocks,
-            h.stride(0), w2s[0], w2s[1], w2s[2], b2s, acc.stride(0),
+            h.stride(0), w2s[0], w2s[1], w2s[2], b2s, acc.stride(0), down_programs,
             DENSE=dense, HAS_B2=b2 is not None, APPLY_WEIGHT=pair_weight is not None and not weight_on_input,
             HAS_ROW_SCALE=row_scale is not None, DOT_FP32=dot_fp32,
             BM=down.BM, BN=down.BN, BK=down.BK, SPLIT_K=down.split_k, GROUP_M=down.GROUP_M,
-            NUM_PROGS=down_programs,
             num_warps=down.num_warps, num_stages=down.num_stages,
         )
 
@@ -316,13 +315,40 @@ def moe_forward_op(
     spec_json: str, seq_len: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y [T, H] in x's dtype, router logits [T, E] fp32, slot weights [T, k] fp32 (ReLU routing: gates [T, E])."""
+    return _op_impl(x, MoEWeights(router_weight=router_weight, w1=w1, w2=w2, router_bias=router_bias,
+                                  correction_bias=correction_bias, b1=b1, b2=b2, shared_w1=shared_w1,
+                                  shared_w2=shared_w2, shared_b1=shared_b1, shared_b2=shared_b2,
+                                  shared_gate=shared_gate, output_bias=output_bias), spec_json, seq_len, copy_out=3)
+
+
+def _op_impl(x: torch.Tensor, weights: MoEWeights, spec_json: str, seq_len: int, copy_out: int):
     spec = _spec(spec_json)
-    weights = MoEWeights(router_weight=router_weight, w1=w1, w2=w2, router_bias=router_bias,
-                         correction_bias=correction_bias, b1=b1, b2=b2, shared_w1=shared_w1, shared_w2=shared_w2,
-                         shared_b1=shared_b1, shared_b2=shared_b2, shared_gate=shared_gate, output_bias=output_bias)
     if unsupported_reason(spec, weights, x) is not None:  # torch.compile graphs call the op on any device
-        return _reference_outputs(spec, weights, x, seq_len)
-    return _launch(spec, spec_json, weights, x, seq_len, copy_out=3)
+        return _reference_outputs(spec, weights, x, seq_len)[:copy_out]
+    return _launch(spec, spec_json, weights, x, seq_len, copy_out=copy_out)
+
+
+@torch.library.custom_op("moecompile::moe_forward_y", mutates_args=())
+def moe_forward_y_op(
+    x: torch.Tensor, router_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+    router_bias: torch.Tensor | None, correction_bias: torch.Tensor | None,
+    b1: torch.Tensor | None, b2: torch.Tensor | None,
+    shared_w1: torch.Tensor | None, shared_w2: torch.Tensor | None,
+    shared_b1: torch.Tensor | None, shared_b2: torch.Tensor | None,
+    shared_gate: torch.Tensor | None, output_bias: torch.Tensor | None,
+    spec_json: str, seq_len: int,
+) -> torch.Tensor:
+    """moe_forward's y alone, for compiled inference graphs that read nothing else: a graph replay then copies out
+    one tensor instead of three. No autograd formula: `run` calls it only when no gradient is wanted."""
+    return _op_impl(x, MoEWeights(router_weight=router_weight, w1=w1, w2=w2, router_bias=router_bias,
+                                  correction_bias=correction_bias, b1=b1, b2=b2, shared_w1=shared_w1,
+                                  shared_w2=shared_w2, shared_b1=shared_b1, shared_b2=shared_b2,
+                                  shared_gate=shared_gate, output_bias=output_bias), spec_json, seq_len, copy_out=1)[0]
+
+
+@moe_forward_y_op.register_fake
+def _(x, *args):
+    return x.new_empty(x.shape)
 
 
 @moe_forward_op.register_fake
@@ -430,4 +456,7 @@ def run(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None
         # eager inference: the same launches without the op's dispatch overhead (tens of microseconds per call)
         outputs = _launch(spec, spec_json or spec.to_json(), weights, x, seq_len, copy_out=3 if need_routing else 1)
         return outputs if need_routing else (outputs[0], None, None)
-    return torch.ops.moecompile.moe_forward(*op_args(spec_json or spec.to_json(), weights, x, seq_len))
+    args = op_args(spec_json or spec.to_json(), weights, x, seq_len)
+    if not need_routing and not needs_grad:
+        return torch.ops.moecompile.moe_forward_y(*args), None, None
+    return torch.ops.moecompile.moe_forward(*args)

@@ -160,6 +160,10 @@ def test_opcheck_and_tracing():
     args = kernel_moe.op_args(spec.to_json(), w, x, 9)
     torch.library.opcheck(torch.ops.moecompile.moe_forward.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    torch.library.opcheck(torch.ops.moecompile.moe_forward_y.default, args, test_utils=("test_schema",
+                                                                                        "test_faketensor"))
+    assert cases.relative_error(torch.ops.moecompile.moe_forward_y(*args), torch.ops.moecompile.moe_forward(*args)[0]
+                                ) == 0
     fused = moecompile.FusedMoE(spec, w, backend="triton")
     want = fused(x)
     compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
@@ -167,6 +171,26 @@ def test_opcheck_and_tracing():
     exported = torch.export.export(fused, (x,))
     assert "moecompile.moe_forward" in str(exported.graph)
     assert cases.relative_error(exported.module()(x), want) < 1e-6
+
+
+def test_tuned_tiles_serve_token_counts_within_twice_theirs_in_the_same_regime(monkeypatch):
+    """configs.choose takes a tuned entry for token counts within 2x of the tuned one whose heuristic row block is
+    the same (decode-sized calls keep their own); other counts and other layer shapes get the heuristic."""
+    from moecompile.kernels import configs
+
+    entry = {"up": dict(BM=64, BN=128, BK=64), "down": dict(BM=64, BN=128, BK=64)}
+    monkeypatch.setattr(configs, "_table", lambda: {configs.table_key(1024, 2048, 768, 128, 8): entry})
+    configs._tuned_tokens.cache_clear()
+    configs.nearest_tuned.cache_clear()
+    try:
+        shape = (2048, 768, 128, 8)
+        # 1024 tokens x 8 slots over 128 experts is 64 rows an expert (64-row blocks); 700 tokens is 44 (32-row)
+        assert [configs.nearest_tuned(T, *shape) for T in (1024, 800, 2048, 2049, 700, 1)] == [
+            1024, 1024, 1024, None, None, None]
+        assert configs.nearest_tuned(1024, 2048, 768, 64, 8) is None
+    finally:
+        configs._tuned_tokens.cache_clear()
+        configs.nearest_tuned.cache_clear()
 
 
 # ---------------------------------------------------------------- GPU: the full grid
