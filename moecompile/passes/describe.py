@@ -452,15 +452,18 @@ def _k_values(candidate: Candidate) -> list[int]:
 
 def randomized_copy(block: nn.Module, seed: int) -> nn.Module:
     """A float32 copy of `block` whose floating tensors are redrawn: N(0, 1/fan_in) for matrices (per expert for
-    3-D ones), N(0, 0.5) for vectors, so that biases initialised to zero take part in the comparison."""
+    3-D ones), N(0, 0.5) for vectors, so that biases initialised to zero take part in the comparison. Drawn on the
+    block's own device: a Qwen3-sized block has 600M weights, which a CPU generator takes seconds to draw."""
     dup = copy.deepcopy(block).float().eval()
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for t in itertools.chain(dup.parameters(), dup.buffers()):
             if not t.is_floating_point():
                 continue
+            if t.device not in generators:
+                generators[t.device] = torch.Generator(device=t.device).manual_seed(seed)
             std = (1.0 / t.shape[-1]) ** 0.5 if t.dim() >= 2 else 0.5
-            t.copy_(torch.randn(t.shape, generator=gen) * std)
+            t.normal_(0.0, std, generator=generators[t.device])
     return dup
 
 

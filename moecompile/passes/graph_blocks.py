@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import operator
 import re
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from ..fused import run_block
 from .describe import KEEP_AUTOGRAD, Description
 from .log import BlockRecord, Report
-from .manager import ANALYSIS_PASSES, PassContext, PassManager
+from .manager import ANALYSIS_PASSES, ConfirmPass, DetectPass, PassContext, PassManager
 
 LINEAR_OPS = {F.linear, torch.matmul, torch.mm, torch.addmm, operator.matmul}
 SELECT_OPS = {torch.topk, torch.softmax, F.softmax, torch.sigmoid, F.sigmoid, torch.relu, F.relu}
@@ -407,11 +408,77 @@ class GraphBlock:
     region: Region
     template: nn.Module | None = None  # the RegionBlock the description was read from
     description: Description | None = None
+    described: _Described | None = None  # kept alive by the fused call (see _DESCRIBED)
+
+
+class _Described:
+    """A description read from one region, for every region with the same ops (`_signature`): layers of one model,
+    and the same blocks in the graphs dynamo compiles later (decode after prefill). `confirmed` holds the records of
+    regions whose weights were confirmed too, by the weights' identity."""
+
+    def __init__(self, description: Description, first_path: str):
+        self.description, self.first_path = description, first_path
+        self.confirmed: dict[tuple, BlockRecord] = {}
+
+
+# signature -> _Described. Weak: an entry lives as long as a compiled graph's fused call holds it, so it goes when
+# dynamo drops the graphs (torch._dynamo.reset(), the model freed) and keeps no weights alive beyond them.
+_DESCRIBED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _signature(region: Region, value_of: dict) -> tuple:
+    """The region's program: each op with its arguments, nodes named by position, parameters by relative path,
+    shape and dtype. Two regions with one signature compute the same function of (hidden states, parameters), so a
+    description read from one holds for the other."""
+    index = {node: i for i, node in enumerate(region.nodes)}
+    named = {node: ("param", rel) for rel, node in region.params.items()}
+    named[region.activation] = ("x", _example(region.activation).dim(), _example(region.activation).dtype)
+    named.update({node: ("size", i) for i, node in enumerate(region.extra_inputs)})
+
+    def norm(arg):
+        if isinstance(arg, fx.Node):
+            return ("node", index[arg]) if arg in index else named.get(arg, ("outside", arg.name))
+        if isinstance(arg, (tuple, list)):
+            return (type(arg).__name__, *map(norm, arg))
+        if isinstance(arg, dict):
+            return ("dict", *sorted((k, norm(v)) for k, v in arg.items()))
+        if isinstance(arg, slice):
+            return ("slice", norm(arg.start), norm(arg.stop), norm(arg.step))
+        return ("const", type(arg).__name__, repr(arg))
+
+    ops = tuple((n.op, n.target, norm(n.args), norm(n.kwargs)) for n in region.nodes)
+    params = tuple((rel, tuple(value_of[node].shape), value_of[node].dtype) for rel, node in region.params.items())
+    return region.module_type, ops, params, tuple(index[o] for o in region.outputs)
+
+
+def _weights_key(region: Region, value_of: dict) -> tuple:
+    """The region's parameters by identity (the model's own tensor objects, alive as long as the entry holding the
+    key: the template RegionBlock holds them)."""
+    return tuple((rel, id(value_of[node])) for rel, node in region.params.items())
+
+
+class _ReuseDescription:
+    """Stands in for the describe pass: the description of an earlier region with the same ops."""
+
+    name = "describe (same ops as an earlier block)"
+
+    def __init__(self, described: _Described):
+        self.described = described
+
+    def run(self, ctx: PassContext) -> bool:
+        description = self.described.description
+        for record in ctx.pending():
+            ctx.descriptions[record.path] = description
+            record.spec, record.spec_summary = description.spec.to_dict(), description.spec.summary()
+            record.method = f"{description.method}; same ops as {self.described.first_path}, read there"
+        return False
 
 
 def find_blocks(gm: fx.GraphModule, example_inputs: list, report: Report, verify: bool = True, seed: int = 0
                 ) -> list[GraphBlock]:
-    """Find and read every MoE block in `gm`; each gets a record in `report` (fused candidates stay "pending")."""
+    """Find and read every MoE block in `gm`; each gets a record in `report` (fused candidates stay "pending").
+    A region with the same ops as one read before (another layer, or this block in an earlier graph) takes that
+    description and is confirmed on its own weights only; one whose weights were confirmed before is not rerun."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     value_of = dict(zip(placeholders, example_inputs))
     blocks = []
@@ -423,9 +490,21 @@ def find_blocks(gm: fx.GraphModule, example_inputs: list, report: Report, verify
                          "; moecompile fuses blocks that map hidden states alone")
             report.blocks.append(record)
             continue
+        signature = _signature(region, value_of)
+        weights_key = _weights_key(region, value_of)
+        described = _DESCRIBED.get(signature)
         block = RegionBlock(region, value_of, gm, all_regions)
+        earlier = described.confirmed.get(weights_key) if described is not None and verify else None
+        if earlier is not None:
+            record = replace(earlier, path=region.path, seconds=0.0, confirm_tokens=list(earlier.confirm_tokens))
+            record.method += "; confirmed when an earlier graph compiled"
+            report.blocks.append(record)
+            blocks.append(GraphBlock(record, region, block, described.description, described))
+            continue
         ctx = PassContext(model=block, report=Report(model_type=region.module_type), verify=verify, seed=seed)
-        PassManager(ANALYSIS_PASSES).run(ctx)
+        passes = ANALYSIS_PASSES if described is None else (
+            DetectPass, _ReuseDescription(described), ConfirmPass(rerandomized=False))
+        PassManager(passes).run(ctx)
         inner = next((b for b in ctx.report.blocks if b.path == ""), None)
         if inner is None:
             record.leave("a router feeding experts was found in the graph, but the core reads no MoE block in it: "
@@ -433,14 +512,22 @@ def find_blocks(gm: fx.GraphModule, example_inputs: list, report: Report, verify
         else:
             inner.path, inner.module_type = region.path, region.module_type
             record = inner
+        description = ctx.descriptions.get("")
+        if described is None and description is not None and record.decision == "pending" and verify:
+            described = _Described(description, region.path)  # confirmed with re-randomised weights too
+            _DESCRIBED[signature] = described
+        if described is not None and record.decision == "pending" and verify:
+            described.confirmed[weights_key] = replace(record, confirm_tokens=list(record.confirm_tokens))
         report.blocks.append(record)
-        blocks.append(GraphBlock(record, region, block, ctx.descriptions.get("")))
+        blocks.append(GraphBlock(record, region, block, description, described))
     return blocks
 
 
-def _fused_call(description: Description, rel_paths: list[str], path: str, template: nn.Module):
+def _fused_call(description: Description, rel_paths: list[str], path: str, template: nn.Module,
+                described: _Described | None):
     """The graph's replacement for a region: the canonical weights are rebuilt from the graph's own parameter
-    inputs (swapped into the template RegionBlock for the recipe to read), then the block runs through the op."""
+    inputs (swapped into the template RegionBlock for the recipe to read), then the block runs through the op.
+    Holding `described` keeps its _DESCRIBED entry for graphs compiled later."""
     spec, spec_json = description.spec, description.spec.to_json()
 
     def moecompile_fused_block(x, *params):
@@ -452,21 +539,25 @@ def _fused_call(description: Description, rel_paths: list[str], path: str, templ
             KEEP_AUTOGRAD.reset(token)
         return run_block(spec, weights, x, spec_json=spec_json, source_path=path, through_op=True)
 
+    moecompile_fused_block.described = described
     return moecompile_fused_block
 
 
 def rewrite_graph(gm: fx.GraphModule, blocks: list[GraphBlock]) -> int:
     """Replace each confirmed block's region with one call of the fused computation; returns how many."""
     done = 0
+    replaced: dict[fx.Node, fx.Node] = {}  # a block's output -> its fused call (the next block's input, if chained)
     for block in blocks:
         if block.record.decision != "pending" or block.description is None:
             continue
         region = block.region
-        fn = _fused_call(block.description, list(region.params), region.path, block.template)
+        fn = _fused_call(block.description, list(region.params), region.path, block.template, block.described)
         (out,) = region.outputs
         with gm.graph.inserting_after(out):
-            call = gm.graph.call_function(fn, (region.activation, *region.params.values()))
+            call = gm.graph.call_function(fn, (replaced.get(region.activation, region.activation),
+                                               *region.params.values()))
         call.meta = dict(out.meta)
+        replaced[out] = call
         members = set(region.nodes)
         out.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call and user not in members)
         for node in reversed(region.nodes):

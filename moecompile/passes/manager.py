@@ -76,9 +76,13 @@ class DescribePass:
 
 
 class ConfirmPass:
-    """Compare each described block with its FusedMoE replacement; leave those that disagree."""
+    """Compare each described block with its FusedMoE replacement; leave those that disagree. rerandomized=False:
+    real weights and kernels only (the torch.compile backend, for a block whose ops match one already confirmed)."""
 
     name = "confirm"
+
+    def __init__(self, rerandomized: bool = True):
+        self.rerandomized = rerandomized
 
     def run(self, ctx: PassContext) -> bool:
         for record in ctx.pending():
@@ -87,7 +91,8 @@ class ConfirmPass:
                 record.reason = "not verified (verify=False): spec read by execution on a randomised copy only"
                 continue
             try:
-                result = confirm(ctx.candidates[record.path].module, ctx.descriptions[record.path], seed=ctx.seed)
+                result = confirm(ctx.candidates[record.path].module, ctx.descriptions[record.path], seed=ctx.seed,
+                                 rerandomized=self.rerandomized)
             except Exception as exc:  # noqa: BLE001
                 record.leave(f"confirmation failed to run: {type(exc).__name__}: {exc}")
             else:

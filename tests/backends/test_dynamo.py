@@ -122,6 +122,27 @@ def test_handwritten_forms_without_graph_breaks_are_fused(build, shape, quiet):
     assert [b.decision for b in rep.blocks] == ["fused"], rep.table()
 
 
+def test_blocks_with_the_same_ops_share_a_description_and_others_are_read_alone(quiet):
+    """Chained blocks: the second has the first's ops (its description is taken, its own weights confirmed), the
+    third differs in k and is read on its own. A recompile for no_grad finds all three confirmed already. Outputs
+    within 1e-4 of eager each time."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(handwritten.EinsumMoE(k=2), handwritten.EinsumMoE(k=2), handwritten.EinsumMoE(k=3))
+    x = torch.randn(9, 32)
+    want = model(x)
+    compiled = torch.compile(model, backend="moecompile", options={"inductor": False})
+    assert close(compiled(x), want)
+    with torch.no_grad():
+        assert close(compiled(x), want)
+    blocks = moecompile.report(compiled).blocks
+    assert len(blocks) == 6 and all(b.decision == "fused" for b in blocks), moecompile.report(compiled).table()
+    assert [b.spec["router"]["top_k"] for b in blocks] == [2, 2, 3] * 2
+    first, second, third = blocks[:3]
+    assert "same ops" not in first.method and "same ops as 0" in second.method and "same ops" not in third.method
+    assert all(b.max_abs_error is not None for b in blocks)
+    assert all("confirmed when an earlier graph compiled" in b.method for b in blocks[3:])
+
+
 def test_blocks_split_by_graph_breaks_are_left_and_the_log_says_what_to_do(quiet):
     model = hf_zoo.build("mixtral", "eager")  # HF's eager experts loop over data-dependent expert ids
     inputs = hf_zoo.example_inputs(model)
