@@ -11,8 +11,18 @@ the run (benchmarks/moe_layer.py's measure_ceilings). Bytes: every weight but th
 the router picks for these tokens (counted from eager's router logits), and the KV cache; FLOPs: the dense layers, k
 experts per token, attention (causal half for prefill) and the LM head.
 
-Run on the device: `python benchmarks/e2e.py` (writes results/e2e.json and results/e2e.md). `--small` runs tiny
-shapes, on the CPU too, to check the script itself.
+What the MoE blocks can win at most (Amdahl): the same model with every MoE block replaced by a zero (its residual
+add kept) is compiled by Inductor and timed too: `rest` is the time of everything but the MoE blocks. With MoE
+blocks at their own roofline floor (`moe floor`: the picked experts' and routers' bytes over the copy bandwidth, or
+their FLOPs over the matmul rate, whichever is larger), a phase cannot take less than rest + moe floor, so no MoE
+rewrite can beat inductor / (rest + moe floor): the `bound` column.
+
+First call: compile included. It is split into the backend's own passes (find, describe, confirm and rewrite the
+blocks: `passes`) and the compiles of moecompile's Triton kernels (`triton`); the rest is dynamo and Inductor.
+
+Run on the device, one model a call (each fits the device's 10-minute limit): `python benchmarks/e2e.py --models
+qwen3_moe`, then `--models mixtral`. Each run replaces its model's rows in results/e2e.json and rewrites
+results/e2e.md from all rows. `--small` runs tiny shapes, on the CPU too, to check the script itself.
 """
 
 from __future__ import annotations
@@ -118,6 +128,74 @@ def floor_ms(model, call, ids, past: int, cfg: dict, ceilings: dict | None) -> d
                 distinct_experts=distinct)
 
 
+def moe_floor_ms(model, call, ids, cfg: dict, ceilings: dict | None) -> float | None:
+    """The MoE blocks' own roofline floor for one phase: the picked experts' and the routers' weights read once,
+    or their FLOPs (k experts per token, the router GEMM), whichever takes longer."""
+    if ceilings is None:
+        return None
+    batch, q = ids.shape
+    with torch.no_grad():
+        router_logits = call(model, ids, output_router_logits=True).router_logits
+    params = dict(model.named_parameters())
+    expert_params_each = sum(p.numel() for n, p in params.items() if ".experts." in n and "layers.0." in n) // cfg["E"]
+    router_params = cfg["E"] * cfg["H"]
+    distinct = sum(int(torch.unique(logits.topk(cfg["k"], dim=-1).indices).numel()) for logits in router_logits)
+    t_bytes = 2 * (distinct * expert_params_each + cfg["layers"] * router_params) / (ceilings["copy_GBps"] * 1e6)
+    flops = 2 * batch * q * cfg["layers"] * (cfg["k"] * expert_params_each + router_params)
+    return max(t_bytes, flops / (ceilings["bf16_TFLOPs"] * 1e9))
+
+
+class ZeroMoE(torch.nn.Module):
+    """Stands in for an MoE block when timing the rest of the model: zeros of the input's shape."""
+
+    def forward(self, hidden_states):
+        return torch.zeros_like(hidden_states)
+
+
+def rest_of_model_ms(model, calls: dict, device: str, reps: int) -> dict:
+    """Per phase: the model under Inductor with every MoE block replaced by ZeroMoE (restored afterwards)."""
+    layers = model.model.layers
+    blocks = [layer.mlp for layer in layers]
+    out = {}
+    try:
+        for layer in layers:
+            layer.mlp = ZeroMoE()
+        torch._dynamo.reset()
+        compiled = torch.compile(model)
+        for phase, (call, ids, _) in calls.items():
+            with torch.no_grad():
+                call(compiled, ids)
+                out[phase] = timed(lambda: call(compiled, ids), device, reps)
+    finally:
+        for layer, block in zip(layers, blocks):
+            layer.mlp = block
+        torch._dynamo.reset()
+    return out
+
+
+class TritonCompiles:
+    """Counts and times the compiles of moecompile's Triton kernels (wraps each kernel's compile function)."""
+
+    def __init__(self):
+        from moecompile.kernels import dispatch, experts, gating
+
+        self.count, self.seconds = 0, 0.0
+        for kernel in (gating._gating_kernel, dispatch._dispatch_kernel, experts._expert_up_kernel,
+                       experts._expert_down_kernel):
+            if hasattr(kernel, "compile"):  # a JITFunction (under TRITON_INTERPRET=1 nothing compiles)
+                kernel.compile = self._timed(kernel.compile)
+
+    def _timed(self, compile_fn):
+        def timed_compile(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return compile_fn(*args, **kwargs)
+            finally:
+                self.count += 1
+                self.seconds += time.perf_counter() - start
+        return timed_compile
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
 
@@ -129,10 +207,14 @@ def run_model(name: str, cfg: dict, args, device: str, dtype: torch.dtype, ceili
     with torch.no_grad():
         eager = {phase: call(model, ids).logits for phase, (call, ids, _) in calls.items()}
     floors = {phase: floor_ms(model, call, ids, past, cfg, ceilings) for phase, (call, ids, past) in calls.items()}
+    moe_floors = {phase: moe_floor_ms(model, call, ids, cfg, ceilings) for phase, (call, ids, _) in calls.items()}
+    triton_compiles = TritonCompiles()
     for backend in ("inductor", "moecompile"):
         torch._dynamo.reset()
         compiled = torch.compile(model, backend=backend if backend == "inductor" else moecompile.backend())
         for phase, (call, ids, _) in calls.items():
+            passes_before = _passes_seconds(compiled) if backend == "moecompile" else 0.0
+            triton_before = (triton_compiles.count, triton_compiles.seconds)
             with torch.no_grad():
                 sync(device)
                 start = time.perf_counter()
@@ -141,35 +223,67 @@ def run_model(name: str, cfg: dict, args, device: str, dtype: torch.dtype, ceili
                 first_s = time.perf_counter() - start
                 ms = timed(lambda: call(compiled, ids), device, args.reps)
             row = dict(model=name, phase=phase, backend=backend, ms=ms, first_call_s=first_s,
-                       logits_rel_err_vs_eager=rel(logits, eager[phase]), **(floors[phase] or {}))
+                       logits_rel_err_vs_eager=rel(logits, eager[phase]), **(floors[phase] or {}),
+                       moe_floor_ms=moe_floors[phase],
+                       first_call_triton_compiles=triton_compiles.count - triton_before[0],
+                       first_call_triton_s=triton_compiles.seconds - triton_before[1])
             if backend == "moecompile":
                 rep = moecompile.report(compiled)
                 row["blocks_fused"] = f"{len(rep.fused)}/{len(rep.blocks)}"
+                row["first_call_passes_s"] = _passes_seconds(compiled) - passes_before
             rows.append(row)
             print(json.dumps(row), flush=True)
+    if not args.no_rest:
+        for phase, ms in rest_of_model_ms(model, calls, device, args.reps).items():
+            for row in rows:
+                if row["phase"] == phase:
+                    row["rest_ms"] = ms
+            print(json.dumps(dict(model=name, phase=phase, rest_ms=ms)), flush=True)
     del model
 
 
+def _passes_seconds(compiled) -> float:
+    try:
+        rep = moecompile.report(compiled)
+    except moecompile.MoECompileError:  # nothing compiled yet
+        return 0.0
+    return sum(p.seconds for p in rep.passes)
+
+
 def markdown(result: dict) -> str:
-    lines = [f"# End to end under torch.compile ({result['device']}, torch {result['torch']}, transformers "
-             f"{result['transformers']}, {result['date']})", "",
+    lines = ["# End to end under torch.compile", "",
              "Inductor alone against backend='moecompile' (fused MoE blocks, then Inductor); bf16, grouped_mm. "
-             "Command: `python benchmarks/e2e.py`.", ""]
-    if result["ceilings"]:
-        lines += [f"Ceilings measured in the same run: copy {result['ceilings']['copy_GBps']:.0f} GB/s, bf16 matmul "
-                  f"{result['ceilings']['bf16_TFLOPs']:.0f} TFLOP/s. `floor`: the model's roofline floor for the phase "
-                  "(see the script's docstring); `% floor` = floor / moecompile ms. First call = compile included "
-                  "(decode phases: the recompile for the cached shapes).", ""]
-    lines += ["| model | phase | inductor ms | moecompile ms | speedup | floor ms | % floor | first call s (ind / moe) "
-              "| fused | rel err vs eager (ind / moe) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "Commands: `python benchmarks/e2e.py --models qwen3_moe`, `python benchmarks/e2e.py --models mixtral` "
+             "(one device call each).", ""]
+    for name, run in result["runs"].items():
+        ceil = run.get("ceilings") or {}
+        lines.append(f"- {name}: {run['device']}, torch {run['torch']}, triton {run.get('triton', '?')}, "
+                     f"transformers {run['transformers']}, {run['date']}" + (
+                         f"; ceilings measured in the same run: copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul "
+                         f"{ceil['bf16_TFLOPs']:.0f} TFLOP/s" if ceil else ""))
+    lines += ["", "`floor`: the whole model's roofline floor for the phase; `% floor` = floor / moecompile ms. `rest`: "
+              "the model with its MoE blocks replaced by zeros, under Inductor; `bound` = inductor / (rest + the MoE "
+              "blocks' own floor), the most any MoE rewrite can gain (see the script's docstring). First call: "
+              "compile included (decode phases: the recompile for the cached shapes); for moecompile, the seconds "
+              "in its own passes and in Triton compiles of its kernels (how many).", "",
+              "| model | phase | inductor ms | moecompile ms | speedup | floor ms | % floor | rest ms | bound | "
+              "first call s (ind / moe) | moe: passes s / triton s (n) | fused | rel err vs eager (ind / moe) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = result["rows"]
     for r in [r for r in rows if r["backend"] == "moecompile"]:
         base = next(b for b in rows if b["backend"] == "inductor" and (b["model"], b["phase"]) ==
                     (r["model"], r["phase"]))
         floor = f"{r['floor_ms']:.3f} | {100 * r['floor_ms'] / r['ms']:.0f}" if r.get("floor_ms") else "- | -"
+        if r.get("rest_ms") is not None and r.get("moe_floor_ms") is not None:
+            rest = f"{r['rest_ms']:.3f} | {base['ms'] / (r['rest_ms'] + r['moe_floor_ms']):.2f}x"
+        else:
+            rest = f"{r['rest_ms']:.3f} | -" if r.get("rest_ms") is not None else "- | -"
+        compile_split = (f"{r.get('first_call_passes_s', float('nan')):.1f} / {r.get('first_call_triton_s', 0):.1f} "
+                         f"({r.get('first_call_triton_compiles', 0)})")
         lines.append(f"| {r['model']} | {r['phase']} | {base['ms']:.3f} | {r['ms']:.3f} | {base['ms'] / r['ms']:.2f}x "
-                     f"| {floor} "
-                     f"| {base['first_call_s']:.1f} / {r['first_call_s']:.1f} | {r.get('blocks_fused', '-')} | "
+                     f"| {floor} | {rest} "
+                     f"| {base['first_call_s']:.1f} / {r['first_call_s']:.1f} | {compile_split} "
+                     f"| {r.get('blocks_fused', '-')} | "
                      f"{base['logits_rel_err_vs_eager']:.1e} / {r['logits_rel_err_vs_eager']:.1e} |")
     return "\n".join(lines) + "\n"
 
@@ -178,24 +292,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny shapes (a check of the script; CPU works)")
     parser.add_argument("--models", nargs="*", default=list(FULL))
+    parser.add_argument("--no-rest", action="store_true", help="skip timing the model without its MoE blocks")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     args.seq, args.batches, args.vocab, args.reps = (32, [1, 4], 256, 3) if args.small else (2048, [1, 32], 32000, 5)
     warnings.filterwarnings("ignore")
     import transformers
+    import triton
 
-    result = dict(device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu", torch=torch.__version__,
-                  transformers=transformers.__version__, date=datetime.date.today().isoformat(),
-                  small=args.small, ceilings=measure_ceilings() if device == "cuda" else None, rows=[])
-    print(json.dumps(result), flush=True)
+    run = dict(device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu", torch=torch.__version__,
+               triton=triton.__version__, transformers=transformers.__version__,
+               date=datetime.date.today().isoformat(), small=args.small,
+               ceilings=measure_ceilings() if device == "cuda" else None)
+    print(json.dumps(run), flush=True)
     suffix = "_small" if args.small else ""
     RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"e2e{suffix}.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    if "runs" not in result:  # a file from before runs were kept per model
+        result = dict(runs={}, rows=[])
     for name in args.models:
-        run_model(name, (SMALL if args.small else FULL)[name], args, device, dtype, result["ceilings"],
-                  result["rows"])
+        rows: list = []
+        run_model(name, (SMALL if args.small else FULL)[name], args, device, dtype, run["ceilings"], rows)
         # written after each model, so a run cut short keeps what it measured
-        (RESULTS / f"e2e{suffix}.json").write_text(json.dumps(result, indent=1))
+        result["rows"] = [r for r in result["rows"] if r["model"] != name] + rows
+        result["runs"][name] = run
+        path.write_text(json.dumps(result, indent=1))
         (RESULTS / f"e2e{suffix}.md").write_text(markdown(result))
     print(markdown(result))
 
