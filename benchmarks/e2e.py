@@ -17,8 +17,9 @@ blocks at their own roofline floor (`moe floor`: the picked experts' and routers
 their FLOPs over the matmul rate, whichever is larger), a phase cannot take less than rest + moe floor, so no MoE
 rewrite can beat inductor / (rest + moe floor): the `bound` column.
 
-First call: compile included. It is split into the backend's own passes (find, describe, confirm and rewrite the
-blocks: `passes`) and the compiles of moecompile's Triton kernels (`triton`); the rest is dynamo and Inductor.
+First call: compile included; `passes` is the part spent in the backend's own passes (find, describe, confirm and
+rewrite the blocks). The rest is dynamo and Inductor, which (static shapes, inference) compiles moecompile's Triton
+kernels too, in its parallel compile workers, since the graph holds their launches.
 
 Run on the device, one model a call (each fits the device's 10-minute limit): `python benchmarks/e2e.py --models
 qwen3_moe`, then `--models mixtral`. Each run replaces its model's rows in results/e2e.json and rewrites
@@ -106,18 +107,25 @@ def phases(model, seq: int, batches: tuple[int, ...], device: str, vocab: int) -
     return out
 
 
+def picked_experts(model, call, ids, cfg: dict) -> tuple[int, int]:
+    """(distinct experts eager's routers pick for these tokens, summed over layers; parameters of one expert)."""
+    with torch.no_grad():
+        router_logits = call(model, ids, output_router_logits=True).router_logits
+    distinct = sum(int(torch.unique(logits.topk(cfg["k"], dim=-1).indices).numel()) for logits in router_logits)
+    per_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n and "layers.0." in n)
+    return distinct, per_expert // cfg["E"]
+
+
 def floor_ms(model, call, ids, past: int, cfg: dict, ceilings: dict | None) -> dict | None:
     """The roofline floor of one phase (see the module docstring), from the experts eager's router picks."""
     if ceilings is None:
         return None
     batch, q = ids.shape
-    with torch.no_grad():
-        router_logits = call(model, ids, output_router_logits=True).router_logits
+    distinct, expert_params_each = picked_experts(model, call, ids, cfg)
+    expert_bytes_each = 2 * expert_params_each
     params = dict(model.named_parameters())
-    expert_bytes_each = sum(p.numel() for n, p in params.items() if ".experts." in n and "layers.0." in n) * 2 // cfg["E"]
     embed = model.get_input_embeddings().weight.numel()
     dense = sum(p.numel() for n, p in params.items() if ".experts." not in n) - embed
-    distinct = sum(int(torch.unique(logits.topk(cfg["k"], dim=-1).indices).numel()) for logits in router_logits)
     kv_bytes = batch * past * cfg["layers"] * 2 * cfg["kv"] * cfg["head_dim"] * 2
     attn_len = past + (q + 1) / 2  # keys each query attends to, on average (causal)
     flops = (2 * batch * q * (dense + cfg["layers"] * cfg["k"] * expert_bytes_each // 2)
@@ -134,12 +142,8 @@ def moe_floor_ms(model, call, ids, cfg: dict, ceilings: dict | None) -> float | 
     if ceilings is None:
         return None
     batch, q = ids.shape
-    with torch.no_grad():
-        router_logits = call(model, ids, output_router_logits=True).router_logits
-    params = dict(model.named_parameters())
-    expert_params_each = sum(p.numel() for n, p in params.items() if ".experts." in n and "layers.0." in n) // cfg["E"]
+    distinct, expert_params_each = picked_experts(model, call, ids, cfg)
     router_params = cfg["E"] * cfg["H"]
-    distinct = sum(int(torch.unique(logits.topk(cfg["k"], dim=-1).indices).numel()) for logits in router_logits)
     t_bytes = 2 * (distinct * expert_params_each + cfg["layers"] * router_params) / (ceilings["copy_GBps"] * 1e6)
     flops = 2 * batch * q * cfg["layers"] * (cfg["k"] * expert_params_each + router_params)
     return max(t_bytes, flops / (ceilings["bf16_TFLOPs"] * 1e9))
@@ -173,29 +177,6 @@ def rest_of_model_ms(model, calls: dict, device: str, reps: int) -> dict:
     return out
 
 
-class TritonCompiles:
-    """Counts and times the compiles of moecompile's Triton kernels (wraps each kernel's compile function)."""
-
-    def __init__(self):
-        from moecompile.kernels import dispatch, experts, gating
-
-        self.count, self.seconds = 0, 0.0
-        for kernel in (gating._gating_kernel, dispatch._dispatch_kernel, experts._expert_up_kernel,
-                       experts._expert_down_kernel):
-            if hasattr(kernel, "compile"):  # a JITFunction (under TRITON_INTERPRET=1 nothing compiles)
-                kernel.compile = self._timed(kernel.compile)
-
-    def _timed(self, compile_fn):
-        def timed_compile(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return compile_fn(*args, **kwargs)
-            finally:
-                self.count += 1
-                self.seconds += time.perf_counter() - start
-        return timed_compile
-
-
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
 
@@ -208,13 +189,11 @@ def run_model(name: str, cfg: dict, args, device: str, dtype: torch.dtype, ceili
         eager = {phase: call(model, ids).logits for phase, (call, ids, _) in calls.items()}
     floors = {phase: floor_ms(model, call, ids, past, cfg, ceilings) for phase, (call, ids, past) in calls.items()}
     moe_floors = {phase: moe_floor_ms(model, call, ids, cfg, ceilings) for phase, (call, ids, _) in calls.items()}
-    triton_compiles = TritonCompiles()
     for backend in ("inductor", "moecompile"):
         torch._dynamo.reset()
         compiled = torch.compile(model, backend=backend if backend == "inductor" else moecompile.backend())
         for phase, (call, ids, _) in calls.items():
             passes_before = _passes_seconds(compiled) if backend == "moecompile" else 0.0
-            triton_before = (triton_compiles.count, triton_compiles.seconds)
             with torch.no_grad():
                 sync(device)
                 start = time.perf_counter()
@@ -224,9 +203,7 @@ def run_model(name: str, cfg: dict, args, device: str, dtype: torch.dtype, ceili
                 ms = timed(lambda: call(compiled, ids), device, args.reps)
             row = dict(model=name, phase=phase, backend=backend, ms=ms, first_call_s=first_s,
                        logits_rel_err_vs_eager=rel(logits, eager[phase]), **(floors[phase] or {}),
-                       moe_floor_ms=moe_floors[phase],
-                       first_call_triton_compiles=triton_compiles.count - triton_before[0],
-                       first_call_triton_s=triton_compiles.seconds - triton_before[1])
+                       moe_floor_ms=moe_floors[phase])
             if backend == "moecompile":
                 rep = moecompile.report(compiled)
                 row["blocks_fused"] = f"{len(rep.fused)}/{len(rep.blocks)}"
@@ -264,10 +241,10 @@ def markdown(result: dict) -> str:
     lines += ["", "`floor`: the whole model's roofline floor for the phase; `% floor` = floor / moecompile ms. `rest`: "
               "the model with its MoE blocks replaced by zeros, under Inductor; `bound` = inductor / (rest + the MoE "
               "blocks' own floor), the most any MoE rewrite can gain (see the script's docstring). First call: "
-              "compile included (decode phases: the recompile for the cached shapes); for moecompile, the seconds "
-              "in its own passes and in Triton compiles of its kernels (how many).", "",
+              "compile included (decode phases: the recompile for the cached shapes); `passes`: the part of "
+              "moecompile's first call spent in its own passes.", "",
               "| model | phase | inductor ms | moecompile ms | speedup | floor ms | % floor | rest ms | bound | "
-              "first call s (ind / moe) | moe: passes s / triton s (n) | fused | rel err vs eager (ind / moe) |",
+              "first call s (ind / moe) | passes s | fused | rel err vs eager (ind / moe) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = result["rows"]
     for r in [r for r in rows if r["backend"] == "moecompile"]:
@@ -278,8 +255,7 @@ def markdown(result: dict) -> str:
             rest = f"{r['rest_ms']:.3f} | {base['ms'] / (r['rest_ms'] + r['moe_floor_ms']):.2f}x"
         else:
             rest = f"{r['rest_ms']:.3f} | -" if r.get("rest_ms") is not None else "- | -"
-        compile_split = (f"{r.get('first_call_passes_s', float('nan')):.1f} / {r.get('first_call_triton_s', 0):.1f} "
-                         f"({r.get('first_call_triton_compiles', 0)})")
+        compile_split = f"{r.get('first_call_passes_s', float('nan')):.1f}"
         lines.append(f"| {r['model']} | {r['phase']} | {base['ms']:.3f} | {r['ms']:.3f} | {base['ms'] / r['ms']:.2f}x "
                      f"| {floor} | {rest} "
                      f"| {base['first_call_s']:.1f} / {r['first_call_s']:.1f} | {compile_split} "

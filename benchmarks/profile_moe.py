@@ -4,6 +4,8 @@ decode sizes) and, under Nsight Compute, what each kernel is limited by.
     python benchmarks/profile_moe.py host --out DIR
         Per shape and token count: eager wall time per call (back to back, host-bound when the GPU is idle),
         GPU time (the same call replayed in a CUDA graph), and the host time of each phase of the call.
+    python benchmarks/profile_moe.py op --out DIR
+        Host time of each layer of the path a compiled graph's op call takes at decode size (op_layers).
     ncu --profile-from-start off --section SpeedOfLight --section Occupancy ... \
         python benchmarks/profile_moe.py ncu --shape mixtral_8x7b --tokens 16384 [--impl hf_grouped_mm_compile]
         One call of the chosen implementation between cudaProfilerStart/Stop, after warm-up, so ncu sees only it.
@@ -106,6 +108,71 @@ def host_profile(cases, out: Path) -> None:
     print(json.dumps(rows[:2]))
 
 
+@torch.library.custom_op("moecompile_bench::same_schema", mutates_args=())
+def _same_schema_op(
+    x: torch.Tensor, router_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+    router_bias: torch.Tensor | None, correction_bias: torch.Tensor | None,
+    b1: torch.Tensor | None, b2: torch.Tensor | None,
+    shared_w1: torch.Tensor | None, shared_w2: torch.Tensor | None,
+    shared_b1: torch.Tensor | None, shared_b2: torch.Tensor | None,
+    shared_gate: torch.Tensor | None, output_bias: torch.Tensor | None,
+    spec_json: str, seq_len: int,
+) -> torch.Tensor:
+    """moe_forward_y's schema around a clone: what the dispatcher costs."""
+    return x.clone()
+
+
+def op_layers(out: Path) -> None:
+    """Host time per decode call (T=1, Qwen3 shape) of each layer of the compiled-graph path, outermost first: the
+    op through the dispatcher, its implementation, the graph-replay launch, and the replay's parts; beside them the
+    same-schema op around a clone and HF's block under Inductor. Back-to-back calls; a cProfile of the op follows."""
+    import cProfile
+    import io
+    import pstats
+
+    from moecompile.kernels import graphs
+
+    cfg = SHAPES["qwen3_30b_a3b"]
+    block, _ = hf_block(cfg["family"], cfg["H"], cfg["I"], cfg["E"], cfg["k"])
+    fused = twin(block, cfg["family"], cfg["H"], cfg["I"], cfg["E"], cfg["k"], False)
+    spec, spec_json, weights = fused.spec, fused.spec_json, fused.weights()
+    x = torch.randn(1, cfg["H"], device="cuda", dtype=torch.bfloat16)
+    args = moe.op_args(spec_json, weights, x, 1)
+    rows = {}
+    with torch.no_grad():
+        rows["torch.ops.moecompile.moe_forward_y"] = _per_call_us(lambda: torch.ops.moecompile.moe_forward_y(*args))
+        rows["torch.ops.moecompile.moe_forward (3 outputs)"] = _per_call_us(
+            lambda: torch.ops.moecompile.moe_forward(*args))
+        rows["moe._op_impl"] = _per_call_us(lambda: moe._op_impl(x, weights, spec_json, 1, 1))
+        rows["moe._launch"] = _per_call_us(lambda: moe._launch(spec, spec_json, weights, x, 1, 1))
+        entry = next(e for e in reversed(graphs._ENTRIES.values()) if e.graph is not None)
+
+        def replay_parts():
+            entry.static_x.copy_(x)
+            entry.graph.replay()
+            return entry.outputs[0].clone()
+        rows["copy in + replay + clone out"] = _per_call_us(replay_parts)
+        rows["graph.replay()"] = _per_call_us(entry.graph.replay)
+        rows["same-schema custom op (a clone)"] = _per_call_us(lambda: torch.ops.moecompile_bench.same_schema(*args))
+        rows["x.clone()"] = _per_call_us(x.clone)
+        compiled = torch.compile(block)
+        x3 = x.view(1, 1, -1)
+        rows["HF block, Inductor (guards included)"] = _per_call_us(lambda: compiled(x3))
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(500):
+            torch.ops.moecompile.moe_forward_y(*args)
+        profiler.disable()
+        torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(20)
+    for name, us in rows.items():
+        print(f"{us:8.1f} us  {name}", flush=True)
+    print(text.getvalue()[:6000])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "op_layers.json").write_text(json.dumps(rows, indent=1))
+
+
 def ncu_target(shape: str, T: int, impl: str) -> None:
     cfg = SHAPES[shape]
     block, _ = hf_block(cfg["family"], cfg["H"], cfg["I"], cfg["E"], cfg["k"])
@@ -126,7 +193,7 @@ def ncu_target(shape: str, T: int, impl: str) -> None:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["host", "ncu"])
+    parser.add_argument("mode", choices=["host", "op", "ncu"])
     parser.add_argument("--shape", default="mixtral_8x7b")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--impl", default="moecompile", choices=["moecompile", "hf_grouped_mm_compile"])
@@ -136,6 +203,8 @@ def main():
         cases = [("qwen3_30b_a3b", 1), ("olmoe", 1), ("qwen3_relu", 1), ("qwen3_relu", 128), ("mixtral_8x7b", 1),
                  ("deepseek_v3", 1)]
         host_profile(cases, Path(args.out))
+    elif args.mode == "op":
+        op_layers(Path(args.out))
     else:
         ncu_target(args.shape, args.tokens, args.impl)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 
 import torch
@@ -93,6 +94,16 @@ def slots_of(spec: MoESpec) -> int:
 
 # ---------------------------------------------------------------- launches
 
+# Set while a compiled graph traces the launches themselves (run(): static shapes, no gradient): each kernel goes
+# through torch.library.wrap_triton, so Inductor sees the allocations and launches and calls the kernels from its
+# own generated code, with no custom-op dispatch or Python launcher per call. Everything then runs on one stream.
+_TRACED: ContextVar[bool] = ContextVar("moecompile_traced_launches", default=False)
+
+
+def _kernel(kernel):
+    return torch.library.wrap_triton(kernel) if _TRACED.get() else kernel
+
+
 
 def _gate(spec: MoESpec, x, router_weight, router_bias, correction_bias, shared_gate):
     r = spec.router
@@ -109,7 +120,7 @@ def _gate(spec: MoESpec, x, router_weight, router_bias, correction_bias, shared_
         shared_gate = shared_gate.reshape(-1).contiguous()
     BLOCK_T = 64 if E_PAD <= 64 else (32 if E_PAD <= 256 else 16)
     dummy = logits
-    _gating_kernel[(triton.cdiv(T, BLOCK_T),)](
+    _kernel(_gating_kernel)[(triton.cdiv(T, BLOCK_T),)](
         x, router_weight, router_bias if router_bias is not None else dummy,
         correction_bias if correction_bias is not None else dummy,
         shared_gate if shared_gate is not None else x,
@@ -159,7 +170,7 @@ def _dispatch(ids, weight, counts_cursor, E: int, BM: int, implicit: bool, skip_
     block_end = _empty(max_blocks, device=dev, dtype=torch.int32)
     num_blocks = _empty(1, device=dev, dtype=torch.int32)
     BLOCK_P = 256
-    _dispatch_kernel[(max(1, triton.cdiv(P, BLOCK_P)),)](
+    _kernel(_dispatch_kernel)[(max(1, triton.cdiv(P, BLOCK_P)),)](
         ids, weight, counts_cursor, counts_cursor[E:],
         sorted_pair, block_expert, block_end, num_blocks,
         P, S, E,
@@ -202,7 +213,7 @@ def _run_experts(mlp, x, w1, w2, b1, b2, acc, cfg: configs.MoEConfig, *, dense: 
     down_programs = _programs(m_blocks * triton.cdiv(H, down.BN) * down.split_k, x.device, down, 1, elem)
     for r in range(rounds):
         block_lo = r * round_blocks
-        _expert_up_kernel[(up_programs,)](
+        _kernel(_expert_up_kernel)[(up_programs,)](
             x, w1, b1 if b1 is not None else acc, h, pw,
             sorted_pair, block_expert, block_end, num_blocks,
             T, H, I, S, block_lo, round_blocks,
@@ -213,7 +224,7 @@ def _run_experts(mlp, x, w1, w2, b1, b2, acc, cfg: configs.MoEConfig, *, dense: 
             BM=up.BM, BN=up.BN, BK=up.BK, GROUP_M=up.GROUP_M,
             num_warps=up.num_warps, num_stages=up.num_stages,
         )
-        _expert_down_kernel[(down_programs,)](
+        _kernel(_expert_down_kernel)[(down_programs,)](
             h, w2, b2 if b2 is not None else acc, acc, pw, rs,
             sorted_pair, block_expert, block_end, num_blocks,
             T, H, I, S, block_lo, round_blocks,
@@ -227,7 +238,7 @@ def _run_experts(mlp, x, w1, w2, b1, b2, acc, cfg: configs.MoEConfig, *, dense: 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
     """The second stream the shared experts run on (one per device), or None off CUDA (the interpreter)."""
-    if device.type != "cuda":
+    if device.type != "cuda" or _TRACED.get():
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SIDE_STREAMS:
@@ -315,10 +326,12 @@ def moe_forward_op(
     spec_json: str, seq_len: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y [T, H] in x's dtype, router logits [T, E] fp32, slot weights [T, k] fp32 (ReLU routing: gates [T, E])."""
-    return _op_impl(x, MoEWeights(router_weight=router_weight, w1=w1, w2=w2, router_bias=router_bias,
-                                  correction_bias=correction_bias, b1=b1, b2=b2, shared_w1=shared_w1,
-                                  shared_w2=shared_w2, shared_b1=shared_b1, shared_b2=shared_b2,
-                                  shared_gate=shared_gate, output_bias=output_bias), spec_json, seq_len, copy_out=3)
+    return _op_impl(x, _weights_from(locals()), spec_json, seq_len, copy_out=3)
+
+
+def _weights_from(op_locals: dict) -> MoEWeights:
+    """An op implementation's weight arguments (named as MoEWeights' fields) as MoEWeights."""
+    return MoEWeights(**{name: op_locals[name] for name in _TENSOR_ARGS[1:]})
 
 
 def _op_impl(x: torch.Tensor, weights: MoEWeights, spec_json: str, seq_len: int, copy_out: int):
@@ -340,10 +353,7 @@ def moe_forward_y_op(
 ) -> torch.Tensor:
     """moe_forward's y alone, for compiled inference graphs that read nothing else: a graph replay then copies out
     one tensor instead of three. No autograd formula: `run` calls it only when no gradient is wanted."""
-    return _op_impl(x, MoEWeights(router_weight=router_weight, w1=w1, w2=w2, router_bias=router_bias,
-                                  correction_bias=correction_bias, b1=b1, b2=b2, shared_w1=shared_w1,
-                                  shared_w2=shared_w2, shared_b1=shared_b1, shared_b2=shared_b2,
-                                  shared_gate=shared_gate, output_bias=output_bias), spec_json, seq_len, copy_out=1)[0]
+    return _op_impl(x, _weights_from(locals()), spec_json, seq_len, copy_out=1)[0]
 
 
 @moe_forward_y_op.register_fake
@@ -442,13 +452,28 @@ def _launch(spec: MoESpec, spec_json: str, weights: MoEWeights, x: torch.Tensor,
     return graphs.call(key, lambda static_x: _forward(spec, weights, static_x, seq_len), x, copy_out=copy_out)
 
 
+def traceable(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> bool:
+    """Whether this call is being traced into a compiled graph that can hold its launches (see _TRACED): fake
+    tensors (AOTAutograd tracing for Inductor; dynamo itself, tracing an optimize()d model, keeps the op), a static
+    token count (the tile choice and the grids depend on it; a symbolic count takes the op, so one graph serves
+    every length), the gating kernel's router forms, and the kernels' devices and dtypes."""
+    if torch.compiler.is_compiling():  # checked first: dynamo does not trace is_fake
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return (is_fake(x) and isinstance(x.shape[0], int)
+            and x.device.type == "cuda" and not INTERPRETED  # wrap_triton takes no interpreted kernel
+            and gating_fallback_reason(spec) is None and unsupported_reason(spec, weights, x) is None)
+
+
 def run(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None = None,
         spec_json: str | None = None, need_routing: bool = True, through_op: bool = False):
     """moe_forward for a call already checked with unsupported_reason (FusedMoE checks once, to pick a path).
     With need_routing=False a caller that reads only y may get None for the logits and slot weights (the graph
-    replay then skips copying them out). through_op: always the registered op (the compile backend's graph calls:
-    Inductor traces them with fake tensors, which the eager shortcut cannot take; off the kernels' reach the op
-    computes with the reference)."""
+    replay then skips copying them out). through_op: the compile backend's graph calls, which Inductor traces with
+    fake tensors (the eager shortcut cannot take them): inference calls with static shapes that read y alone trace
+    the launches themselves (traceable), the rest go through the registered op (off the kernels' reach it computes
+    with the reference)."""
     seq_len = seq_len if seq_len is not None else max(x.shape[0], 1)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
         t is not None and t.requires_grad for _, t in weights.items()))
@@ -456,6 +481,12 @@ def run(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None
         # eager inference: the same launches without the op's dispatch overhead (tens of microseconds per call)
         outputs = _launch(spec, spec_json or spec.to_json(), weights, x, seq_len, copy_out=3 if need_routing else 1)
         return outputs if need_routing else (outputs[0], None, None)
+    if not need_routing and not needs_grad and traceable(spec, weights, x):
+        token = _TRACED.set(True)
+        try:
+            return _forward(spec, weights, x, seq_len)[0], None, None
+        finally:
+            _TRACED.reset(token)
     args = op_args(spec_json or spec.to_json(), weights, x, seq_len)
     if not need_routing and not needs_grad:
         return torch.ops.moecompile.moe_forward_y(*args), None, None

@@ -411,22 +411,53 @@ class GraphBlock:
     described: _Described | None = None  # kept alive by the fused call (see _DESCRIBED)
 
 
-class _Described:
-    """A description read from one region, for every region with the same ops (`_signature`): layers of one model,
-    and the same blocks in the graphs dynamo compiles later (decode after prefill). `confirmed` holds the records of
-    regions whose weights were confirmed too, by the weights' identity."""
+@dataclass(frozen=True)
+class Signature:
+    """A region's program (`_signature`): its ops with every int constant lifted out into `ints`, and the number of
+    tokens it was traced for. Dynamo bakes token counts into views and aranges, so the same block traced for prefill
+    and for decode differs only in ints proportional to `tokens`."""
 
-    def __init__(self, description: Description, first_path: str):
-        self.description, self.first_path = description, first_path
+    skeleton: tuple
+    ints: tuple[int, ...]
+    tokens: int
+
+    def same_up_to_tokens(self, other: Signature) -> bool:
+        """Same ops, and each int equal or the same multiple of each side's token count."""
+        if self.skeleton != other.skeleton or len(self.ints) != len(other.ints):
+            return False
+        return all(a == b or (a % self.tokens == 0 and b % other.tokens == 0
+                              and a // self.tokens == b // other.tokens) for a, b in zip(self.ints, other.ints))
+
+
+class _Described:
+    """A description read from one region, for every region with the same ops: layers of one model (the same
+    signature), and the same blocks in the graphs dynamo compiles later (decode after prefill: the same signature
+    up to the token count). `confirmed` holds the records of regions whose weights were confirmed too, by the
+    weights' identity."""
+
+    def __init__(self, description: Description, first_path: str, signature: Signature):
+        self.description, self.first_path, self.signature = description, first_path, signature
         self.confirmed: dict[tuple, BlockRecord] = {}
 
 
-# signature -> _Described. Weak: an entry lives as long as a compiled graph's fused call holds it, so it goes when
-# dynamo drops the graphs (torch._dynamo.reset(), the model freed) and keeps no weights alive beyond them.
+# (skeleton, ints) -> _Described. Weak: an entry lives as long as a compiled graph's fused call holds it, so it goes
+# when dynamo drops the graphs (torch._dynamo.reset(), the model freed) and keeps no weights alive beyond them.
 _DESCRIBED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
-def _signature(region: Region, value_of: dict) -> tuple:
+def _lookup(signature: Signature) -> tuple[_Described | None, bool]:
+    """The description for this signature, and whether it was read from exactly this program (else from the same
+    one at another token count)."""
+    exact = _DESCRIBED.get((signature.skeleton, signature.ints))
+    if exact is not None:
+        return exact, True
+    for described in list(_DESCRIBED.values()):
+        if described.signature.same_up_to_tokens(signature):
+            return described, False
+    return None, False
+
+
+def _signature(region: Region, value_of: dict) -> Signature:
     """The region's program: each op with its arguments, nodes named by position, parameters by relative path,
     shape and dtype. Two regions with one signature compute the same function of (hidden states, parameters), so a
     description read from one holds for the other."""
@@ -434,6 +465,7 @@ def _signature(region: Region, value_of: dict) -> tuple:
     named = {node: ("param", rel) for rel, node in region.params.items()}
     named[region.activation] = ("x", _example(region.activation).dim(), _example(region.activation).dtype)
     named.update({node: ("size", i) for i, node in enumerate(region.extra_inputs)})
+    ints: list[int] = []
 
     def norm(arg):
         if isinstance(arg, fx.Node):
@@ -444,11 +476,15 @@ def _signature(region: Region, value_of: dict) -> tuple:
             return ("dict", *sorted((k, norm(v)) for k, v in arg.items()))
         if isinstance(arg, slice):
             return ("slice", norm(arg.start), norm(arg.stop), norm(arg.step))
+        if type(arg) is int:
+            ints.append(arg)
+            return ("int",)
         return ("const", type(arg).__name__, repr(arg))
 
     ops = tuple((n.op, n.target, norm(n.args), norm(n.kwargs)) for n in region.nodes)
     params = tuple((rel, tuple(value_of[node].shape), value_of[node].dtype) for rel, node in region.params.items())
-    return region.module_type, ops, params, tuple(index[o] for o in region.outputs)
+    tokens = max(1, int(torch.Size(_shape(region.activation)[:-1]).numel()))
+    return Signature((region.module_type, ops, params, tuple(index[o] for o in region.outputs)), tuple(ints), tokens)
 
 
 def _weights_key(region: Region, value_of: dict) -> tuple:
@@ -462,23 +498,28 @@ class _ReuseDescription:
 
     name = "describe (same ops as an earlier block)"
 
-    def __init__(self, described: _Described):
-        self.described = described
+    def __init__(self, described: _Described, note: str):
+        self.described, self.note = described, note
 
     def run(self, ctx: PassContext) -> bool:
         description = self.described.description
         for record in ctx.pending():
             ctx.descriptions[record.path] = description
             record.spec, record.spec_summary = description.spec.to_dict(), description.spec.summary()
-            record.method = f"{description.method}; same ops as {self.described.first_path}, read there"
+            record.method = f"{description.method}; same ops as {self.described.first_path}{self.note}, described there"
         return False
 
 
 def find_blocks(gm: fx.GraphModule, example_inputs: list, report: Report, verify: bool = True, seed: int = 0
                 ) -> list[GraphBlock]:
     """Find and read every MoE block in `gm`; each gets a record in `report` (fused candidates stay "pending").
-    A region with the same ops as one read before (another layer, or this block in an earlier graph) takes that
-    description and is confirmed on its own weights only; one whose weights were confirmed before is not rerun."""
+    A region whose ops are those of one read before takes that description instead of describing again:
+    - the same program (another layer): confirmed on its own weights (not re-randomised ones);
+    - the same program on the same weights (a recompile): confirmed already, not rerun;
+    - the same program at another token count on the same weights (decode after prefill): one spot check of the
+      region against the description on its own shape (a decode-shaped region runs one token a call, so the full
+      confirmation would take hundreds of calls).
+    """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     value_of = dict(zip(placeholders, example_inputs))
     blocks = []
@@ -492,20 +533,29 @@ def find_blocks(gm: fx.GraphModule, example_inputs: list, report: Report, verify
             continue
         signature = _signature(region, value_of)
         weights_key = _weights_key(region, value_of)
-        described = _DESCRIBED.get(signature)
+        described, exact = _lookup(signature) if verify else (None, False)
         block = RegionBlock(region, value_of, gm, all_regions)
-        earlier = described.confirmed.get(weights_key) if described is not None and verify else None
-        if earlier is not None:
+        earlier = described.confirmed.get(weights_key) if described is not None else None
+        if earlier is not None and exact:
             record = replace(earlier, path=region.path, seconds=0.0, confirm_tokens=list(earlier.confirm_tokens))
-            record.method += "; confirmed when an earlier graph compiled"
+            record.method += "; these weights confirmed when an earlier graph compiled"
             report.blocks.append(record)
             blocks.append(GraphBlock(record, region, block, described.description, described))
             continue
         ctx = PassContext(model=block, report=Report(model_type=region.module_type), verify=verify, seed=seed)
-        passes = ANALYSIS_PASSES if described is None else (
-            DetectPass, _ReuseDescription(described), ConfirmPass(rerandomized=False))
+        if described is None:
+            passes = ANALYSIS_PASSES
+        elif earlier is not None:
+            passes = (DetectPass, _ReuseDescription(described, " up to the token count"),
+                      ConfirmPass(rerandomized=False, shapes=((1, signature.tokens),), kernels=False))
+        else:
+            passes = (DetectPass, _ReuseDescription(described, "" if exact else " up to the token count"),
+                      ConfirmPass(rerandomized=False))
         PassManager(passes).run(ctx)
         inner = next((b for b in ctx.report.blocks if b.path == ""), None)
+        if inner is not None and earlier is not None:
+            inner.method += (f"; these weights confirmed at {described.signature.tokens} tokens, spot-checked at "
+                             f"{signature.tokens}")
         if inner is None:
             record.leave("a router feeding experts was found in the graph, but the core reads no MoE block in it: "
                          + (ctx.report.blocks[0].reason if ctx.report.blocks else "no router beside experts"))
@@ -514,9 +564,9 @@ def find_blocks(gm: fx.GraphModule, example_inputs: list, report: Report, verify
             record = inner
         description = ctx.descriptions.get("")
         if described is None and description is not None and record.decision == "pending" and verify:
-            described = _Described(description, region.path)  # confirmed with re-randomised weights too
-            _DESCRIBED[signature] = described
-        if described is not None and record.decision == "pending" and verify:
+            described = _Described(description, region.path, signature)  # confirmed with re-randomised weights too
+            _DESCRIBED[(signature.skeleton, signature.ints)] = described
+        if described is not None and record.decision == "pending" and earlier is None:
             described.confirmed[weights_key] = replace(record, confirm_tokens=list(record.confirm_tokens))
         report.blocks.append(record)
         blocks.append(GraphBlock(record, region, block, description, described))

@@ -76,13 +76,13 @@ class DescribePass:
 
 
 class ConfirmPass:
-    """Compare each described block with its FusedMoE replacement; leave those that disagree. rerandomized=False:
-    real weights and kernels only (the torch.compile backend, for a block whose ops match one already confirmed)."""
+    """Compare each described block with its FusedMoE replacement; leave those that disagree. Keyword arguments
+    narrow the check (confirm's rerandomized, shapes, kernels) for blocks the torch.compile backend has seen before."""
 
     name = "confirm"
 
-    def __init__(self, rerandomized: bool = True):
-        self.rerandomized = rerandomized
+    def __init__(self, **narrowed):
+        self.narrowed = narrowed  # confirm()'s rerandomized / shapes / kernels, for the torch.compile backend
 
     def run(self, ctx: PassContext) -> bool:
         for record in ctx.pending():
@@ -92,7 +92,7 @@ class ConfirmPass:
                 continue
             try:
                 result = confirm(ctx.candidates[record.path].module, ctx.descriptions[record.path], seed=ctx.seed,
-                                 rerandomized=self.rerandomized)
+                                 **self.narrowed)
             except Exception as exc:  # noqa: BLE001
                 record.leave(f"confirmation failed to run: {type(exc).__name__}: {exc}")
             else:

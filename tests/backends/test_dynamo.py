@@ -124,13 +124,19 @@ def test_handwritten_forms_without_graph_breaks_are_fused(build, shape, quiet):
 
 def test_blocks_with_the_same_ops_share_a_description_and_others_are_read_alone(quiet):
     """Chained blocks: the second has the first's ops (its description is taken, its own weights confirmed), the
-    third differs in k and is read on its own. A recompile for no_grad finds all three confirmed already. Outputs
-    within 1e-4 of eager each time."""
+    third differs in k and is read on its own. A recompile for no_grad finds all three confirmed already; one for
+    another token count (static shapes: the count is in the graph's views) spot-checks them. Outputs within 1e-4
+    of eager each time."""
+
+    class Flattening(handwritten.EinsumMoE):  # a view that holds the token count, as HF blocks' views do
+        def forward(self, x):
+            return super().forward(x.view(x.shape[0], -1))
+
     torch.manual_seed(0)
-    model = torch.nn.Sequential(handwritten.EinsumMoE(k=2), handwritten.EinsumMoE(k=2), handwritten.EinsumMoE(k=3))
+    model = torch.nn.Sequential(Flattening(k=2), Flattening(k=2), Flattening(k=3))
     x = torch.randn(9, 32)
     want = model(x)
-    compiled = torch.compile(model, backend="moecompile", options={"inductor": False})
+    compiled = torch.compile(model, backend="moecompile", options={"inductor": False}, dynamic=False)
     assert close(compiled(x), want)
     with torch.no_grad():
         assert close(compiled(x), want)
@@ -141,6 +147,13 @@ def test_blocks_with_the_same_ops_share_a_description_and_others_are_read_alone(
     assert "same ops" not in first.method and "same ops as 0" in second.method and "same ops" not in third.method
     assert all(b.max_abs_error is not None for b in blocks)
     assert all("confirmed when an earlier graph compiled" in b.method for b in blocks[3:])
+    # another token count: the same blocks recompile (the views hold it); each is spot-checked, not described again
+    x5 = torch.randn(5, 32)
+    assert close(compiled(x5), model(x5))
+    later = moecompile.report(compiled).blocks[6:]
+    assert [b.spec["router"]["top_k"] for b in later] == [2, 2, 3]
+    assert all("up to the token count" in b.method and "spot-checked at 5" in b.method for b in later), [
+        b.method for b in later]
 
 
 def test_blocks_split_by_graph_breaks_are_left_and_the_log_says_what_to_do(quiet):

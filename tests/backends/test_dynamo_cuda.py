@@ -5,7 +5,7 @@ graphs). Skipped without a GPU; run on the device with `python -m pytest -q test
 Tolerance: bf16 eager is itself far from exact, so the compiled and the eager bf16 models are both measured against
 the same weights run in fp32. Logits, per token (a near-tied router choice flips in either model for a token or
 two, which dominates a normwise error): the compiled model's median error at most 1.5 x eager's + 1e-3, and at most
-5% of tokens over 10 x eager's median. Gradients, normwise: at most max(2 x eager's error, 2e-2)."""
+5% more of its tokens than eager's own over 10 x eager's median. Gradients, normwise: at most max(2 x eager's error, 2e-2)."""
 import copy
 
 import pytest
@@ -37,7 +37,8 @@ def token_errors(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
 def logits_within_bf16(got: torch.Tensor, eager: torch.Tensor, want: torch.Tensor) -> tuple[bool, str]:
     ours, theirs = token_errors(got, want), token_errors(eager, want)
     flipped = (ours > 10 * theirs.median()).float().mean().item()
-    ok = ours.median() <= 1.5 * theirs.median() + 1e-3 and flipped <= 0.05
+    theirs_flipped = (theirs > 10 * theirs.median()).float().mean().item()  # the baseline's own outlier tokens
+    ok = ours.median() <= 1.5 * theirs.median() + 1e-3 and flipped <= 0.05 + theirs_flipped
     return ok, f"median token err {ours.median():.2e} (eager {theirs.median():.2e}), {flipped:.1%} tokens over 10x"
 
 
@@ -66,6 +67,33 @@ def test_family_bf16_logits_match_eager(family, impl, quiet):
     rep = moecompile.report(compiled)
     assert rep.blocks and all(b.decision == "fused" for b in rep.blocks), rep.table()
     print(f"{family}/{impl}: logits vs fp32: {summary}")
+    assert ok, summary
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_bf16_inference_under_inductor_calls_the_kernels_from_its_code(family, quiet, monkeypatch):
+    """Static-shape inference graphs hold the kernels' launches (traced with wrap_triton; DeepSeek-V3's shared
+    experts on the one stream), so Inductor's generated code launches them and the op never runs. Logits: the
+    per-token criterion above, against Inductor alone (what users run today): Inductor alone moves GPT-OSS's
+    logits 4x further from fp32 than eager does (median token error 2.2e-2 vs 5.4e-3 on the H100), outside the MoE
+    blocks."""
+    from moecompile.kernels import moe as kernel_moe
+
+    op_calls = []
+    real_impl = kernel_moe._op_impl
+    monkeypatch.setattr(kernel_moe, "_op_impl", lambda *a, **k: op_calls.append(1) or real_impl(*a, **k))
+    model, exact, inputs = bf16_and_fp32(family, "grouped_mm")
+    with torch.no_grad():
+        want = hf_zoo.model_output(exact, inputs)
+        inductor = hf_zoo.model_output(torch.compile(model, dynamic=False), inputs)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="moecompile", fullgraph=True, dynamic=False)
+        got = hf_zoo.model_output(compiled, inputs)
+    rep = moecompile.report(compiled)
+    assert rep.blocks and all(b.decision == "fused" for b in rep.blocks), rep.table()
+    assert not op_calls, f"the op ran {len(op_calls)} times: the graph did not hold the launches"
+    ok, summary = logits_within_bf16(got, inductor, want)
+    print(f"{family} under Inductor: logits vs fp32: {summary.replace('eager', 'Inductor alone')}")
     assert ok, summary
 
 

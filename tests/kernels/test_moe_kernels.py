@@ -17,6 +17,8 @@ import moecompile
 from moecompile import MoECompileError
 from moecompile.kernels import graphs
 from moecompile.kernels import moe as kernel_moe
+from moecompile.reference import moe_forward as reference_forward
+from moecompile.spec import MoEWeights
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the device: see benchmarks/gpu_tests.sh)")
@@ -295,6 +297,33 @@ def test_decode_graphs_switch_off_cuda(monkeypatch):
     for _ in range(3):
         kernel_moe.moe_forward(spec, w, torch.randn(2, 64, device="cuda", dtype=torch.bfloat16))
     assert not graphs._ENTRIES
+
+
+@needs_cuda
+@pytest.mark.parametrize("router", ["softmax_topk", "relu", "sigmoid_grouped_corr"])
+@pytest.mark.parametrize("T", [1, 37, 300])
+def test_traced_launches_cuda(router, T):
+    """A compiled inference graph with static shapes holds the kernels' launches themselves (wrap_triton), not the
+    op: traced here with fake tensors as AOTAutograd traces for Inductor, then run (Inductor's code calling them:
+    tests/backends/test_dynamo_cuda.py). Shared experts run on the one stream there. fp32 within cases.TOLERANCE."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    spec = cases.make_spec(router, 16, 4, 64, 48, "shared_gated")
+    w = cases.make_weights(spec, torch.float32, "cuda", torch.Generator().manual_seed(11))
+    x = torch.randn(T, 64, device="cuda")
+    names = [name for name, t in w.items() if t is not None]
+
+    def block(t, *tensors):  # the weights are graph inputs, as in the backend's graphs
+        weights = MoEWeights(**dict(zip(names, tensors)))
+        return kernel_moe.run(spec, weights, t, need_routing=False, through_op=True)[0]
+
+    inputs = (x, *[getattr(w, name) for name in names])
+    with torch.no_grad():
+        graph = make_fx(block, tracing_mode="fake")(*inputs)
+        got = graph(*inputs)
+    want, _ = reference_forward(spec, cases.upcast(w), x.double())
+    assert "triton_kernel_wrapper" in graph.code and "moecompile.moe_forward" not in graph.code
+    assert cases.relative_error(got, want) < cases.TOLERANCE[torch.float32]
 
 
 @needs_cuda
