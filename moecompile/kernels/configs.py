@@ -8,6 +8,7 @@ shapes, so it is the same on every call with the same shapes and inside CUDA gra
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -63,15 +64,21 @@ def _table() -> dict[str, dict]:
     return json.loads(TABLE_PATH.read_text())
 
 
-def heuristic(tokens: int, hidden: int, inter: int, num_experts: int, slots: int, sm_count: int) -> MoEConfig:
+def row_block(tokens: int, slots: int, num_experts: int) -> int:
+    """The heuristic's row block (its tile regime) for this many rows an expert."""
     rows = rows_per_expert(tokens, slots, num_experts)
-    if rows <= 16:  # decode: one row block per active expert, so each expert's weights stream once
+    return 16 if rows <= 16 else 32 if rows <= 48 else 64 if rows <= 192 else 128
+
+
+def heuristic(tokens: int, hidden: int, inter: int, num_experts: int, slots: int, sm_count: int) -> MoEConfig:
+    BM = row_block(tokens, slots, num_experts)
+    if BM == 16:  # decode: one row block per active expert, so each expert's weights stream once
         up = GemmConfig(BM=16, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4)
         down = GemmConfig(BM=16, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4)
-    elif rows <= 48:
+    elif BM == 32:
         up = GemmConfig(BM=32, BN=64, BK=128, GROUP_M=4, num_warps=4, num_stages=4)
         down = GemmConfig(BM=32, BN=64, BK=128, GROUP_M=4, num_warps=4, num_stages=4)
-    elif rows <= 192:
+    elif BM == 64:
         up = GemmConfig(BM=64, BN=64, BK=64, GROUP_M=8, num_warps=4, num_stages=4)
         down = GemmConfig(BM=64, BN=128, BK=64, GROUP_M=8, num_warps=4, num_stages=4)
     else:
@@ -112,23 +119,20 @@ def for_fp32(cfg: GemmConfig) -> GemmConfig:
 @lru_cache(maxsize=None)
 def _tuned_tokens(hidden: int, inter: int, num_experts: int, slots: int) -> tuple[int, ...]:
     """Token counts the table has entries for at this layer shape."""
-    suffix = table_key(0, hidden, inter, num_experts, slots)[len("T0"):]
-    return tuple(sorted(int(key[1:].split("_", 1)[0]) for key in _table() if key.endswith(suffix)
-                        and key.startswith("T") and key[1:].split("_", 1)[0].isdigit()))
+    pattern = re.compile(r"T(\d+)" + re.escape(table_key(0, hidden, inter, num_experts, slots)[len("T0"):]))
+    return tuple(sorted(int(m.group(1)) for m in map(pattern.fullmatch, _table()) if m))
 
 
 @lru_cache(maxsize=4096)
 def nearest_tuned(tokens: int, hidden: int, inter: int, num_experts: int, slots: int) -> int | None:
     """The tuned token count nearest to `tokens` (by ratio) at this layer shape, if within a factor of 2 and in
-    the same tile regime of the heuristic (decode-sized calls keep their small row blocks)."""
-    regime = heuristic(tokens, hidden, inter, num_experts, slots, 132).up.BM
-    best = None
-    for tuned in _tuned_tokens(hidden, inter, num_experts, slots):
-        ratio = max(tuned, tokens) / max(1, min(tuned, tokens))
-        if ratio <= 2 and heuristic(tuned, hidden, inter, num_experts, slots, 132).up.BM == regime and (
-                best is None or ratio < best[0]):
-            best = (ratio, tuned)
-    return None if best is None else best[1]
+    the heuristic's row block regime (decode-sized calls keep their small row blocks)."""
+    regime = row_block(tokens, slots, num_experts)
+    near = [(max(tuned, tokens) / max(1, min(tuned, tokens)), tuned)
+            for tuned in _tuned_tokens(hidden, inter, num_experts, slots)
+            if row_block(tuned, slots, num_experts) == regime]
+    best = min(near, default=None)
+    return best[1] if best is not None and best[0] <= 2 else None
 
 
 def choose(tokens: int, hidden: int, inter: int, num_experts: int, slots: int, device: torch.device) -> MoEConfig:

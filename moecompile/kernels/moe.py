@@ -1,6 +1,6 @@
 """The Triton MoE forward as one PyTorch op, `torch.ops.moecompile.moe_forward` (and `moe_forward_y`, its output
-alone, for compiled inference graphs), with a fake (shape) implementation and an autograd formula, so the same op runs eagerly, is traced by torch.compile and torch.export, and is captured in
-CUDA graphs.
+alone, for compiled inference graphs), with a fake (shape) implementation and an autograd formula, so the same op
+runs eagerly, is traced by torch.compile and torch.export, and is captured in CUDA graphs.
 
 Place in the pipeline: FusedMoE.forward calls `moe_forward(spec, weights, x, seq_len)` here on CUDA tensors. The op
 launches, in order: gating (router GEMM, scoring, selection, counts), dispatch (rows grouped by expert), the shared
@@ -22,6 +22,7 @@ from functools import lru_cache
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
 
 from ..errors import MoECompileError
 from ..reference import moe_forward as reference_forward
@@ -102,7 +103,6 @@ _TRACED: ContextVar[bool] = ContextVar("moecompile_traced_launches", default=Fal
 
 def _kernel(kernel):
     return torch.library.wrap_triton(kernel) if _TRACED.get() else kernel
-
 
 
 def _gate(spec: MoESpec, x, router_weight, router_bias, correction_bias, shared_gate):
@@ -459,8 +459,6 @@ def traceable(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> bool:
     every length), the gating kernel's router forms, and the kernels' devices and dtypes."""
     if torch.compiler.is_compiling():  # checked first: dynamo does not trace is_fake
         return False
-    from torch._subclasses.fake_tensor import is_fake
-
     return (is_fake(x) and isinstance(x.shape[0], int)
             and x.device.type == "cuda" and not INTERPRETED  # wrap_triton takes no interpreted kernel
             and gating_fallback_reason(spec) is None and unsupported_reason(spec, weights, x) is None)
@@ -481,13 +479,12 @@ def run(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None
         # eager inference: the same launches without the op's dispatch overhead (tens of microseconds per call)
         outputs = _launch(spec, spec_json or spec.to_json(), weights, x, seq_len, copy_out=3 if need_routing else 1)
         return outputs if need_routing else (outputs[0], None, None)
-    if not need_routing and not needs_grad and traceable(spec, weights, x):
+    if need_routing or needs_grad:
+        return torch.ops.moecompile.moe_forward(*op_args(spec_json or spec.to_json(), weights, x, seq_len))
+    if traceable(spec, weights, x):
         token = _TRACED.set(True)
         try:
             return _forward(spec, weights, x, seq_len)[0], None, None
         finally:
             _TRACED.reset(token)
-    args = op_args(spec_json or spec.to_json(), weights, x, seq_len)
-    if not need_routing and not needs_grad:
-        return torch.ops.moecompile.moe_forward_y(*args), None, None
-    return torch.ops.moecompile.moe_forward(*args)
+    return torch.ops.moecompile.moe_forward_y(*op_args(spec_json or spec.to_json(), weights, x, seq_len)), None, None

@@ -421,6 +421,11 @@ class Signature:
     ints: tuple[int, ...]
     tokens: int
 
+    @property
+    def key(self) -> tuple:
+        """The exact program (token counts included): _DESCRIBED's key."""
+        return self.skeleton, self.ints
+
     def same_up_to_tokens(self, other: Signature) -> bool:
         """Same ops, and each int equal or the same multiple of each side's token count."""
         if self.skeleton != other.skeleton or len(self.ints) != len(other.ints):
@@ -448,7 +453,7 @@ _DESCRIBED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 def _lookup(signature: Signature) -> tuple[_Described | None, bool]:
     """The description for this signature, and whether it was read from exactly this program (else from the same
     one at another token count)."""
-    exact = _DESCRIBED.get((signature.skeleton, signature.ints))
+    exact = _DESCRIBED.get(signature.key)
     if exact is not None:
         return exact, True
     for described in list(_DESCRIBED.values()):
@@ -506,7 +511,7 @@ class _ReuseDescription:
         for record in ctx.pending():
             ctx.descriptions[record.path] = description
             record.spec, record.spec_summary = description.spec.to_dict(), description.spec.summary()
-            record.method = f"{description.method}; same ops as {self.described.first_path}{self.note}, described there"
+            record.method = f"{description.method}; same ops as {self.described.first_path} (described there){self.note}"
         return False
 
 
@@ -545,17 +550,16 @@ def find_blocks(gm: fx.GraphModule, example_inputs: list, report: Report, verify
         ctx = PassContext(model=block, report=Report(model_type=region.module_type), verify=verify, seed=seed)
         if described is None:
             passes = ANALYSIS_PASSES
-        elif earlier is not None:
-            passes = (DetectPass, _ReuseDescription(described, " up to the token count"),
-                      ConfirmPass(rerandomized=False, shapes=((1, signature.tokens),), kernels=False))
         else:
-            passes = (DetectPass, _ReuseDescription(described, "" if exact else " up to the token count"),
-                      ConfirmPass(rerandomized=False))
+            note = "" if exact else " up to the token count"
+            narrowed = dict(rerandomized=False)
+            if earlier is not None:  # these weights, confirmed at another token count
+                note += (f"; these weights confirmed at {described.signature.tokens} tokens, spot-checked at "
+                         f"{signature.tokens}")
+                narrowed.update(shapes=((1, signature.tokens),), kernels=False)
+            passes = (DetectPass, _ReuseDescription(described, note), ConfirmPass(**narrowed))
         PassManager(passes).run(ctx)
         inner = next((b for b in ctx.report.blocks if b.path == ""), None)
-        if inner is not None and earlier is not None:
-            inner.method += (f"; these weights confirmed at {described.signature.tokens} tokens, spot-checked at "
-                             f"{signature.tokens}")
         if inner is None:
             record.leave("a router feeding experts was found in the graph, but the core reads no MoE block in it: "
                          + (ctx.report.blocks[0].reason if ctx.report.blocks else "no router beside experts"))
@@ -565,7 +569,7 @@ def find_blocks(gm: fx.GraphModule, example_inputs: list, report: Report, verify
         description = ctx.descriptions.get("")
         if described is None and description is not None and record.decision == "pending" and verify:
             described = _Described(description, region.path, signature)  # confirmed with re-randomised weights too
-            _DESCRIBED[(signature.skeleton, signature.ints)] = described
+            _DESCRIBED[signature.key] = described
         if described is not None and record.decision == "pending" and earlier is None:
             described.confirmed[weights_key] = replace(record, confirm_tokens=list(record.confirm_tokens))
         report.blocks.append(record)
