@@ -6,6 +6,8 @@ decode sizes) and, under Nsight Compute, what each kernel is limited by.
         GPU time (the same call replayed in a CUDA graph), and the host time of each phase of the call.
     python benchmarks/profile_moe.py op --out DIR
         Host time of each layer of the path a compiled graph's op call takes at decode size (op_layers).
+    python benchmarks/profile_moe.py paths --out DIR
+        The routed experts on the Triton GEMMs against grouped_mm, per layer shape and token count (expert_paths).
     ncu --profile-from-start off --section SpeedOfLight --section Occupancy ... \
         python benchmarks/profile_moe.py ncu --shape mixtral_8x7b --tokens 16384 [--impl hf_grouped_mm_compile]
         One call of the chosen implementation between cudaProfilerStart/Stop, after warm-up, so ncu sees only it.
@@ -173,6 +175,48 @@ def op_layers(out: Path) -> None:
     (out / "op_layers.json").write_text(json.dumps(rows, indent=1))
 
 
+def expert_paths(out: Path) -> None:
+    """Per layer shape and token count: FusedMoE with its routed experts on the Triton GEMMs and on grouped_mm
+    (kernels/grouped.py), eager calls, beside HF's block under Inductor (what the issue compares against). Where
+    grouped_mm starts to win sets grouped.GROUPED_MM_MIN_ROWS. Writes expert_paths.json."""
+    from moe_layer import bench, rel_err
+
+    from moecompile.kernels import configs, grouped
+    from moecompile.reference import moe_forward as reference
+
+    cases = {"mixtral_8x7b": (256, 512, 1024, 2048, 4096), "qwen3_30b_a3b": (1024, 2048, 4096, 8192, 16384)}
+    default = grouped.GROUPED_MM_MIN_ROWS
+    rows = []
+    try:
+        for shape, tokens in cases.items():
+            cfg = SHAPES[shape]
+            block, _ = hf_block(cfg["family"], cfg["H"], cfg["I"], cfg["E"], cfg["k"])
+            fused = twin(block, cfg["family"], cfg["H"], cfg["I"], cfg["E"], cfg["k"], False)
+            compiled = torch.compile(block)
+            for T in tokens:
+                x = torch.randn(1, T, cfg["H"], device="cuda", dtype=torch.bfloat16)
+                row = dict(shape=shape, tokens=T, rows_per_expert=configs.rows_per_expert(T, cfg["k"], cfg["E"]))
+                with torch.no_grad():
+                    ref, _ = reference(fused.spec, fused.weights(), x[0])
+                    for path, threshold in (("triton", None), ("grouped_mm", 0.0)):
+                        grouped.GROUPED_MM_MIN_ROWS = threshold
+                        row[f"{path}_err"] = rel_err(fused(x)[0], ref)
+                        row[f"{path}_ms"] = bench(lambda: fused(x), quick=False)
+                    compiled(x)
+                    row["hf_compiled_ms"] = bench(lambda: compiled(x), quick=False)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del block, fused, compiled
+            torch.compiler.reset()
+            torch.cuda.empty_cache()
+    finally:
+        grouped.GROUPED_MM_MIN_ROWS = default
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "expert_paths.json").write_text(json.dumps(dict(
+        device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
+        date=__import__("datetime").date.today().isoformat(), rows=rows), indent=1))
+
+
 def ncu_target(shape: str, T: int, impl: str) -> None:
     cfg = SHAPES[shape]
     block, _ = hf_block(cfg["family"], cfg["H"], cfg["I"], cfg["E"], cfg["k"])
@@ -193,7 +237,7 @@ def ncu_target(shape: str, T: int, impl: str) -> None:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["host", "op", "ncu"])
+    parser.add_argument("mode", choices=["host", "op", "paths", "ncu"])
     parser.add_argument("--shape", default="mixtral_8x7b")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--impl", default="moecompile", choices=["moecompile", "hf_grouped_mm_compile"])
@@ -205,6 +249,8 @@ def main():
         host_profile(cases, Path(args.out))
     elif args.mode == "op":
         op_layers(Path(args.out))
+    elif args.mode == "paths":
+        expert_paths(Path(args.out))
     else:
         ncu_target(args.shape, args.tokens, args.impl)
 

@@ -1,7 +1,9 @@
 """Gating kernel: router GEMM, scoring, selection and combine weights in one launch, plus per-expert counts.
 
 Place in the pipeline: the first launch of the Triton FusedMoE path (kernels/moe.py); dispatch.py reads the counts it
-leaves. Specialised by constexprs on the block's RouterSpec. Every program owns BLOCK_T tokens: it computes their
+leaves. With few tokens (one program holds them all) it also dispatches (FUSED_DISPATCH: dispatch.py's
+_dispatch_in_program) and zeroes the counts and the output accumulator, so a decode step launches three kernels
+fewer. Specialised by constexprs on the block's RouterSpec. Every program owns BLOCK_T tokens: it computes their
 [BLOCK_T, E] logits with tl.dot over H, scores them, picks the experts, and adds its picks to counts[E] with atomics.
 For ReLU routing (all_positive) the "slots" of a token are all E experts: the gates are written densely, and only
 positive ones are counted (dispatch skips the rest), so later work scales with the positive (token, expert) pairs.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .dispatch import _dispatch_in_program
 from .experts import mma
 
 SCORING_CODES = {"none": 0, "softmax": 1, "sigmoid": 2, "sqrtsoftplus": 3, "relu": 4}
@@ -48,15 +51,23 @@ def _first_argmax(v, index, SIZE: tl.constexpr):
 def _gating_kernel(
     x_ptr, wr_ptr, br_ptr, corr_ptr, sg_ptr,
     logits_ptr, weight_ptr, ids_ptr, counts_ptr, sg_out_ptr,
+    sorted_pair_ptr, block_expert_ptr, block_end_ptr, num_blocks_ptr, acc_ptr,
     T, H, E, stride_xt, stride_we,
     renorm_min, scaling,
     K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
     SCORING: tl.constexpr, SELECT_FIRST: tl.constexpr, ALL_POSITIVE: tl.constexpr, RENORM: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_CORR: tl.constexpr, GROUPED: tl.constexpr, N_GROUP: tl.constexpr,
     TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_TOP2: tl.constexpr, HAS_SHARED_GATE: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, FUSED_DISPATCH: tl.constexpr, BM: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if FUSED_DISPATCH:  # the only program: it zeroes the counts and the output accumulator itself
+        experts = tl.arange(0, E_PAD)
+        tl.store(counts_ptr + experts, 0, mask=experts < E)
+        for i in range(0, T * H, 1024):
+            zs = i + tl.arange(0, 1024)
+            tl.store(acc_ptr + zs, 0.0, mask=zs < T * H)
+        tl.debug_barrier()
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     rows64 = rows.to(tl.int64)
@@ -92,6 +103,10 @@ def _gating_kernel(
         tl.store(weight_ptr + rows64[:, None] * E + cols[None, :], gates, mask=valid)
         active = tl.sum((valid & (gates > 0)).to(tl.int32), axis=0)
         tl.atomic_add(counts_ptr + cols, active, mask=col_ok, sem="relaxed")
+        if FUSED_DISPATCH:  # slot = expert: pair t*E + e
+            _dispatch_in_program(tl.broadcast_to(cols[None, :], (BLOCK_T, E_PAD)), rows[:, None] * E + cols[None, :],
+                                 valid & (gates > 0), counts_ptr, cols, E, sorted_pair_ptr, block_expert_ptr,
+                                 block_end_ptr, num_blocks_ptr, BM, 64)
     else:
         all_ok = row_ok[:, None] & tl.broadcast_to(col_ok[None, :], (BLOCK_T, E_PAD))
         if SELECT_FIRST:
@@ -152,3 +167,6 @@ def _gating_kernel(
         tl.store(weight_ptr + rows64[:, None] * K + kcol, picked, mask=out_ok)
         tl.store(ids_ptr + rows64[:, None] * K + kcol, picked_id, mask=out_ok)
         tl.atomic_add(counts_ptr + picked_id, tl.full((BLOCK_T, K_PAD), 1, tl.int32), mask=out_ok, sem="relaxed")
+        if FUSED_DISPATCH:
+            _dispatch_in_program(picked_id, rows[:, None] * K + kcol, out_ok, counts_ptr, cols, E, sorted_pair_ptr,
+                                 block_expert_ptr, block_end_ptr, num_blocks_ptr, BM, 64)

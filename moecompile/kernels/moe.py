@@ -5,7 +5,8 @@ runs eagerly, is traced by torch.compile and torch.export, and is captured in CU
 Place in the pipeline: FusedMoE.forward calls `moe_forward(spec, weights, x, seq_len)` here on CUDA tensors. The op
 launches, in order: gating (router GEMM, scoring, selection, counts), dispatch (rows grouped by expert), the shared
 experts' up and down GEMMs (dense rows), then the routed experts' up and down GEMMs, which add into one fp32 [T, H]
-accumulator; the result is cast to the input's dtype. Nothing waits on the host, and every allocation's size depends
+accumulator; the result is cast to the input's dtype. With hundreds of rows an expert (bf16 on Hopper) the routed
+experts' GEMMs are CUTLASS's grouped GEMM instead (kernels/grouped.py). Nothing waits on the host, and every allocation's size depends
 on shapes only. Router forms the gating kernel does not cover (sparsemixer, expert capacity, non-power-of-two expert
 groups) route with the PyTorch reference, still without a host sync, and share everything after it.
 
@@ -28,7 +29,7 @@ from ..errors import MoECompileError
 from ..reference import moe_forward as reference_forward
 from ..reference import route
 from ..spec import MoESpec, MoEWeights
-from . import configs, graphs
+from . import configs, graphs, grouped
 from .dispatch import _dispatch_kernel
 from .experts import ACTIVATION_CODES, _expert_down_kernel, _expert_up_kernel
 from .gating import SCORING_CODES, _gating_kernel
@@ -105,26 +106,42 @@ def _kernel(kernel):
     return torch.library.wrap_triton(kernel) if _TRACED.get() else kernel
 
 
-def _gate(spec: MoESpec, x, router_weight, router_bias, correction_bias, shared_gate):
+def gating_block_tokens(num_experts: int) -> int:
+    """Tokens one gating program routes (its [BLOCK_T, E] logits tile stays in registers)."""
+    E_PAD = max(16, _pow2(num_experts))
+    return 64 if E_PAD <= 64 else (32 if E_PAD <= 256 else 16)
+
+
+def _gate(spec: MoESpec, x, router_weight, router_bias, correction_bias, shared_gate, BM: int, acc):
+    """The gating launch. When one program holds every token it also dispatches (rows in BM blocks) and zeroes
+    `acc`: the table is returned; otherwise it is None, and acc and dispatch are the caller's."""
     r = spec.router
     T, H = x.shape
     E, S = r.num_experts, slots_of(spec)
     E_PAD = max(16, _pow2(E))
+    BLOCK_T = gating_block_tokens(E)
+    fused = T <= BLOCK_T
     logits = _empty(T, E, device=x.device, dtype=torch.float32)
     weight = _empty(T, S, device=x.device, dtype=torch.float32)
     ids = _empty(1 if r.is_variable_k else T * S, device=x.device, dtype=torch.int32)  # ReLU: slot = expert
-    counts_cursor = torch.zeros(2 * E, device=x.device, dtype=torch.int32)
+    if fused:
+        counts_cursor = _empty(2 * E, device=x.device, dtype=torch.int32)  # the kernel zeroes the counts
+        table, _ = _dispatch_buffers(T, S, E, BM, r.is_variable_k, x.device)
+    else:
+        counts_cursor = torch.zeros(2 * E, device=x.device, dtype=torch.int32)
+        table = None
     sg = _empty(T, device=x.device, dtype=torch.float32) if shared_gate is not None else None
     router_weight = router_weight.contiguous()
     if shared_gate is not None:
         shared_gate = shared_gate.reshape(-1).contiguous()
-    BLOCK_T = 64 if E_PAD <= 64 else (32 if E_PAD <= 256 else 16)
     dummy = logits
+    sorted_pair, block_expert, block_end, num_blocks = table if fused else (ids, ids, ids, ids)
     _kernel(_gating_kernel)[(triton.cdiv(T, BLOCK_T),)](
         x, router_weight, router_bias if router_bias is not None else dummy,
         correction_bias if correction_bias is not None else dummy,
         shared_gate if shared_gate is not None else x,
         logits, weight, ids, counts_cursor, sg if sg is not None else dummy,
+        sorted_pair, block_expert, block_end, num_blocks, acc,
         T, H, E, x.stride(0), router_weight.stride(0),
         float(r.renorm_min), float(r.scaling_factor),
         K=S if not r.is_variable_k else 1, K_PAD=max(2, _pow2(S)), E_PAD=E_PAD, BLOCK_T=BLOCK_T, BLOCK_H=64,
@@ -133,9 +150,10 @@ def _gate(spec: MoESpec, x, router_weight, router_bias, correction_bias, shared_
         HAS_CORR=correction_bias is not None, GROUPED=r.selection == "grouped_topk", N_GROUP=r.n_group,
         TOPK_GROUP=r.topk_group, GROUP_SIZE=max(1, E // r.n_group), GROUP_TOP2=r.group_score == "top2_sum", HAS_SHARED_GATE=sg is not None,
         DOT_FP32=x.dtype == torch.float32 or router_weight.dtype == torch.float32 or DOTS_IN_FP32,
+        FUSED_DISPATCH=fused, BM=BM,
         num_warps=4,
     )
-    return logits, weight, ids, counts_cursor, sg
+    return logits, weight, ids, counts_cursor, sg, table
 
 
 def _gate_with_torch(spec: MoESpec, weights: MoEWeights, x, seq_len: int):
@@ -160,24 +178,28 @@ def max_row_blocks(T: int, S: int, E: int, BM: int, implicit: bool) -> int:
     return min(bound, E * triton.cdiv(T, BM)) if implicit else bound
 
 
+def _dispatch_buffers(T: int, S: int, E: int, BM: int, implicit: bool, device: torch.device):
+    """Dispatch's outputs (sorted_pair, block_expert, block_end, num_blocks), unwritten, and their block bound."""
+    max_blocks = max_row_blocks(T, S, E, BM, implicit)
+    table = (_empty(max_blocks * BM, device=device, dtype=torch.int32),
+             _empty(max_blocks, device=device, dtype=torch.int32),
+             _empty(max_blocks, device=device, dtype=torch.int32),
+             _empty(1, device=device, dtype=torch.int32))
+    return table, max_blocks
+
+
 def _dispatch(ids, weight, counts_cursor, E: int, BM: int, implicit: bool, skip_nonpositive: bool):
     T, S = weight.shape
     P = T * S
-    max_blocks = max_row_blocks(T, S, E, BM, implicit)
-    dev = weight.device
-    sorted_pair = _empty(max_blocks * BM, device=dev, dtype=torch.int32)
-    block_expert = _empty(max_blocks, device=dev, dtype=torch.int32)
-    block_end = _empty(max_blocks, device=dev, dtype=torch.int32)
-    num_blocks = _empty(1, device=dev, dtype=torch.int32)
+    table, max_blocks = _dispatch_buffers(T, S, E, BM, implicit, weight.device)
     BLOCK_P = 256
     _kernel(_dispatch_kernel)[(max(1, triton.cdiv(P, BLOCK_P)),)](
-        ids, weight, counts_cursor, counts_cursor[E:],
-        sorted_pair, block_expert, block_end, num_blocks,
+        ids, weight, counts_cursor, counts_cursor[E:], *table,
         P, S, E,
         BM=BM, E_PAD=max(16, _pow2(E)), BLOCK_P=BLOCK_P, BLOCK_B=64,
         IMPLICIT_IDS=implicit, SKIP_NONPOSITIVE=skip_nonpositive, num_warps=4,
     )
-    return (sorted_pair, block_expert, block_end, num_blocks), max_blocks
+    return table, max_blocks
 
 
 def _programs(tiles: int, device: torch.device, cfg: configs.GemmConfig, b_tiles: int, elem_bytes: int) -> int:
@@ -277,15 +299,20 @@ def _forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int):
     if T == 0:
         return x.new_empty(0, H), x.new_empty(0, E, dtype=torch.float32), x.new_empty(0, S, dtype=torch.float32)
     x = x.contiguous()
-    if gating_fallback_reason(spec) is None:
-        logits, weight, ids, counts_cursor, sg = _gate(spec, x, weights.router_weight, weights.router_bias,
-                                                       weights.correction_bias, weights.shared_gate)
-    else:
-        logits, weight, ids, counts_cursor, sg = _gate_with_torch(spec, weights, x, seq_len)
-
     I = spec.experts.intermediate_size
     cfg = configs.choose(T, H, I, E, min(S, 8), x.device)
-    acc = torch.zeros(T, H, device=x.device, dtype=torch.float32)
+    on_grouped_mm = grouped.applies(spec, weights, x)  # many rows an expert: CUTLASS's grouped GEMM
+    BM = 1 if on_grouped_mm else cfg.up.BM  # grouped_mm reads unpadded rows
+    implicit = r.is_variable_k
+    acc = _empty(T, H, device=x.device, dtype=torch.float32)
+    table = None
+    if gating_fallback_reason(spec) is None:
+        logits, weight, ids, counts_cursor, sg, table = _gate(spec, x, weights.router_weight, weights.router_bias,
+                                                              weights.correction_bias, weights.shared_gate, BM, acc)
+    else:
+        logits, weight, ids, counts_cursor, sg = _gate_with_torch(spec, weights, x, seq_len)
+    if table is None:  # gating left dispatch and the accumulator to us
+        acc.zero_()
     side = None
     if spec.shared is not None:  # on a second stream, overlapped with dispatch and the routed experts
         shared_mlp = spec.shared.mlp
@@ -295,21 +322,31 @@ def _forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int):
             _run_experts(shared_mlp, x, weights.shared_w1, weights.shared_w2, weights.shared_b1, weights.shared_b2,
                          acc, shared_cfg, dense=True, row_scale=sg)
 
-    BM = cfg.up.BM
-    table, max_blocks = _dispatch(ids, weight, counts_cursor, E, BM, implicit=r.is_variable_k,
-                                  skip_nonpositive=r.is_variable_k)
-    if r.is_variable_k:  # a bounded buffer and a fixed number of rounds, however many gates are positive
+    if table is None:
+        table, max_blocks = _dispatch(ids, weight, counts_cursor, E, BM, implicit=implicit,
+                                      skip_nonpositive=implicit)
+    else:
+        max_blocks = max_row_blocks(T, S, E, BM, implicit)
+    if on_grouped_mm:
+        grouped.run_experts(spec, weights, x, weight, counts_cursor[:E], table[0], acc, _kernel)
+        return _finish(weights, x, acc, side), logits, weight
+    if implicit:  # ReLU routing: a bounded buffer and a fixed number of rounds, however many gates are positive
         round_blocks = min(max_blocks, triton.cdiv(T * min(E, RELU_ROUND_SLOTS), BM) + min(E, T * E))
     else:
         round_blocks = max_blocks
     _run_experts(spec.experts, x, weights.w1, weights.w2, weights.b1, weights.b2, acc, cfg, dense=False, S=S,
-                 table=table, pair_weight=weight, weight_on_input=r.weight_on_input, rounds=triton.cdiv(max_blocks, round_blocks),
-                 round_blocks=round_blocks)
+                 table=table, pair_weight=weight, weight_on_input=r.weight_on_input,
+                 rounds=triton.cdiv(max_blocks, round_blocks), round_blocks=round_blocks)
+    return _finish(weights, x, acc, side), logits, weight
+
+
+def _finish(weights: MoEWeights, x: torch.Tensor, acc: torch.Tensor, side: torch.cuda.Stream | None) -> torch.Tensor:
+    """Joins the shared experts' stream, adds the output bias and casts the accumulator to the input's dtype."""
     if side is not None:
         torch.cuda.current_stream(x.device).wait_stream(side)
     if weights.output_bias is not None:
         acc += weights.output_bias.float()
-    return acc.to(x.dtype), logits, weight
+    return acc.to(x.dtype)
 
 
 # ---------------------------------------------------------------- the op

@@ -47,7 +47,9 @@ def run_case(router, E, k, T, H, I, dtype, device, mlp="swiglu", setup=None, seq
 
 # ---------------------------------------------------------------- CPU (interpreter): small shapes
 
-CPU_SHAPES = [(0, 8, 2), (1, 8, 2), (3, 1, 1), (37, 60, 6), (21, 8, 8)]
+# up to 64 tokens (32 from 128 experts) one gating program routes and dispatches them all; past that, dispatch is a
+# launch of its own: (70, 8, 2) and (33, 128, 1) take it
+CPU_SHAPES = [(0, 8, 2), (1, 8, 2), (3, 1, 1), (37, 60, 6), (21, 8, 8), (70, 8, 2), (33, 128, 1)]
 
 
 @pytest.mark.parametrize("router", list(cases.ROUTERS))
@@ -104,10 +106,79 @@ def test_capacity_sequences_cpu():
     run_case("capacity", 4, 2, 36, 72, 40, torch.float32, "cpu", seq_len=12)
 
 
+@pytest.mark.parametrize("router", ["softmax_topk", "relu"])
+def test_few_tokens_are_dispatched_by_the_gating_program_cpu(monkeypatch, router):
+    """Up to gating_block_tokens tokens, gating dispatches them itself (no dispatch launch); past that, dispatch
+    runs. Both within tolerance (run_case)."""
+    launches = []
+    real = kernel_moe._dispatch
+    monkeypatch.setattr(kernel_moe, "_dispatch", lambda *a, **kw: (launches.append(1), real(*a, **kw))[1])
+    limit = kernel_moe.gating_block_tokens(16)
+    run_case(router, 16, 4, limit, 72, 40, torch.float32, "cpu")
+    assert launches == []
+    run_case(router, 16, 4, limit + 1, 72, 40, torch.float32, "cpu")
+    assert launches == [1]
+
+
 def test_relu_rounds_cpu(monkeypatch):
     """ReLU routing with more positive pairs than one round's buffer: the rounds cover them all."""
     monkeypatch.setattr(kernel_moe, "RELU_ROUND_SLOTS", 1)
     _, _, _, _ = run_case("relu", 16, 0, 23, 72, 40, torch.float32, "cpu")
+
+
+GROUPED_MLPS = ["swiglu", "plain_relu2", "gelu_tanh", "shared_gated", "shared_output_bias", "weight_on_input"]
+GROUPED_CPU_SHAPES = [(0, 8, 2), (1, 8, 2), (3, 1, 1), (37, 60, 6), (21, 8, 8), (70, 8, 2)]
+
+
+@pytest.fixture
+def grouped_mm_always(monkeypatch):
+    """Every call whose layout grouped_mm reads takes it (the row threshold off); yields the calls that did."""
+    from moecompile.kernels import grouped
+
+    monkeypatch.setattr(grouped, "GROUPED_MM_MIN_ROWS", 0.0)
+    taken = []
+    real = grouped.run_experts
+    monkeypatch.setattr(grouped, "run_experts", lambda *a, **kw: (taken.append(a[2].shape[0]), real(*a, **kw))[1])
+    return taken
+
+
+@pytest.mark.parametrize("mlp", GROUPED_MLPS)
+@pytest.mark.parametrize("T,E,k", GROUPED_CPU_SHAPES, ids=[f"T{t}-E{e}-k{k}" for t, e, k in GROUPED_CPU_SHAPES])
+def test_grouped_mm_experts_cpu(grouped_mm_always, mlp, T, E, k):
+    """The routed experts through torch._grouped_mm (unpadded dispatch, combine kernel): bf16 within
+    cases.TOLERANCE of fp64 (1.5e-2), every slot and router form that has a fixed k."""
+    run_case("sigmoid_topk_bias" if E > 1 else "softmax_topk", E, k, T, 72, 40, torch.bfloat16, "cpu", mlp=mlp)
+    assert grouped_mm_always == ([T] if T else [])
+
+
+@pytest.mark.parametrize("router", ["softmax_topk_renorm", "topk_softmax", "sigmoid_grouped_corr", "capacity"])
+def test_grouped_mm_router_forms_cpu(grouped_mm_always, router):
+    run_case(router, 16, 4, 36, 72, 40, torch.bfloat16, "cpu", seq_len=12 if router == "capacity" else None)
+    assert grouped_mm_always == [36]
+
+
+@pytest.mark.parametrize("why,router,mlp,dtype", [
+    ("expert biases", "softmax_topk", "gelu_bias", torch.bfloat16),
+    ("ReLU routing", "relu", "swiglu", torch.bfloat16),
+    ("bfloat16 only", "softmax_topk", "swiglu", torch.float32),
+])
+def test_grouped_mm_refuses_what_it_cannot_compute_cpu(grouped_mm_always, why, router, mlp, dtype):
+    """Calls grouped_mm cannot take stay on the Triton GEMMs (and are still right), whatever their size."""
+    from moecompile.kernels import grouped
+
+    spec, w, x, _ = run_case(router, 8, 2, 30, 72, 40, dtype, "cpu", mlp=mlp)
+    assert grouped_mm_always == []
+    assert why in grouped.unsupported_reason(spec, w, x)
+
+
+def test_grouped_mm_reads_transposed_expert_weights_cpu(grouped_mm_always):
+    """Expert weights stored [E, H, F] (transposed views, as some checkpoints keep them) go through grouped_mm too."""
+    def transpose_weights(spec, w, x):
+        w.w1 = w.w1.transpose(1, 2).contiguous().transpose(1, 2)
+        w.w2 = w.w2.transpose(1, 2).contiguous().transpose(1, 2)
+
+    run_case("softmax_topk_renorm", 8, 2, 30, 72, 40, torch.bfloat16, "cpu", setup=transpose_weights)
+    assert grouped_mm_always == [30]
 
 
 def test_fused_module_uses_kernels_and_matches(quiet):
@@ -239,6 +310,38 @@ def test_one_expert_takes_every_token_cuda(T):
 def test_large_layer_cuda(T):
     """A real layer size (Qwen3-30B-A3B: H 2048, I 768, E 128, k 8) in bf16."""
     run_case("softmax_topk_renorm", 128, 8, T, 2048, 768, torch.bfloat16, "cuda")
+
+
+GROUPED_GPU_GRID = [(t, e, k) for t in (1, 3, 64, 1000, 4096) for e in (1, 8, 60, 128, 256) for k in (1, 2, 8)
+                    if k <= e]
+
+
+@needs_cuda
+@pytest.mark.parametrize("T,E,k", GROUPED_GPU_GRID, ids=[f"T{t}-E{e}-k{k}" for t, e, k in GROUPED_GPU_GRID])
+def test_grouped_mm_grid_cuda(grouped_mm_always, T, E, k):
+    """The grouped_mm path (forced at every size) over the grid, bf16 within cases.TOLERANCE (1.5e-2)."""
+    run_case("softmax_topk_renorm", E, k, T, 256, 136, torch.bfloat16, "cuda")
+    assert grouped_mm_always == [T]
+
+
+@needs_cuda
+@pytest.mark.parametrize("mlp", GROUPED_MLPS)
+def test_grouped_mm_mlp_variants_cuda(grouped_mm_always, mlp):
+    run_case("sigmoid_grouped_corr", 64, 8, 777, 256, 136, torch.bfloat16, "cuda", mlp=mlp)
+    assert grouped_mm_always == [777]
+
+
+@needs_cuda
+def test_grouped_mm_takes_a_mixtral_layer_by_default_cuda(monkeypatch):
+    """At its default threshold grouped_mm takes a Mixtral-sized layer at 2048 tokens (512 rows an expert), and
+    the result is within the bf16 tolerance of the fp64 reference."""
+    from moecompile.kernels import grouped
+
+    taken = []
+    real = grouped.run_experts
+    monkeypatch.setattr(grouped, "run_experts", lambda *a, **kw: (taken.append(1), real(*a, **kw))[1])
+    run_case("softmax_topk_renorm", 8, 2, 2048, 4096, 14336, torch.bfloat16, "cuda")
+    assert taken == [1]
 
 
 @needs_cuda
