@@ -1,16 +1,18 @@
-"""The routed experts' GEMMs through torch._grouped_mm (CUTLASS's grouped GEMM) for calls with many rows an expert.
+"""The routed experts' GEMMs through torch._grouped_mm (CUTLASS's grouped GEMM) for calls with large GEMMs an expert.
 
 Place in the pipeline: kernels/moe.py's _forward takes this path instead of the Triton expert GEMMs (experts.py)
 when `applies` says so; gating, dispatch and the shared experts stay on the Triton kernels. Dispatch runs with a row
 block of 1, so each expert's rows are contiguous with no padding, which is the layout grouped_mm's offsets describe.
-Then: gather the rows' tokens, grouped_mm (gate/up), the activation (the reference's own formula), grouped_mm
-(down), and `_combine_kernel` adds each row times its routing weight into its token's fp32 accumulator row.
+Then: gather the rows' tokens, grouped_mm (gate/up), `_glu_kernel` (the activation, one pass over the gate/up
+output), grouped_mm (down), and `_combine_kernel` sums each token's rows times their routing weights in fp32 (with
+the shared experts' sum and the output bias) and writes the block's output once.
 
-Why a second path: at hundreds of rows an expert the expert GEMMs are compute-bound, and there CUTLASS's
+Why a second path: with hundreds of rows an expert and wide experts, the expert GEMMs are compute-bound, and there CUTLASS's
 warp-specialised TMA mainloop keeps the tensor cores busier than Triton's software-pipelined tl.dot with gathered
 A rows (benchmarks/NOTES.md: 93-97% against 62-69% of tensor throughput, Mixtral at 16384 tokens). The rounding is
 the reference's: each expert's output is rounded to the input dtype before its routing weight is applied.
-The row count from which it pays, GROUPED_MM_MIN_ROWS, was measured on the H100 (benchmarks/profile_moe.py paths).
+The GEMM size from which it pays, GROUPED_MM_MIN_EXPERT_MACS, was measured on the H100 (benchmarks/profile_moe.py
+paths).
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
 from ..spec import MoESpec, MoEWeights
 from . import configs
+from .experts import ACTIVATION_CODES, _activation
 
-# below this many rows an active expert (configs.rows_per_expert), the Triton GEMMs win or tie; tests and the
-# benchmark's forced comparisons set it (0: always, when the layout allows; None: never)
-GROUPED_MM_MIN_ROWS: float | None = 384.0
+# below this many multiply-adds in an active expert's gate/up GEMM (rows an expert x H x I), the Triton GEMMs win
+# or tie (benchmarks/results/expert_paths.json, H100: Mixtral wins from 2048 tokens, 512 rows x 4096 x 14336 = 3.0e10,
+# and ties at 1024; Qwen3-30B's experts, 2048 x 768, lose at every count up to 16384 tokens, 1.6e9). Tests and the
+# benchmark's forced comparisons set it (0: always, when the layout allows; None: never).
+GROUPED_MM_MIN_EXPERT_MACS: float | None = 2e10
 
 
 def _layout_ok(w: torch.Tensor) -> bool:
@@ -59,35 +63,67 @@ def unsupported_reason(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> s
 
 
 def applies(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> bool:
-    """Whether this call's routed experts take grouped_mm: enough rows an expert, and a layout it reads."""
-    if GROUPED_MM_MIN_ROWS is None or unsupported_reason(spec, weights, x) is not None:
+    """Whether this call's routed experts take grouped_mm: large enough GEMMs an expert, and a layout it reads."""
+    if GROUPED_MM_MIN_EXPERT_MACS is None or unsupported_reason(spec, weights, x) is not None:
         return False
-    return configs.rows_per_expert(x.shape[0], spec.router.top_k, spec.num_experts) >= GROUPED_MM_MIN_ROWS
+    rows = configs.rows_per_expert(x.shape[0], spec.router.top_k, spec.num_experts)
+    return rows * spec.hidden_size * spec.experts.intermediate_size >= GROUPED_MM_MIN_EXPERT_MACS
+
+
+@triton.jit(do_not_specialize=["T"])
+def _combine_kernel(out_ptr, row_of_pair_ptr, weight_ptr, shared_ptr, bias_ptr, y_ptr, T, H, stride_out,
+                    S: tl.constexpr, APPLY_WEIGHT: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BT: tl.constexpr, BC: tl.constexpr):
+    """y[t] = sum over t's S slots of weight * out[row of that slot] (+ the shared experts' fp32 sum, + the output
+    bias), for a BT x BC tile of tokens and columns: each token's rows are gathered and summed in fp32 in slot
+    order, and y is written once in its dtype (no zeroed accumulator, atomics or cast pass)."""
+    tokens = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    t_ok = tokens < T
+    mask = t_ok[:, None] & (cols < H)[None, :]
+    acc = tl.zeros((BT, BC), dtype=tl.float32)
+    for s in tl.static_range(S):
+        pair = tokens * S + s
+        row = tl.load(row_of_pair_ptr + pair, mask=t_ok, other=0).to(tl.int64)
+        v = tl.load(out_ptr + row[:, None] * stride_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if APPLY_WEIGHT:
+            v = v * tl.load(weight_ptr + pair, mask=t_ok, other=0.0)[:, None]
+        acc += v
+    if HAS_SHARED:
+        acc += tl.load(shared_ptr + tokens[:, None] * H + cols[None, :], mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + tokens[:, None] * H + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["P"])
-def _combine_kernel(out_ptr, pair_ptr, weight_ptr, acc_ptr, P, H, S, stride_out, stride_acc,
-                    APPLY_WEIGHT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """acc[token(row)] += out[row] * weight[pair(row)] for a BR x BC tile of rows and columns (fp32 atomics: a
-    token's k rows land in any order)."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+def _glu_kernel(gu_ptr, h_ptr, P, I, stride_gu, stride_h, alpha, limit,
+                GATED: tl.constexpr, ACT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """h = glu(gate, up) (or act(up) for a plain MLP) for a BR x BC tile: the gate/up GEMM's output read once."""
+    rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
-    row_ok = rows < P
-    mask = row_ok[:, None] & (cols < H)[None, :]
-    pair = tl.load(pair_ptr + rows, mask=row_ok, other=0)
-    token = (pair // S).to(tl.int64)
-    v = tl.load(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :], mask=mask, other=0.0)
-    v = v.to(tl.float32)
-    if APPLY_WEIGHT:
-        v = v * tl.load(weight_ptr + pair, mask=row_ok, other=0.0)[:, None]
-    tl.atomic_add(acc_ptr + token[:, None] * stride_acc + cols[None, :], v, mask=mask, sem="relaxed")
+    mask = (rows < P)[:, None] & (cols < I)[None, :]
+    g_ptrs = gu_ptr + rows[:, None] * stride_gu + cols[None, :]
+    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if GATED:
+        u = tl.load(g_ptrs + I, mask=mask, other=0.0).to(tl.float32)
+        if ACT == 5:  # gpt-oss clamped swiglu (experts.py's epilogue)
+            g = tl.minimum(g, limit)
+            u = tl.minimum(tl.maximum(u, -limit), limit)
+            out = (u + 1.0) * (g * tl.sigmoid(g * alpha))
+        else:
+            out = _activation(g, ACT) * u
+    else:
+        out = _activation(g, ACT)
+    tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], out.to(h_ptr.dtype.element_ty), mask=mask)
 
 
-def run_experts(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, weight: torch.Tensor,
-                counts: torch.Tensor, sorted_pair: torch.Tensor, acc: torch.Tensor, kernel) -> None:
-    """Adds the routed experts' weighted outputs into acc [T, H] fp32. sorted_pair: dispatch's rows with a row block
-    of 1 (the first T*k are every pair, grouped by expert); counts: rows per expert [E] int32. `kernel` wraps a
-    Triton kernel for the launch (kernels/moe.py's _kernel)."""
+def expert_rows(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, weight: torch.Tensor,
+                counts: torch.Tensor, sorted_pair: torch.Tensor, kernel) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (token, slot) pair's expert output, unweighted unless the routing weight goes on the input: (rows [T*k,
+    H] in x's dtype, grouped by expert; the row of each pair [T*k] int32). sorted_pair: dispatch's rows with a row
+    block of 1 (the first T*k are every pair, grouped by expert); counts: rows per expert [E] int32. `kernel` wraps
+    a Triton kernel for the launch (kernels/moe.py's _kernel)."""
     T, S = weight.shape
     P = T * S
     pairs = sorted_pair[:P]
@@ -96,15 +132,32 @@ def run_experts(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, weight: tor
         rows_x = (rows_x.float() * weight.view(-1).index_select(0, pairs.long())[:, None]).to(x.dtype)
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     mlp = spec.experts
-    h = torch._grouped_mm(rows_x, weights.w1.transpose(-2, -1), offs=offs)
-    if mlp.gated:
-        h = reference.glu(mlp, *h.split(mlp.intermediate_size, dim=-1))
-    else:
-        h = reference.activation(mlp, h)
-    out = torch._grouped_mm(h, weights.w2.transpose(-2, -1), offs=offs)
-    H = out.shape[1]
+    gu = torch._grouped_mm(rows_x, weights.w1.transpose(-2, -1), offs=offs)
+    I = mlp.intermediate_size
+    h = torch.empty(P, I, device=x.device, dtype=x.dtype)
     BR, BC = 32, 128
-    kernel(_combine_kernel)[(triton.cdiv(P, BR), triton.cdiv(H, BC))](
-        out, pairs, weight, acc, P, H, S, out.stride(0), acc.stride(0),
-        APPLY_WEIGHT=not spec.router.weight_on_input, BR=BR, BC=BC, num_warps=4,
+    kernel(_glu_kernel)[(triton.cdiv(P, BR), triton.cdiv(I, BC))](
+        gu, h, P, I, gu.stride(0), h.stride(0), float(mlp.activation_alpha), float(mlp.activation_limit),
+        GATED=mlp.gated, ACT=ACTIVATION_CODES[mlp.activation], BR=BR, BC=BC, num_warps=4,
     )
+    out = torch._grouped_mm(h, weights.w2.transpose(-2, -1), offs=offs)
+    row_of_pair = torch.empty(P, device=x.device, dtype=torch.int32).scatter_(
+        0, pairs.long(), torch.arange(P, device=x.device, dtype=torch.int32))
+    return out, row_of_pair
+
+
+def combine(spec: MoESpec, out: torch.Tensor, row_of_pair: torch.Tensor, weight: torch.Tensor,
+            shared: torch.Tensor | None, output_bias: torch.Tensor | None, kernel) -> torch.Tensor:
+    """The block's output [T, H] in out's dtype from expert_rows' rows: each token's rows times their routing
+    weights, plus the shared experts' fp32 sum [T, H] (None: no shared experts) and the output bias."""
+    T, S = weight.shape
+    H = out.shape[1]
+    y = torch.empty(T, H, device=out.device, dtype=out.dtype)
+    BT, BC = 16, 128
+    kernel(_combine_kernel)[(triton.cdiv(T, BT), triton.cdiv(H, BC))](
+        out, row_of_pair, weight, shared if shared is not None else out,
+        output_bias if output_bias is not None else out, y, T, H, out.stride(0),
+        S=S, APPLY_WEIGHT=not spec.router.weight_on_input, HAS_SHARED=shared is not None,
+        HAS_BIAS=output_bias is not None, BT=BT, BC=BC, num_warps=4,
+    )
+    return y

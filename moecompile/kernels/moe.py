@@ -311,7 +311,7 @@ def _forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int):
                                                               weights.correction_bias, weights.shared_gate, BM, acc)
     else:
         logits, weight, ids, counts_cursor, sg = _gate_with_torch(spec, weights, x, seq_len)
-    if table is None:  # gating left dispatch and the accumulator to us
+    if table is None and not (on_grouped_mm and spec.shared is None):  # gating left the accumulator to us
         acc.zero_()
     side = None
     if spec.shared is not None:  # on a second stream, overlapped with dispatch and the routed experts
@@ -327,9 +327,13 @@ def _forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int):
                                       skip_nonpositive=implicit)
     else:
         max_blocks = max_row_blocks(T, S, E, BM, implicit)
-    if on_grouped_mm:
-        grouped.run_experts(spec, weights, x, weight, counts_cursor[:E], table[0], acc, _kernel)
-        return _finish(weights, x, acc, side), logits, weight
+    if on_grouped_mm:  # acc holds the shared experts' sum only; the combine kernel writes y
+        rows, row_of_pair = grouped.expert_rows(spec, weights, x, weight, counts_cursor[:E], table[0], _kernel)
+        if side is not None:
+            torch.cuda.current_stream(x.device).wait_stream(side)
+        y = grouped.combine(spec, rows, row_of_pair, weight, acc if spec.shared is not None else None,
+                            weights.output_bias, _kernel)
+        return y, logits, weight
     if implicit:  # ReLU routing: a bounded buffer and a fixed number of rounds, however many gates are positive
         round_blocks = min(max_blocks, triton.cdiv(T * min(E, RELU_ROUND_SLOTS), BM) + min(E, T * E))
     else:

@@ -126,7 +126,8 @@ def test_relu_rounds_cpu(monkeypatch):
     _, _, _, _ = run_case("relu", 16, 0, 23, 72, 40, torch.float32, "cpu")
 
 
-GROUPED_MLPS = ["swiglu", "plain_relu2", "gelu_tanh", "shared_gated", "shared_output_bias", "weight_on_input"]
+GROUPED_MLPS = ["swiglu", "plain_relu2", "plain_relu", "gelu_tanh", "gelu", "clamped_swiglu", "shared_gated",
+                "shared_output_bias", "weight_on_input"]
 GROUPED_CPU_SHAPES = [(0, 8, 2), (1, 8, 2), (3, 1, 1), (37, 60, 6), (21, 8, 8), (70, 8, 2)]
 
 
@@ -135,10 +136,10 @@ def grouped_mm_always(monkeypatch):
     """Every call whose layout grouped_mm reads takes it (the row threshold off); yields the calls that did."""
     from moecompile.kernels import grouped
 
-    monkeypatch.setattr(grouped, "GROUPED_MM_MIN_ROWS", 0.0)
+    monkeypatch.setattr(grouped, "GROUPED_MM_MIN_EXPERT_MACS", 0.0)
     taken = []
-    real = grouped.run_experts
-    monkeypatch.setattr(grouped, "run_experts", lambda *a, **kw: (taken.append(a[2].shape[0]), real(*a, **kw))[1])
+    real = grouped.expert_rows
+    monkeypatch.setattr(grouped, "expert_rows", lambda *a, **kw: (taken.append(a[2].shape[0]), real(*a, **kw))[1])
     return taken
 
 
@@ -338,8 +339,8 @@ def test_grouped_mm_takes_a_mixtral_layer_by_default_cuda(monkeypatch):
     from moecompile.kernels import grouped
 
     taken = []
-    real = grouped.run_experts
-    monkeypatch.setattr(grouped, "run_experts", lambda *a, **kw: (taken.append(1), real(*a, **kw))[1])
+    real = grouped.expert_rows
+    monkeypatch.setattr(grouped, "expert_rows", lambda *a, **kw: (taken.append(1), real(*a, **kw))[1])
     run_case("softmax_topk_renorm", 8, 2, 2048, 4096, 14336, torch.bfloat16, "cuda")
     assert taken == [1]
 
