@@ -35,11 +35,13 @@ GROUPED_MM_MIN_EXPERT_MACS: float | None = 2e10
 def _layout_ok(w: torch.Tensor) -> bool:
     """grouped_mm's second operand is w transposed, [E, K, N]: one of its two inner dims unit-stride, the other
     and the expert stride 16-byte aligned, like the start."""
-    if w.dim() != 3 or w.data_ptr() % 16:
+    if w.dim() != 3:
         return False
     s0, s1, s2 = w.stride()
     elems = 16 // w.element_size()
-    return (s2 == 1 and s1 % elems == 0 or s1 == 1 and s2 % elems == 0) and s0 % elems == 0
+    # the offset, not data_ptr(): compiled graphs trace this with fake tensors (storages start 16-byte aligned)
+    return ((s2 == 1 and s1 % elems == 0 or s1 == 1 and s2 % elems == 0) and s0 % elems == 0
+            and w.storage_offset() % elems == 0)
 
 
 def unsupported_reason(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> str | None:

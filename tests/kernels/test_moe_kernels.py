@@ -172,6 +172,20 @@ def test_grouped_mm_refuses_what_it_cannot_compute_cpu(grouped_mm_always, why, r
     assert why in grouped.unsupported_reason(spec, w, x)
 
 
+def test_grouped_mm_choice_takes_fake_tensors_cpu(grouped_mm_always):
+    """Compiled graphs make the choice while tracing with fake tensors (no data pointer to read)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moecompile.kernels import grouped
+
+    spec = cases.make_spec("softmax_topk", 8, 2, 72, 40)
+    with FakeTensorMode():
+        w = cases.make_weights(spec, torch.bfloat16, "cpu", torch.Generator().manual_seed(0))
+        assert grouped.applies(spec, w, torch.empty(30, 72, dtype=torch.bfloat16))
+        w.w1 = w.w1[..., 1:]  # starts 2 bytes into its storage
+        assert "strides" in grouped.unsupported_reason(spec, w, torch.empty(30, 72, dtype=torch.bfloat16))
+
+
 def test_grouped_mm_reads_transposed_expert_weights_cpu(grouped_mm_always):
     """Expert weights stored [E, H, F] (transposed views, as some checkpoints keep them) go through grouped_mm too."""
     def transpose_weights(spec, w, x):
@@ -428,6 +442,31 @@ def test_traced_launches_cuda(router, T):
     want, _ = reference_forward(spec, cases.upcast(w), x.double())
     assert "triton_kernel_wrapper" in graph.code and "moecompile.moe_forward" not in graph.code
     assert cases.relative_error(got, want) < cases.TOLERANCE[torch.float32]
+
+
+@needs_cuda
+@pytest.mark.parametrize("mlp", ["swiglu", "shared_output_bias"])
+def test_traced_launches_grouped_mm_cuda(grouped_mm_always, mlp):
+    """The grouped_mm path traced the same way (bf16, the dtype it takes): within cases.TOLERANCE of fp64."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    spec = cases.make_spec("softmax_topk_renorm", 8, 2, 256, 128, mlp)
+    w = cases.make_weights(spec, torch.bfloat16, "cuda", torch.Generator().manual_seed(23))
+    x = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)
+    names = [name for name, t in w.items() if t is not None]
+
+    def block(t, *tensors):
+        return kernel_moe.run(spec, MoEWeights(**dict(zip(names, tensors))), t, need_routing=False,
+                              through_op=True)[0]
+
+    inputs = (x, *[getattr(w, name) for name in names])
+    want, _ = reference_forward(spec, cases.upcast(w), x.double())
+    with torch.no_grad():
+        graph = make_fx(block, tracing_mode="fake")(*inputs)
+        got = graph(*inputs)
+    assert "triton_kernel_wrapper" in graph.code and "_grouped_mm" in graph.code
+    assert grouped_mm_always == [300]
+    assert cases.relative_error(got, want) < cases.TOLERANCE[torch.bfloat16]
 
 
 @needs_cuda
