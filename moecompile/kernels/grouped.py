@@ -1,4 +1,4 @@
-"""The routed experts' GEMMs through torch._grouped_mm (CUTLASS's grouped GEMM) for calls with large GEMMs an expert.
+"""The routed experts' GEMMs through torch._grouped_mm (CUTLASS's grouped GEMM) for calls with many rows an expert.
 
 Place in the pipeline: kernels/moe.py's _forward takes this path instead of the Triton expert GEMMs (experts.py)
 when `applies` says so; gating, dispatch and the shared experts stay on the Triton kernels. Dispatch runs with a row
@@ -7,12 +7,11 @@ Then: gather the rows' tokens, grouped_mm (gate/up), `_glu_kernel` (the activati
 output), grouped_mm (down), and `_combine_kernel` sums each token's rows times their routing weights in fp32 (with
 the shared experts' sum and the output bias) and writes the block's output once.
 
-Why a second path: with hundreds of rows an expert and wide experts, the expert GEMMs are compute-bound, and there CUTLASS's
+Why a second path: with hundreds of rows an expert the expert GEMMs are compute-bound, and there CUTLASS's
 warp-specialised TMA mainloop keeps the tensor cores busier than Triton's software-pipelined tl.dot with gathered
 A rows (benchmarks/NOTES.md: 93-97% against 62-69% of tensor throughput, Mixtral at 16384 tokens). The rounding is
 the reference's: each expert's output is rounded to the input dtype before its routing weight is applied.
-The GEMM size from which it pays, GROUPED_MM_MIN_EXPERT_MACS, was measured on the H100 (benchmarks/profile_moe.py
-paths).
+The row count from which it pays, GROUPED_MM_MIN_ROWS, was measured on the H100 (benchmarks/profile_moe.py paths).
 """
 
 from __future__ import annotations
@@ -25,11 +24,11 @@ from ..spec import MoESpec, MoEWeights
 from . import configs
 from .experts import ACTIVATION_CODES, _activation
 
-# below this many multiply-adds in an active expert's gate/up GEMM (rows an expert x H x I), the Triton GEMMs win
-# or tie (benchmarks/results/expert_paths.json, H100: Mixtral wins from 2048 tokens, 512 rows x 4096 x 14336 = 3.0e10,
-# and ties at 1024; Qwen3-30B's experts, 2048 x 768, lose at every count up to 16384 tokens, 1.6e9). Tests and the
-# benchmark's forced comparisons set it (0: always, when the layout allows; None: never).
-GROUPED_MM_MIN_EXPERT_MACS: float | None = 2e10
+# from this many rows an active expert (configs.rows_per_expert) grouped_mm wins (benchmarks/results/
+# expert_paths.json, H100: from 512 rows on Mixtral's and Qwen3-30B's experts; at 256 rows the Triton GEMMs win on
+# Mixtral and tie on Qwen3). Tests and the benchmark's forced comparisons set it (0: always, when the layout
+# allows; None: never).
+GROUPED_MM_MIN_ROWS: float | None = 384.0
 
 
 def _layout_ok(w: torch.Tensor) -> bool:
@@ -65,11 +64,10 @@ def unsupported_reason(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> s
 
 
 def applies(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> bool:
-    """Whether this call's routed experts take grouped_mm: large enough GEMMs an expert, and a layout it reads."""
-    if GROUPED_MM_MIN_EXPERT_MACS is None or unsupported_reason(spec, weights, x) is not None:
+    """Whether this call's routed experts take grouped_mm: enough rows an expert, and a layout it reads."""
+    if GROUPED_MM_MIN_ROWS is None or unsupported_reason(spec, weights, x) is not None:
         return False
-    rows = configs.rows_per_expert(x.shape[0], spec.router.top_k, spec.num_experts)
-    return rows * spec.hidden_size * spec.experts.intermediate_size >= GROUPED_MM_MIN_EXPERT_MACS
+    return configs.rows_per_expert(x.shape[0], spec.router.top_k, spec.num_experts) >= GROUPED_MM_MIN_ROWS
 
 
 @triton.jit(do_not_specialize=["T"])

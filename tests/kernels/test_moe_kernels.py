@@ -136,7 +136,7 @@ def grouped_mm_always(monkeypatch):
     """Every call whose layout grouped_mm reads takes it (the row threshold off); yields the calls that did."""
     from moecompile.kernels import grouped
 
-    monkeypatch.setattr(grouped, "GROUPED_MM_MIN_EXPERT_MACS", 0.0)
+    monkeypatch.setattr(grouped, "GROUPED_MM_MIN_ROWS", 0.0)
     taken = []
     real = grouped.expert_rows
     monkeypatch.setattr(grouped, "expert_rows", lambda *a, **kw: (taken.append(a[2].shape[0]), real(*a, **kw))[1])
