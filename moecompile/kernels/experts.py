@@ -49,6 +49,20 @@ def _activation(g, ACT: tl.constexpr):
 
 
 @triton.jit
+def mlp_activation(g, u, alpha, limit, GATED: tl.constexpr, ACT: tl.constexpr):
+    """The expert's hidden activation from fp32 gate g and up u (a plain MLP: act(g), u unused)."""
+    if GATED:
+        if ACT == 5:  # gpt-oss clamped swiglu
+            g = tl.minimum(g, limit)
+            u = tl.minimum(tl.maximum(u, -limit), limit)
+            return (u + 1.0) * (g * tl.sigmoid(g * alpha))
+        else:
+            return _activation(g, ACT) * u
+    else:
+        return _activation(g, ACT)
+
+
+@triton.jit
 def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
     """Grouped ordering: GROUP_M consecutive row blocks sweep the column tiles together, so an expert's weight tile
     is read by its row blocks while it is still in L2."""
@@ -133,15 +147,7 @@ def _expert_up_kernel(
             acc_g += tl.load(b_base + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             if GATED:
                 acc_u += tl.load(b_base + I + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            if ACT == 5:  # gpt-oss clamped swiglu
-                g = tl.minimum(acc_g, limit)
-                u = tl.minimum(tl.maximum(acc_u, -limit), limit)
-                out = (u + 1.0) * (g * tl.sigmoid(g * alpha))
-            else:
-                out = _activation(acc_g, ACT) * acc_u
-        else:
-            out = _activation(acc_g, ACT)
+        out = mlp_activation(acc_g, acc_u, alpha, limit, GATED, ACT)
         h_ptrs = h_ptr + (rows - block_lo * BM).to(tl.int64)[:, None] * stride_ht + cols[None, :]
         tl.store(h_ptrs, out.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ..spec import MoESpec, MoEWeights
 from . import configs
-from .experts import ACTIVATION_CODES, _activation
+from .experts import ACTIVATION_CODES, mlp_activation
 
 # from this many rows an active expert (configs.rows_per_expert) grouped_mm wins (benchmarks/results/
 # expert_paths.json, H100: from 512 rows on Mixtral's and Qwen3-30B's experts; at 256 rows the Triton GEMMs win on
@@ -105,16 +105,10 @@ def _glu_kernel(gu_ptr, h_ptr, P, I, stride_gu, stride_h, alpha, limit,
     mask = (rows < P)[:, None] & (cols < I)[None, :]
     g_ptrs = gu_ptr + rows[:, None] * stride_gu + cols[None, :]
     g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    u = g
     if GATED:
         u = tl.load(g_ptrs + I, mask=mask, other=0.0).to(tl.float32)
-        if ACT == 5:  # gpt-oss clamped swiglu (experts.py's epilogue)
-            g = tl.minimum(g, limit)
-            u = tl.minimum(tl.maximum(u, -limit), limit)
-            out = (u + 1.0) * (g * tl.sigmoid(g * alpha))
-        else:
-            out = _activation(g, ACT) * u
-    else:
-        out = _activation(g, ACT)
+    out = mlp_activation(g, u, alpha, limit, GATED, ACT)
     tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], out.to(h_ptr.dtype.element_ty), mask=mask)
 
 

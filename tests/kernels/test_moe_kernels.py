@@ -143,13 +143,19 @@ def grouped_mm_always(monkeypatch):
     return taken
 
 
-@pytest.mark.parametrize("mlp", GROUPED_MLPS)
 @pytest.mark.parametrize("T,E,k", GROUPED_CPU_SHAPES, ids=[f"T{t}-E{e}-k{k}" for t, e, k in GROUPED_CPU_SHAPES])
-def test_grouped_mm_experts_cpu(grouped_mm_always, mlp, T, E, k):
-    """The routed experts through torch._grouped_mm (unpadded dispatch, combine kernel): bf16 within
-    cases.TOLERANCE of fp64 (1.5e-2), every slot and router form that has a fixed k."""
-    run_case("sigmoid_topk_bias" if E > 1 else "softmax_topk", E, k, T, 72, 40, torch.bfloat16, "cpu", mlp=mlp)
+def test_grouped_mm_experts_cpu(grouped_mm_always, T, E, k):
+    """The routed experts through torch._grouped_mm (unpadded dispatch, activation and combine kernels): bf16
+    within cases.TOLERANCE of fp64 (1.5e-2)."""
+    run_case("sigmoid_topk_bias" if E > 1 else "softmax_topk", E, k, T, 72, 40, torch.bfloat16, "cpu")
     assert grouped_mm_always == ([T] if T else [])
+
+
+@pytest.mark.parametrize("mlp", GROUPED_MLPS)
+def test_grouped_mm_mlp_variants_cpu(grouped_mm_always, mlp):
+    """Every activation, shared experts (their sum joins in the combine), output bias, weight on the input."""
+    run_case("sigmoid_topk_bias", 8, 8, 21, 72, 40, torch.bfloat16, "cpu", mlp=mlp)
+    assert grouped_mm_always == [21]
 
 
 @pytest.mark.parametrize("router", ["softmax_topk_renorm", "topk_softmax", "sigmoid_grouped_corr", "capacity"])
