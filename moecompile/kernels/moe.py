@@ -106,9 +106,14 @@ def _kernel(kernel):
     return torch.library.wrap_triton(kernel) if _TRACED.get() else kernel
 
 
+def _experts_pad(num_experts: int) -> int:
+    """The expert axis as gating and dispatch lay it out in registers (the same in both: gating may dispatch)."""
+    return max(16, _pow2(num_experts))
+
+
 def gating_block_tokens(num_experts: int) -> int:
     """Tokens one gating program routes (its [BLOCK_T, E] logits tile stays in registers)."""
-    E_PAD = max(16, _pow2(num_experts))
+    E_PAD = _experts_pad(num_experts)
     return 64 if E_PAD <= 64 else (32 if E_PAD <= 256 else 16)
 
 
@@ -118,7 +123,7 @@ def _gate(spec: MoESpec, x, router_weight, router_bias, correction_bias, shared_
     r = spec.router
     T, H = x.shape
     E, S = r.num_experts, slots_of(spec)
-    E_PAD = max(16, _pow2(E))
+    E_PAD = _experts_pad(E)
     BLOCK_T = gating_block_tokens(E)
     fused = T <= BLOCK_T
     logits = _empty(T, E, device=x.device, dtype=torch.float32)
@@ -196,7 +201,7 @@ def _dispatch(ids, weight, counts_cursor, E: int, BM: int, implicit: bool, skip_
     _kernel(_dispatch_kernel)[(max(1, triton.cdiv(P, BLOCK_P)),)](
         ids, weight, counts_cursor, counts_cursor[E:], *table,
         P, S, E,
-        BM=BM, E_PAD=max(16, _pow2(E)), BLOCK_P=BLOCK_P, BLOCK_B=64,
+        BM=BM, E_PAD=_experts_pad(E), BLOCK_P=BLOCK_P, BLOCK_B=64,
         IMPLICIT_IDS=implicit, SKIP_NONPOSITIVE=skip_nonpositive, num_warps=4,
     )
     return table, max_blocks
@@ -329,8 +334,7 @@ def _forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int):
         max_blocks = max_row_blocks(T, S, E, BM, implicit)
     if on_grouped_mm:  # acc holds the shared experts' sum only; the combine kernel writes y
         rows, row_of_pair = grouped.expert_rows(spec, weights, x, weight, counts_cursor[:E], table[0], _kernel)
-        if side is not None:
-            torch.cuda.current_stream(x.device).wait_stream(side)
+        _join(side, x.device)
         y = grouped.combine(spec, rows, row_of_pair, weight, acc if spec.shared is not None else None,
                             weights.output_bias, _kernel)
         return y, logits, weight
@@ -344,10 +348,15 @@ def _forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int):
     return _finish(weights, x, acc, side), logits, weight
 
 
+def _join(side: torch.cuda.Stream | None, device: torch.device) -> None:
+    """The current stream waits for the shared experts' side stream (_on_stream's fork), if there is one."""
+    if side is not None:
+        torch.cuda.current_stream(device).wait_stream(side)
+
+
 def _finish(weights: MoEWeights, x: torch.Tensor, acc: torch.Tensor, side: torch.cuda.Stream | None) -> torch.Tensor:
     """Joins the shared experts' stream, adds the output bias and casts the accumulator to the input's dtype."""
-    if side is not None:
-        torch.cuda.current_stream(x.device).wait_stream(side)
+    _join(side, x.device)
     if weights.output_bias is not None:
         acc += weights.output_bias.float()
     return acc.to(x.dtype)

@@ -33,6 +33,12 @@ def poisoned(monkeypatch):
 _seed = itertools.count(1234)
 
 
+def record_calls(monkeypatch, owner, name: str, record) -> None:
+    """Replace owner.name with a wrapper that calls record(*args) and then the original."""
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **kw: (record(*a), real(*a, **kw))[1])
+
+
 def run_case(router, E, k, T, H, I, dtype, device, mlp="swiglu", setup=None, seq_len=None):
     spec = cases.make_spec(router, E, k, H, I, mlp)
     gen = torch.Generator().manual_seed(next(_seed))
@@ -111,8 +117,7 @@ def test_few_tokens_are_dispatched_by_the_gating_program_cpu(monkeypatch, router
     """Up to gating_block_tokens tokens, gating dispatches them itself (no dispatch launch); past that, dispatch
     runs. Both within tolerance (run_case)."""
     launches = []
-    real = kernel_moe._dispatch
-    monkeypatch.setattr(kernel_moe, "_dispatch", lambda *a, **kw: (launches.append(1), real(*a, **kw))[1])
+    record_calls(monkeypatch, kernel_moe, "_dispatch", lambda *a: launches.append(1))
     limit = kernel_moe.gating_block_tokens(16)
     run_case(router, 16, 4, limit, 72, 40, torch.float32, "cpu")
     assert launches == []
@@ -138,8 +143,7 @@ def grouped_mm_always(monkeypatch):
 
     monkeypatch.setattr(grouped, "GROUPED_MM_MIN_ROWS", 0.0)
     taken = []
-    real = grouped.expert_rows
-    monkeypatch.setattr(grouped, "expert_rows", lambda *a, **kw: (taken.append(a[2].shape[0]), real(*a, **kw))[1])
+    record_calls(monkeypatch, grouped, "expert_rows", lambda *a: taken.append(a[2].shape[0]))
     return taken
 
 
@@ -359,8 +363,7 @@ def test_grouped_mm_takes_a_mixtral_layer_by_default_cuda(monkeypatch):
     from moecompile.kernels import grouped
 
     taken = []
-    real = grouped.expert_rows
-    monkeypatch.setattr(grouped, "expert_rows", lambda *a, **kw: (taken.append(1), real(*a, **kw))[1])
+    record_calls(monkeypatch, grouped, "expert_rows", lambda *a: taken.append(1))
     run_case("softmax_topk_renorm", 8, 2, 2048, 4096, 14336, torch.bfloat16, "cuda")
     assert taken == [1]
 
