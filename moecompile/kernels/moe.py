@@ -29,7 +29,7 @@ from ..errors import MoECompileError
 from ..reference import moe_forward as reference_forward
 from ..reference import route
 from ..spec import MoESpec, MoEWeights
-from . import configs, graphs, grouped
+from . import configs, graphs, grouped, traced
 from .dispatch import _dispatch_kernel
 from .experts import ACTIVATION_CODES, _expert_down_kernel, _expert_up_kernel
 from .gating import SCORING_CODES, _gating_kernel
@@ -119,13 +119,14 @@ def gating_block_tokens(num_experts: int) -> int:
 
 def _gate(spec: MoESpec, x, router_weight, router_bias, correction_bias, shared_gate, BM: int, acc):
     """The gating launch. When one program holds every token it also dispatches (rows in BM blocks) and zeroes
-    `acc`: the table is returned; otherwise it is None, and acc and dispatch are the caller's."""
+    `acc`: the table is returned; otherwise it is None, and acc and dispatch are the caller's. Without an `acc`
+    (None) gating never dispatches."""
     r = spec.router
     T, H = x.shape
     E, S = r.num_experts, slots_of(spec)
     E_PAD = _experts_pad(E)
     BLOCK_T = gating_block_tokens(E)
-    fused = T <= BLOCK_T
+    fused = T <= BLOCK_T and acc is not None
     logits = _empty(T, E, device=x.device, dtype=torch.float32)
     weight = _empty(T, S, device=x.device, dtype=torch.float32)
     ids = _empty(1 if r.is_variable_k else T * S, device=x.device, dtype=torch.int32)  # ReLU: slot = expert
@@ -146,7 +147,7 @@ def _gate(spec: MoESpec, x, router_weight, router_bias, correction_bias, shared_
         correction_bias if correction_bias is not None else dummy,
         shared_gate if shared_gate is not None else x,
         logits, weight, ids, counts_cursor, sg if sg is not None else dummy,
-        sorted_pair, block_expert, block_end, num_blocks, acc,
+        sorted_pair, block_expert, block_end, num_blocks, acc if acc is not None else dummy,
         T, H, E, x.stride(0), router_weight.stride(0),
         float(r.renorm_min), float(r.scaling_factor),
         K=S if not r.is_variable_k else 1, K_PAD=max(2, _pow2(S)), E_PAD=E_PAD, BLOCK_T=BLOCK_T, BLOCK_H=64,
@@ -309,14 +310,15 @@ def _forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int):
     on_grouped_mm = grouped.applies(spec, weights, x)  # many rows an expert: CUTLASS's grouped GEMM
     BM = 1 if on_grouped_mm else cfg.up.BM  # grouped_mm reads unpadded rows
     implicit = r.is_variable_k
-    acc = _empty(T, H, device=x.device, dtype=torch.float32)
+    # grouped_mm's combine writes y from the expert rows: an accumulator only for the shared experts' sum
+    acc = None if on_grouped_mm and spec.shared is None else _empty(T, H, device=x.device, dtype=torch.float32)
     table = None
     if gating_fallback_reason(spec) is None:
         logits, weight, ids, counts_cursor, sg, table = _gate(spec, x, weights.router_weight, weights.router_bias,
                                                               weights.correction_bias, weights.shared_gate, BM, acc)
     else:
         logits, weight, ids, counts_cursor, sg = _gate_with_torch(spec, weights, x, seq_len)
-    if table is None and not (on_grouped_mm and spec.shared is None):  # gating left the accumulator to us
+    if table is None and acc is not None:  # gating left the accumulator to us
         acc.zero_()
     side = None
     if spec.shared is not None:  # on a second stream, overlapped with dispatch and the routed experts
@@ -335,7 +337,7 @@ def _forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int):
     if on_grouped_mm:  # acc holds the shared experts' sum only; the combine kernel writes y
         rows, row_of_pair = grouped.expert_rows(spec, weights, x, weight, counts_cursor[:E], table[0], _kernel)
         _join(side, x.device)
-        y = grouped.combine(spec, rows, row_of_pair, weight, acc if spec.shared is not None else None,
+        y = grouped.combine(spec, rows, row_of_pair, weight, acc,
                             weights.output_bias, _kernel)
         return y, logits, weight
     if implicit:  # ReLU routing: a bounded buffer and a fixed number of rounds, however many gates are positive
@@ -532,6 +534,7 @@ def run(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None
     if need_routing or needs_grad:
         return torch.ops.moecompile.moe_forward(*op_args(spec_json or spec.to_json(), weights, x, seq_len))
     if traceable(spec, weights, x):
+        traced.install()
         token = _TRACED.set(True)
         try:
             return _forward(spec, weights, x, seq_len)[0], None, None

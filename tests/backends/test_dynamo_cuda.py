@@ -132,3 +132,41 @@ def test_reduce_overhead_replays_cuda_graphs_and_matches_eager(quiet):
         assert ok, (step, summary)
     assert all(b.decision == "fused" for b in moecompile.report(compiled).blocks)
     assert counters["inductor"]["cudagraph_skips"] == 0, "Inductor did not use CUDA graphs for the graph"
+
+
+def test_traced_launches_ttir_memo_key_names_one_ttir(quiet, monkeypatch):
+    """kernels/traced.py keys torch's TTIR builds for the traced launches by what the build reads. Here every
+    launch of a compiled Qwen3 model builds without the memo (the memo kept out), and the builds are grouped by the
+    memo's key: each key must name one TTIR (else the memo would hand a launch another specialisation's analysis),
+    and keys must repeat (what the memo saves: the layers launch the same specialisations)."""
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    from moecompile.kernels import traced
+
+    build = getattr(triton_kernel_wrap.generate_ttir, "__wrapped__", triton_kernel_wrap.generate_ttir)
+    builds = []
+
+    def recording(kernel, kernel_args, *rest):
+        key = traced.key(kernel, kernel_args, rest)
+        module, names = build(kernel, kernel_args, *rest)
+        builds.append((key, str(module)))
+        return module, names
+
+    monkeypatch.setattr(triton_kernel_wrap, "generate_ttir", recording)
+    monkeypatch.setattr(traced, "_INSTALLED", True)  # install() leaves the recording function in place
+    model, _, inputs = bf16_and_fp32("qwen3_moe", "grouped_mm")
+    with torch.no_grad():
+        hf_zoo.model_output(torch.compile(model, backend="moecompile", fullgraph=True, dynamic=False), inputs)
+    keyed = {}
+    for key, ttir in builds:
+        keyed.setdefault(key, set()).add(ttir)
+    assert None not in keyed, "a launch of moecompile's kernels could not be keyed"
+    assert keyed
+    for key, ttirs in keyed.items():
+        if len(ttirs) > 1:
+            import difflib
+
+            first, second = sorted(ttirs)[:2]
+            diff = "\n".join(list(difflib.unified_diff(first.splitlines(), second.splitlines(), lineterm=""))[:40])
+            raise AssertionError(f"{len(ttirs)} TTIRs under one key {key}:\n{diff}")
+    assert len(builds) > len(keyed), f"{len(builds)} builds, {len(keyed)} keys: nothing to save"

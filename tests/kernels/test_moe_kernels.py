@@ -490,3 +490,45 @@ def test_inductor_compile_cuda():
             for _ in range(3):
                 got = compiled(x).clone()
             assert cases.relative_error(got, fused(x)) < 1e-3
+
+
+def test_traced_ttir_memo_builds_once_per_key_and_only_for_our_kernels(monkeypatch):
+    """kernels/traced.py's memo in front of torch's TTIR build (a counting stand-in here: the real build needs a
+    GPU target; tests/backends/test_dynamo_cuda.py checks the key against real builds): the same kernel with the
+    same dtypes and scalars builds once; another dtype, scalar or kernel builds again; kernels of other code are
+    never memoized, nor calls whose arguments cannot be keyed."""
+    import triton
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moecompile.kernels import traced
+    from moecompile.kernels.dispatch import _dispatch_kernel
+    from moecompile.kernels.gating import _gating_kernel
+
+    builds = []
+
+    def build(kernel, kernel_args, tma):
+        builds.append(kernel)
+        return object(), list(kernel_args)
+
+    memo = traced._memoized(build)
+    monkeypatch.setattr(traced, "_CACHE", {})
+    with FakeTensorMode():
+        bf16_a, bf16_b = torch.empty(4, 8, dtype=torch.bfloat16), torch.empty(300, dtype=torch.bfloat16)
+        fp32 = torch.empty(4, 8)
+    first = memo(_gating_kernel, {"x": bf16_a, "T": 5, "E": 8}, {})
+    again = memo(_gating_kernel, {"x": bf16_b, "T": 5, "E": 8}, {})  # another shape: the build reads dtypes
+    assert len(builds) == 1 and again[0] is first[0] and again[1] == ["x", "T", "E"]
+    memo(_gating_kernel, {"x": fp32, "T": 5, "E": 8}, {})
+    memo(_gating_kernel, {"x": bf16_a, "T": 16, "E": 8}, {})
+    memo(_dispatch_kernel, {"x": bf16_a, "T": 5, "E": 8}, {})
+    assert len(builds) == 4
+
+    @triton.jit
+    def other_kernel(x):
+        pass
+
+    memo(other_kernel, {"x": bf16_a}, {})
+    memo(other_kernel, {"x": bf16_a}, {})
+    memo(_gating_kernel, {"x": bf16_a, "T": [5]}, {})  # a list cannot be keyed
+    memo(_gating_kernel, {"x": bf16_a, "T": [5]}, {})
+    assert len(builds) == 8
