@@ -19,10 +19,13 @@ rewrite can beat inductor / (rest + moe floor): the `bound` column.
 
 First call: compile included; `passes` is the part spent in the backend's own passes (find, describe, confirm and
 rewrite the blocks). The rest is dynamo and Inductor, which (static shapes, inference) compiles moecompile's Triton
-kernels too, in its parallel compile workers, since the graph holds their launches.
+kernels too, in its parallel compile workers, since the graph holds their launches. Both backends run in this one
+process, so the second reuses kernels the first compiled, and a machine that ran earlier calls has warm caches:
+`--cold-compile` also times each backend's first calls in a process of its own with empty Inductor and Triton caches
+(profile_compile.py), which is what a first compile on a fresh machine costs.
 
 Run on the device, one model a call (each fits the device's 10-minute limit): `python benchmarks/e2e.py --models
-qwen3_moe`, then `--models mixtral`. Each run replaces its model's rows in results/e2e.json and rewrites
+qwen3_moe --cold-compile`, then `--models mixtral --cold-compile`. Each run replaces its model's rows in results/e2e.json and rewrites
 results/e2e.md from all rows. `--small` runs tiny shapes, on the CPU too, to check the script itself.
 """
 
@@ -63,9 +66,10 @@ def build(name: str, cfg: dict, dtype: torch.dtype, device: str, vocab: int):
         config = transformers.MixtralConfig(**common, intermediate_size=cfg["I"], num_local_experts=cfg["E"])
         cls = transformers.MixtralForCausalLM
     torch.manual_seed(0)
-    model = cls._from_config(config, experts_implementation="grouped_mm", dtype=dtype)
-    for p in model.parameters():  # O(1) activations through the layers
-        torch.nn.init.normal_(p, std=0.02)
+    with torch.device(device):  # built and initialised where it runs: on the host, 5 GB of normal_ takes minutes
+        model = cls._from_config(config, experts_implementation="grouped_mm", dtype=dtype)
+        for p in model.parameters():  # O(1) activations through the layers
+            torch.nn.init.normal_(p, std=0.02)
     return model.to(device).eval()
 
 
@@ -217,6 +221,31 @@ def run_model(name: str, cfg: dict, args, device: str, dtype: torch.dtype, ceili
                     row["rest_ms"] = ms
             print(json.dumps(dict(model=name, phase=phase, rest_ms=ms)), flush=True)
     del model
+    if args.cold_compile:
+        cold = cold_first_calls(name)
+        for row in rows:
+            if "backend" in row:
+                row["cold_first_call_s"] = cold.get((row["backend"], row["phase"]))
+
+
+def cold_first_calls(name: str) -> dict:
+    """(backend, phase) -> first call s, each backend in a process of its own with empty caches
+    (profile_compile.py), so the second backend does not reuse the first one's compiled kernels."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    out = {}
+    for backend in ("inductor", "moecompile"):
+        proc = subprocess.run([sys.executable, str(Path(__file__).parent / "profile_compile.py"), "--backend",
+                               backend, "--model", name], capture_output=True, text=True, check=True, env=env)
+        for line in proc.stdout.splitlines():
+            row = json.loads(line) if line.startswith("{") else {}
+            if "first_call_s" in row:
+                out[(row["backend"], row["phase"])] = row["first_call_s"]
+    print(json.dumps(dict(model=name, cold_first_call_s={f"{b} {p}": s for (b, p), s in out.items()})), flush=True)
+    return out
 
 
 def _passes_seconds(compiled) -> float:
@@ -230,8 +259,8 @@ def _passes_seconds(compiled) -> float:
 def markdown(result: dict) -> str:
     lines = ["# End to end under torch.compile", "",
              "Inductor alone against backend='moecompile' (fused MoE blocks, then Inductor); bf16, grouped_mm. "
-             "Commands: `python benchmarks/e2e.py --models qwen3_moe`, `python benchmarks/e2e.py --models mixtral` "
-             "(one device call each).", ""]
+             "Commands: `python benchmarks/e2e.py --models qwen3_moe --cold-compile`, `python benchmarks/e2e.py --models "
+             "mixtral --cold-compile` (one device call each).", ""]
     for name, run in result["runs"].items():
         ceil = run.get("ceilings") or {}
         lines.append(f"- {name}: {run['device']}, torch {run['torch']}, triton {run.get('triton', '?')}, "
@@ -241,11 +270,14 @@ def markdown(result: dict) -> str:
     lines += ["", "`floor`: the whole model's roofline floor for the phase; `% floor` = floor / moecompile ms. `rest`: "
               "the model with its MoE blocks replaced by zeros, under Inductor; `bound` = inductor / (rest + the MoE "
               "blocks' own floor), the most any MoE rewrite can gain (see the script's docstring). First call: "
-              "compile included (decode phases: the recompile for the cached shapes); `passes`: the part of "
-              "moecompile's first call spent in its own passes.", "",
+              "compile included (decode phases: the recompile for the cached shapes), both backends in one process, "
+              "moecompile second (it reuses the Triton kernels Inductor compiled for the rest of the model); `cold`: "
+              "the same first calls with each backend in a process of its own with empty Inductor and Triton caches "
+              "(what a first compile on a fresh machine costs; `--cold-compile`); `passes`: the part of moecompile's "
+              "first call spent in its own passes.", "",
               "| model | phase | inductor ms | moecompile ms | speedup | floor ms | % floor | rest ms | bound | "
-              "first call s (ind / moe) | passes s | fused | rel err vs eager (ind / moe) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "first call s (ind / moe) | cold first call s (ind / moe) | passes s | fused | rel err vs eager (ind / moe) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = result["rows"]
     for r in [r for r in rows if r["backend"] == "moecompile"]:
         base = next(b for b in rows if b["backend"] == "inductor" and (b["model"], b["phase"]) ==
@@ -256,9 +288,12 @@ def markdown(result: dict) -> str:
         else:
             rest = f"{r['rest_ms']:.3f} | -" if r.get("rest_ms") is not None else "- | -"
         compile_split = f"{r.get('first_call_passes_s', float('nan')):.1f}"
+        cold = (f"{base['cold_first_call_s']:.1f} / {r['cold_first_call_s']:.1f} "
+                f"({r['cold_first_call_s'] / base['cold_first_call_s']:.2f}x)"
+                if r.get("cold_first_call_s") and base.get("cold_first_call_s") else "-")
         lines.append(f"| {r['model']} | {r['phase']} | {base['ms']:.3f} | {r['ms']:.3f} | {base['ms'] / r['ms']:.2f}x "
                      f"| {floor} | {rest} "
-                     f"| {base['first_call_s']:.1f} / {r['first_call_s']:.1f} | {compile_split} "
+                     f"| {base['first_call_s']:.1f} / {r['first_call_s']:.1f} | {cold} | {compile_split} "
                      f"| {r.get('blocks_fused', '-')} | "
                      f"{base['logits_rel_err_vs_eager']:.1e} / {r['logits_rel_err_vs_eager']:.1e} |")
     return "\n".join(lines) + "\n"
@@ -269,6 +304,8 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="tiny shapes (a check of the script; CPU works)")
     parser.add_argument("--models", nargs="*", default=list(FULL))
     parser.add_argument("--no-rest", action="store_true", help="skip timing the model without its MoE blocks")
+    parser.add_argument("--cold-compile", action="store_true",
+                        help="also time each backend's first calls in a process of its own with empty caches")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
