@@ -32,45 +32,40 @@ import moecompile  # noqa: E402
 from e2e import FULL, build, phases  # noqa: E402
 
 
-def count_ttir():
-    """Wrap the TTIR generation Inductor's mutation analysis runs for each traced Triton launch: (calls, seconds)."""
+def count_calls(*owners, name: str) -> dict:
+    """Replace the function `name` of each owner (modules holding the same function) by one that counts its calls
+    and their seconds; returns those counts, updated as it runs."""
+    stats = {"calls": 0, "s": 0.0}
+    original = getattr(owners[0], name)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            stats["calls"] += 1
+            stats["s"] += time.perf_counter() - start
+
+    for owner in owners:
+        setattr(owner, name, timed)
+    return stats
+
+
+def count_ttir() -> dict:
+    """The TTIR builds of torch's mutation analysis, one (or, with kernels/traced.py's memo, one per kernel
+    specialisation) for each traced Triton launch."""
     from torch._higher_order_ops import triton_kernel_wrap
 
-    stats = {"calls": 0, "s": 0.0}
-    original = triton_kernel_wrap.generate_ttir
-
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            stats["calls"] += 1
-            stats["s"] += time.perf_counter() - start
-
-    triton_kernel_wrap.generate_ttir = timed
-    return stats
+    return count_calls(triton_kernel_wrap, name="generate_ttir")
 
 
-def count_triton_compiles():
-    """Wrap Triton's compile in this process (the confirm pass's kernel runs; Inductor compiles in its workers):
-    (calls, seconds)."""
+def count_triton_compiles() -> dict:
+    """Triton compiles in this process (the confirm pass's kernel runs; Inductor compiles in its workers). Jit
+    functions import `compile` from triton.compiler when they first launch."""
     import triton.compiler
-    import triton.compiler.compiler as triton_compiler
+    import triton.compiler.compiler
 
-    stats = {"calls": 0, "s": 0.0}
-    original = triton_compiler.compile
-
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            stats["calls"] += 1
-            stats["s"] += time.perf_counter() - start
-
-    triton_compiler.compile = timed
-    triton.compiler.compile = timed  # where jit functions import it from when they first launch
-    return stats
+    return count_calls(triton.compiler.compiler, triton.compiler, name="compile")
 
 
 def passes_seconds(compiled) -> float:
