@@ -42,11 +42,9 @@ def _kernel_identity(kernel) -> tuple:
 
 
 def _arg_key(value):
-    from torch._subclasses.fake_tensor import FakeTensor
-
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return ("sym",)
-    if isinstance(value, torch.Tensor) or type(value).__name__ == "TensorBox" or isinstance(value, FakeTensor):
+    if isinstance(value, torch.Tensor) or type(value).__name__ == "TensorBox":  # fake tensors are Tensors
         dtype = value.dtype if isinstance(value, torch.Tensor) else value.get_dtype()
         return ("tensor", dtype)
     if type(value).__module__.startswith("sympy"):
