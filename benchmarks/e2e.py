@@ -34,7 +34,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -197,7 +200,7 @@ def run_model(name: str, cfg: dict, args, device: str, dtype: torch.dtype, ceili
         torch._dynamo.reset()
         compiled = torch.compile(model, backend=backend if backend == "inductor" else moecompile.backend())
         for phase, (call, ids, _) in calls.items():
-            passes_before = _passes_seconds(compiled) if backend == "moecompile" else 0.0
+            passes_before = passes_seconds(compiled) if backend == "moecompile" else 0.0
             with torch.no_grad():
                 sync(device)
                 start = time.perf_counter()
@@ -211,7 +214,7 @@ def run_model(name: str, cfg: dict, args, device: str, dtype: torch.dtype, ceili
             if backend == "moecompile":
                 rep = moecompile.report(compiled)
                 row["blocks_fused"] = f"{len(rep.fused)}/{len(rep.blocks)}"
-                row["first_call_passes_s"] = _passes_seconds(compiled) - passes_before
+                row["first_call_passes_s"] = passes_seconds(compiled) - passes_before
             rows.append(row)
             print(json.dumps(row), flush=True)
     if not args.no_rest:
@@ -231,10 +234,6 @@ def run_model(name: str, cfg: dict, args, device: str, dtype: torch.dtype, ceili
 def cold_first_calls(name: str) -> dict:
     """(backend, phase) -> first call s, each backend in a process of its own with empty caches
     (profile_compile.py), so the second backend does not reuse the first one's compiled kernels."""
-    import os
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     out = {}
     for backend in ("inductor", "moecompile"):
@@ -248,7 +247,7 @@ def cold_first_calls(name: str) -> dict:
     return out
 
 
-def _passes_seconds(compiled) -> float:
+def passes_seconds(compiled) -> float:
     try:
         rep = moecompile.report(compiled)
     except moecompile.MoECompileError:  # nothing compiled yet

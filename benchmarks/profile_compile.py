@@ -29,7 +29,7 @@ os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="triton_"))
 import torch  # noqa: E402
 
 import moecompile  # noqa: E402
-from e2e import FULL, build, phases  # noqa: E402
+from e2e import FULL, build, passes_seconds, phases  # noqa: E402
 
 
 def count_calls(*owners, name: str) -> dict:
@@ -66,13 +66,6 @@ def count_triton_compiles() -> dict:
     import triton.compiler.compiler
 
     return count_calls(triton.compiler.compiler, triton.compiler, name="compile")
-
-
-def passes_seconds(compiled) -> float:
-    try:
-        return sum(p.seconds for p in moecompile.report(compiled).passes)
-    except moecompile.MoECompileError:  # nothing compiled yet
-        return 0.0
 
 
 def main() -> None:

@@ -6,9 +6,10 @@ Place in the pipeline: FusedMoE.forward calls `moe_forward(spec, weights, x, seq
 launches, in order: gating (router GEMM, scoring, selection, counts), dispatch (rows grouped by expert), the shared
 experts' up and down GEMMs (dense rows), then the routed experts' up and down GEMMs, which add into one fp32 [T, H]
 accumulator; the result is cast to the input's dtype. With hundreds of rows an expert (bf16 on Hopper) the routed
-experts' GEMMs are CUTLASS's grouped GEMM instead (kernels/grouped.py). Nothing waits on the host, and every allocation's size depends
-on shapes only. Router forms the gating kernel does not cover (sparsemixer, expert capacity, non-power-of-two expert
-groups) route with the PyTorch reference, still without a host sync, and share everything after it.
+experts' GEMMs are CUTLASS's grouped GEMM instead (kernels/grouped.py). Nothing waits on the host, and every
+allocation's size depends on shapes only. Router forms the gating kernel does not cover (sparsemixer, expert
+capacity, non-power-of-two expert groups) route with the PyTorch reference, still without a host sync, and share
+everything after it.
 
 Backward recomputes the block with the differentiable reference (reference.py) and differentiates that, inside an op
 of its own (moe_backward), so that torch.compile's AOTAutograd traces it as one call.

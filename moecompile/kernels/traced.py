@@ -25,20 +25,23 @@ _CACHE: dict = {}
 _INSTALLED = False
 
 
-def _is_ours(kernel) -> bool:
-    fn = getattr(kernel, "fn", kernel)  # an Autotuner wraps the JITFunction
-    module = getattr(getattr(fn, "fn", fn), "__module__", "") or ""
-    return module.startswith("moecompile.")
+def _jit_function(kernel):
+    """The jit function behind a launched kernel (an Autotuner, or another wrapper, holds it as .fn)."""
+    while not hasattr(kernel, "arg_names") and hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return kernel
 
 
-def _kernel_identity(kernel) -> tuple:
-    """What names a kernel's code within this process: its module and name (and Triton's hash of its source and the
-    jit functions it calls, where it has one). Not the object: the stages do not hand over the same one."""
-    jit = kernel
-    while not hasattr(jit, "arg_names") and hasattr(jit, "fn"):  # an Autotuner (or other wrapper) holds the jit fn
-        jit = jit.fn
+def _kernel_identity(kernel) -> tuple | None:
+    """What names one of moecompile's kernels' code within this process: its module and name (and Triton's hash of
+    its source and the jit functions it calls, where it has one); None for other code's kernels. Not the object:
+    the stages do not hand over the same one."""
+    jit = _jit_function(kernel)
+    fn = getattr(jit, "fn", None)
+    if not (getattr(fn, "__module__", None) or "").startswith("moecompile."):
+        return None
     # an Autotuner's first config takes part in the build: keep it apart from its bare jit function
-    return (type(kernel).__name__, jit.fn.__module__, jit.fn.__qualname__, getattr(jit, "cache_key", None))
+    return (type(kernel).__name__, fn.__module__, fn.__qualname__, getattr(jit, "cache_key", None))
 
 
 def _arg_key(value):
@@ -55,11 +58,11 @@ def _arg_key(value):
 
 def key(kernel, kernel_args: dict, rest: tuple) -> tuple | None:
     """The memo's key for generate_ttir(kernel, kernel_args, *rest), or None where the call is not cached."""
-    if not _is_ours(kernel) or not isinstance(kernel_args, dict):
+    identity = _kernel_identity(kernel)
+    if identity is None or not isinstance(kernel_args, dict):
         return None
     try:
-        return (_kernel_identity(kernel), tuple(sorted((name, _arg_key(value)) for name, value in kernel_args.items())),
-                repr(rest))
+        return identity, tuple(sorted((name, _arg_key(value)) for name, value in kernel_args.items())), repr(rest)
     except (TypeError, AttributeError):
         return None
 
