@@ -194,7 +194,9 @@ def _ort_moe_schema():
 def ort_moe_translation(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, k, activation_type,
                         normalize_routing_weights, activation_alpha, activation_beta, swiglu_limit):
     """torch.onnx translation of moecompile::ort_moe into the com.microsoft.MoE node."""
+    import onnx
     import onnxscript
+    from onnxscript import opset18 as op
 
     moe = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MoE", _ort_moe_schema())
     attrs = dict(k=k, activation_type=activation_type, normalize_routing_weights=int(normalize_routing_weights))
@@ -202,7 +204,11 @@ def ort_moe_translation(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, k, activ
         attrs.update(swiglu_fusion=1, activation_alpha=activation_alpha, activation_beta=activation_beta)
         if math.isfinite(swiglu_limit):
             attrs["swiglu_limit"] = swiglu_limit
-    return moe(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, **attrs)
+    out = moe(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, **attrs)
+    # onnxruntime 1.30 and 1.31's CPU kernel zeroes its output before it reads its input, and the operator lets the
+    # output take the input's buffer (MayInplace), so where the block's input has no later reader the output is
+    # all zeros. An exact select that reads the input after the node keeps the input alive past it.
+    return op.Where(op.Constant(value=onnx.helper.make_tensor("false", onnx.TensorProto.BOOL, [], [False])), x, out)
 
 
 def _interleave(t: torch.Tensor, inter: int, dim: int) -> torch.Tensor:
