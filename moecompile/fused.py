@@ -74,7 +74,7 @@ def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *
     x = hidden_states.reshape(-1, H)
     seq_len = hidden_states.shape[-2] if hidden_states.dim() >= 2 and x.shape[0] else None
     if lowering is not None:
-        y, logits, slot_weights = lowering(spec, weights, x)
+        y, logits, slot_weights = lowering(spec, weights, x, seq_len)
     elif through_op or _use_kernels(spec, weights, x, backend, source_path):
         need_routing = router_tap is not None or spec.extra_output != "none"
         y, logits, slot_weights = kernel_moe.run(spec, weights, x, seq_len, spec_json or spec.to_json(),

@@ -94,22 +94,18 @@ def _static_axes_note(inputs: tuple, names: list[str]) -> str:
 
 def _choose_lowerings(model: nn.Module, moe_op: str, rep: Report) -> dict[str, str]:
     """path -> "ort" | "standard" for every fused block, recorded in the pass log; raises before anything is
-    written when a block cannot be exported as asked."""
+    written when moe_op="ort" and a block cannot use the contrib operator (every block has a standard form)."""
     choice, cannot = {}, []
     records = {b.path: b for b in rep.blocks}
     for path, module in model.named_modules():
         if not isinstance(module, FusedMoE):
             continue
         dtype = module.weights().w1.dtype
-        standard_why = onnx_lowering.standard_unsupported(module.spec)
         ort_why = onnx_lowering.ort_mismatch(module.spec, dtype)
         if moe_op == "ort" and ort_why is not None:
             cannot.append(f"{path or '<root>'}: {ort_why}")
             continue
         if moe_op == "standard" or ort_why is not None:
-            if standard_why is not None:
-                cannot.append(f"{path or '<root>'}: {standard_why}")
-                continue
             choice[path] = onnx_lowering.STANDARD
             note = "standard ONNX operators" + (f" (com.microsoft.MoE does not apply: {ort_why})"
                                                 if moe_op == "auto" else " (moe_op='standard')")
@@ -122,11 +118,9 @@ def _choose_lowerings(model: nn.Module, moe_op: str, rep: Report) -> dict[str, s
             rep.blocks.append(records[path])
         records[path].export = note
     if cannot:
-        how = ("use moe_op='auto' or 'standard' (--moe-op) for these blocks" if moe_op == "ort"
-               else "these blocks have no ONNX form in moecompile yet; export the original model with "
-                    "torch.onnx.export, which keeps the model's own code for them")
-        raise MoECompileError(f"export_onnx: {len(cannot)} block(s) cannot be exported with moe_op={moe_op!r}: "
-                              + "; ".join(cannot) + f"; {how}. Nothing was written.")
+        raise MoECompileError(f"export_onnx: {len(cannot)} block(s) cannot use com.microsoft.MoE (moe_op='ort'): "
+                              + "; ".join(cannot) + "; use moe_op='auto' or 'standard' (--moe-op) for these "
+                              "blocks. Nothing was written.")
     return choice
 
 

@@ -5,11 +5,13 @@ Place in the pipeline: after optimize() has replaced the blocks by FusedMoE, exp
 torch.onnx's exporter turns that into ONNX operators.
 
 - "standard": plain PyTorch operators that the exporter lowers to standard ONNX (opset 18), so any runtime runs it.
-  Routing becomes a dense [T, E] combine-weight matrix (top-k weights scattered into zeros, or the ReLU gates); the
-  experts run batched over the expert axis (one MatMul per projection with an [E, ...] weight, no per-expert
-  subgraph), and the combine is one contraction with the routing matrix. The cost: every expert runs on every
-  token, E / k times the FLOPs of the sparse computation, and [T, E, I] of activations. Right for small E and for
-  runtimes without a MoE operator; onnxruntime's MoE operator (when it applies) is the fast path.
+  Routing is the reference's (every router form, ReLU routing and expert capacity included), as (token, expert,
+  weight) pairs. The experts run on their pairs only: the pairs are sorted into one padded group per expert (C rows,
+  C the largest group, computed by the graph), one batched MatMul per projection over the expert axis (no
+  per-expert subgraph), and the results gathered back and summed per token. For top-k routers an ONNX If picks, on
+  the data, between every expert's weights and a gather of the weights of the experts in use (when at most a third
+  are: decode-sized inputs, where reading every expert's weights would dominate). The cost beyond the sparse
+  computation is the padding: E * C rows instead of T * k.
 - "ort": onnxruntime's `com.microsoft.MoE` contrib operator, where its semantics are the block's (ort_mismatch
   says why not otherwise): softmax over the router output, top-k, optional renormalisation, then per expert
   fc1 -> activation -> fc2 (weights [E, F, H] and [E, H, I]; a gated MLP as "swiglu" with gate and up rows
@@ -33,59 +35,107 @@ from ..spec import MoESpec, MoEWeights
 STANDARD, ORT = "standard", "ort"
 
 
-def standard_unsupported(spec: MoESpec) -> str | None:
-    """Why the standard lowering cannot express the block, or None."""
-    if spec.router.expert_capacity is not None:
-        return "expert capacity (tokens dropped by their order in the sequence) has no export form yet"
-    return None
-
-
-def _dense_routing(spec: MoESpec, weights: MoEWeights, x: torch.Tensor):
-    """(logits [T, E] fp32, combine weights [T, E] fp32, chosen [T, E] bool, the op's slot weights)."""
-    router = spec.router
-    if router.is_variable_k:  # ReLU routing: the gates are the combine weights
-        acc = torch.promote_types(x.dtype, torch.float32)
-        bias = None if weights.router_bias is None else weights.router_bias.to(acc)
-        logits = F.linear(x.to(acc), weights.router_weight.to(acc), bias)
-        gates = logits.relu() * router.scaling_factor
-        return logits, gates, logits > 0, gates
-    routing = route(router, weights, x)
-    k = routing.top_k
-    idx = routing.expert_index.view(-1, k)
-    slot = routing.weight.view(-1, k)
-    dense = torch.zeros_like(routing.logits).scatter(1, idx, slot)
-    chosen = torch.zeros_like(dense, dtype=torch.bool).scatter(1, idx, True)
-    return routing.logits, dense, chosen, slot
-
-
-def standard_block(spec: MoESpec, weights: MoEWeights, x: torch.Tensor):
-    """The block on x [T, H] in standard operators: (y [T, H] in x's dtype, logits [T, E] fp32, slot weights)."""
-    logits, dense, chosen, slot = _dense_routing(spec, weights, x)
-    acc = torch.promote_types(x.dtype, torch.float32)
+def _expert_mlps(spec: MoESpec, xin: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                 b2: torch.Tensor | None) -> torch.Tensor:
+    """Each of G experts on its rows: xin [G, C, H], w1 [G, F, H], w2 [G, H, I] -> [G, C, H]. Batched MatMuls
+    over the expert axis (ONNX MatMul takes bf16, Einsum does not)."""
+    h = torch.matmul(xin, w1.transpose(1, 2))
+    if b1 is not None:
+        h = h + b1.unsqueeze(1)
     e_spec = spec.experts
-    # batched MatMuls over the expert axis (ONNX MatMul takes bf16, Einsum does not): [E, T, *] activations
-    if spec.router.weight_on_input:  # each expert sees its weighted input
-        expert_in = (x.to(acc).unsqueeze(0) * dense.t().unsqueeze(-1)).to(x.dtype)  # [E, T, H]
-    else:
-        expert_in = x.unsqueeze(0)  # [1, T, H], broadcast over the experts
-    h = torch.matmul(expert_in, weights.w1.transpose(1, 2))  # [E, T, F]
-    if weights.b1 is not None:
-        h = h + weights.b1.unsqueeze(1)
     if e_spec.gated:
         gate, up = h.split(e_spec.intermediate_size, dim=-1)
         h = glu(e_spec, gate, up)
     else:
         h = activation(e_spec, h)
-    y = torch.matmul(h, weights.w2.transpose(1, 2))  # [E, T, H]
-    if weights.b2 is not None:
-        y = y + weights.b2.unsqueeze(1)
-    combine = chosen.to(acc) if spec.router.weight_on_input else dense  # [T, E]
-    out = torch.matmul(combine.unsqueeze(1), y.to(acc).transpose(0, 1)).squeeze(1)  # [T, 1, E] @ [T, E, H]
+    y = torch.matmul(h, w2.transpose(1, 2))
+    return y if b2 is None else y + b2.unsqueeze(1)
+
+
+def _grouped_pairs(spec: MoESpec, x_pairs: torch.Tensor, expert: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
+    """The experts on P (input row, expert) pairs: x_pairs [P, H], expert [P] in [0, G) for the G experts of w1/w2.
+    Returns [P, H]. Each expert's rows are gathered into a padded group of C rows, C the largest group (data
+    dependent, so the graph computes it), then one batched MatMul per projection; padding rows are zeros and are
+    never read back."""
+    G, P, H = w1.shape[0], x_pairs.shape[0], x_pairs.shape[1]
+    counts = torch.zeros(G, dtype=torch.int64, device=x_pairs.device).scatter_add(0, expert, torch.ones_like(expert))
+    C = torch.cat([counts.new_zeros(1), counts]).max().item()  # 0 when no expert is used (no pairs)
+    torch._check(C >= 0)
+    torch._check(C <= P)
+    order = torch.argsort(expert)  # the order inside a group does not matter, only that each row gets a slot
+    starts = counts.cumsum(0) - counts
+    rank_sorted = torch.arange(P, device=x_pairs.device) - starts[expert[order]]
+    rank = torch.zeros_like(expert).scatter(0, order, rank_sorted)
+    slot = expert * C + rank  # [P]: the pair's row in the [G * C] padded groups
+    row_of_slot = torch.full((G * C,), P, dtype=torch.int64, device=x_pairs.device).scatter(0, slot, torch.arange(
+        P, device=x_pairs.device))
+    padded = torch.cat([x_pairs, x_pairs.new_zeros(1, H)])[row_of_slot].view(G, C, H)
+    return _expert_mlps(spec, padded, w1, b1, w2, b2).reshape(G * C, H)[slot]
+
+
+# Gathering the used experts' weights reads and writes them once more before the MatMuls read them: it costs less
+# than reading every expert's weights when at most a third of the experts are used (decode-sized inputs).
+GATHER_WHEN_USED_AT_MOST = 1 / 3
+
+
+def _combine(spec: MoESpec, weights: list, x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor,
+             weight: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """[T, H] in fp32 (at least): each token's pairs through their experts (grouped), weighted and summed."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    w = weight.unsqueeze(1)
+    x_pairs = x[token]
+    if spec.router.weight_on_input:  # each expert sees its weighted input
+        x_pairs = (x_pairs.to(acc) * w).to(x.dtype)
+    y_pairs = _grouped_pairs(spec, x_pairs, expert, *weights).to(acc)
+    if not spec.router.weight_on_input:
+        y_pairs = y_pairs * w
+    if top_k is not None:  # token-major pairs, k per token
+        return y_pairs.view(-1, top_k, x.shape[1]).sum(dim=1)
+    return torch.zeros(x.shape, dtype=acc, device=x.device).index_add(0, token, y_pairs)
+
+
+def _routed_experts(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, routing) -> torch.Tensor:
+    """[T, H] fp32: the grouped experts over every expert's weights, or (an ONNX If on the data) over the weights
+    of the experts some pair uses, gathered, when few are."""
+    E = spec.num_experts
+    token, expert = routing.token_index, routing.expert_index
+    used = torch.zeros(E, dtype=torch.int64, device=x.device).scatter(0, expert, torch.ones_like(expert))
+    weight_list = (weights.w1, weights.b1, weights.w2, weights.b2)
+    present = [t is not None for t in weight_list]
+
+    def unpack(given):  # cond's operands are tensors only: the biases that are None are left out of them
+        given = iter(given)
+        return [next(given) if has else None for has in present]
+
+    def all_experts(x, token, expert, weight, used, *given):
+        return _combine(spec, unpack(given), x, token, expert, weight, routing.top_k)
+
+    def used_experts(x, token, expert, weight, used, *given):
+        picked = [None if t is None else t[used.nonzero().squeeze(1)] for t in unpack(given)]
+        return _combine(spec, picked, x, token, (used.cumsum(0) - 1)[expert], weight, routing.top_k)
+
+    weights_given = [t for t in weight_list if t is not None]
+    if routing.top_k is None:
+        # variable k: torch.export's lowering of torch.cond fails on operands of a data-dependent size (the
+        # pairs), so these blocks always run over every expert's weights
+        return all_experts(x, token, expert, routing.weight, used, *weights_given)
+    few = used.sum() <= int(E * GATHER_WHEN_USED_AT_MOST)
+    return torch.cond(few, used_experts, all_experts, (x, token, expert, routing.weight, used, *weights_given))
+
+
+def standard_block(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len=None):
+    """The block on x [T, H] in standard operators: (y [T, H] in x's dtype, logits [T, E] fp32, slot weights).
+
+    Routing is the reference's (route: top-k, grouped, ReLU, capacity), as P (token, expert, weight) pairs; the
+    experts run only on their pairs, grouped by expert (_grouped_pairs)."""
+    routing = route(spec.router, weights, x, seq_len)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    out = _routed_experts(spec, weights, x, routing)
     if spec.shared is not None:
         out = out + shared_experts(spec, weights, x)
     if spec.has_output_bias:
         out = out + weights.output_bias.to(acc)
-    return out.to(x.dtype), logits, slot
+    return out.to(x.dtype), routing.logits, routing.slot_weights(spec.router.scaling_factor)
 
 
 class StandardLowering(nn.Module):
@@ -93,8 +143,8 @@ class StandardLowering(nn.Module):
 
     kind = STANDARD
 
-    def forward(self, spec: MoESpec, weights: MoEWeights, x: torch.Tensor):
-        return standard_block(spec, weights, x)
+    def forward(self, spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len=None):
+        return standard_block(spec, weights, x, seq_len)
 
 
 # ---------------------------------------------------------------- onnxruntime's MoE operator
@@ -235,7 +285,7 @@ class OrtLowering(nn.Module):
         self.register_buffer("fc2_bias", None if weights.b2 is None else weights.b2.detach().contiguous())
         self.activation = _ort_activation(spec)
 
-    def forward(self, spec: MoESpec, weights: MoEWeights, x: torch.Tensor):
+    def forward(self, spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len=None):
         r = spec.router
         logits = F.linear(x, weights.router_weight, weights.router_bias)
         y = torch.ops.moecompile.ort_moe(x, logits, self.fc1, self.fc1_bias, self.fc2, self.fc2_bias, r.top_k,
@@ -250,7 +300,7 @@ class OrtLowering(nn.Module):
         logits = logits.to(acc)
         slot = None
         if spec.extra_output == "topk_weights":  # what the block returns beside its output
-            _, _, _, slot = _dense_routing(spec, weights, x)
+            slot = route(r, weights, x).topk_weights()
         return out.to(x.dtype), logits, slot
 
 
