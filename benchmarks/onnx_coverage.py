@@ -4,7 +4,8 @@ the lowering each block got is counted. One subprocess per family, under a time 
 
 Constant weight matrices (some families initialise their router to zeros) are redrawn first: with every expert
 tied, PyTorch and onnxruntime pick different experts, a difference of tie-breaking, not of the export.
-Run: `python benchmarks/onnx_coverage.py [--families a,b]` (CPU; writes results/onnx_coverage.json and .md).
+Run: `python benchmarks/onnx_coverage.py [--families a,b]` (CPU; writes results/onnx_coverage.json and .md;
+with --families, those rows are rerun and the file's other rows kept).
 """
 
 from __future__ import annotations
@@ -125,9 +126,12 @@ def main() -> None:
         f for f, statuses in by_family.items() if all(s == "fused" for s in statuses))
     result = dict(date=datetime.date.today().isoformat(), transformers=transformers.__version__,
                   onnxruntime=onnxruntime.__version__, rows=[])
+    if args.families and (RESULTS / "onnx_coverage.json").exists():
+        kept = json.loads((RESULTS / "onnx_coverage.json").read_text())["rows"]
+        result["rows"] = [r for r in kept if r["family"] not in families]
     for family in families:
         row = isolated(family)
-        result["rows"].append(row)
+        result["rows"] = sorted(result["rows"] + [row], key=lambda r: r["family"])
         print(json.dumps(row), flush=True)
         (RESULTS / "onnx_coverage.json").write_text(json.dumps(result, indent=1))
         (RESULTS / "onnx_coverage.md").write_text(markdown(result))

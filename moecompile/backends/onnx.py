@@ -164,7 +164,7 @@ def export_onnx(model: nn.Module, path, example_inputs, *, dynamic: bool = True,
     dynamic_shapes = (tuple(_dynamic_dims(t) for t in inputs),) if dynamic else None  # one entry: *inputs
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         tmp_file = Path(tmp) / path.name
-        program = _torch_onnx_export(wrapper, inputs, names, dynamic_shapes, opset)
+        program = _export_with_fallback(exported, wrapper, inputs, names, dynamic_shapes, opset, rep)
         export_s = time.perf_counter() - start
         rep.passes.append(PassRun(name="export_onnx", seconds=export_s, modified=True,
                                   note=f"opset {opset}, moe_op={moe_op}, dynamic={dynamic}"
@@ -208,6 +208,29 @@ def _log_summary(rep: Report) -> dict:
     return dict(model_type=rep.model_type, blocks=[dict(path=b.path, decision=b.decision, export=b.export,
                                                         spec=b.spec_summary or b.reason) for b in rep.blocks],
                 passes=[dict(name=p.name, note=p.note) for p in rep.passes])
+
+
+def _export_with_fallback(model: nn.Module, wrapper: nn.Module, inputs: tuple, names: list[str], dynamic_shapes,
+                          opset: int, rep: Report):
+    """_torch_onnx_export; where that fails and standard-form blocks have their decode-size If, once more without
+    it (torch.onnx's re-trace of a branch with a data-dependent size fails on some models, e.g. GLM-5-Next), the
+    blocks' pass-log lines saying so. The second failure, if any, is the model's own and is raised."""
+    try:
+        return _torch_onnx_export(wrapper, inputs, names, dynamic_shapes, opset)
+    except MoECompileError as exc:
+        gathering = {path: m for path, m in model.named_modules() if isinstance(m, FusedMoE)
+                     and isinstance(m.lowering, onnx_lowering.StandardLowering) and m.lowering.gather}
+        if not gathering:
+            raise
+        first = str(exc)
+    for module in gathering.values():
+        module.lowering.gather = False
+    program = _torch_onnx_export(wrapper, inputs, names, dynamic_shapes, opset)
+    for block in rep.blocks:
+        if block.path in gathering:
+            block.export += (" without the If that gathers the used experts' weights at decode sizes (torch.onnx "
+                             f"could not export the If in this model: {first.split('Exporter')[0][:120].strip()})")
+    return program
 
 
 def _torch_onnx_export(wrapper: nn.Module, inputs: tuple, names: list[str], dynamic_shapes, opset: int):
@@ -266,9 +289,11 @@ def _check(file: Path) -> None:
                               "this is a moecompile bug, please report it with the model") from exc
 
 
-def _random_like(t: torch.Tensor, length: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
+def _random_like(name: str, t: torch.Tensor, length: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
     shape = list(t.shape)
     shape[_length_axis(t)] = length
+    if "mask" in name:  # an attention mask: every position attended (random ids would not be a mask)
+        return torch.ones(shape, dtype=t.dtype)
     if t.is_floating_point():
         return torch.randn(shape, generator=gen).to(t.dtype)
     return torch.randint(0, vocab, shape, generator=gen).to(t.dtype)
@@ -296,7 +321,7 @@ def _verify(file: Path, original: _Outputs, inputs: tuple, dynamic: bool) -> tup
     tol = VERIFY_TOLERANCE.get(_weights_dtype(original), 1e-4)
     worst, gen = 0.0, torch.Generator().manual_seed(0)
     for length in lengths:
-        fresh = [_random_like(t, length, vocab, gen) for t in inputs]
+        fresh = [_random_like(name, t, length, vocab, gen) for name, t in zip(names, inputs)]
         with torch.no_grad():
             want = original(*fresh).float()
         feeds = {name: t.numpy() if t.dtype != torch.bfloat16 else t.float().numpy()

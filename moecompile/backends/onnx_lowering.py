@@ -69,7 +69,9 @@ def _grouped_pairs(spec: MoESpec, x_pairs: torch.Tensor, expert: torch.Tensor, w
     slot = expert * C + rank  # [P]: the pair's row in the [G * C] padded groups
     row_of_slot = torch.full((G * C,), P, dtype=torch.int64, device=x_pairs.device).scatter(0, slot, torch.arange(
         P, device=x_pairs.device))
-    padded = torch.cat([x_pairs, x_pairs.new_zeros(1, H)])[row_of_slot].view(G, C, H)
+    # the padding row made in fp32 and cast: onnx 1.23's checker rejects a bf16 ConstantOfShape at opset 18
+    pad_row = torch.zeros(1, H, dtype=torch.float32, device=x_pairs.device).to(x_pairs.dtype)
+    padded = torch.cat([x_pairs, pad_row])[row_of_slot].view(G, C, H)
     return _expert_mlps(spec, padded, w1, b1, w2, b2).reshape(G * C, H)[slot]
 
 
@@ -94,9 +96,10 @@ def _combine(spec: MoESpec, weights: list, x: torch.Tensor, token: torch.Tensor,
     return torch.zeros(x.shape, dtype=acc, device=x.device).index_add(0, token, y_pairs)
 
 
-def _routed_experts(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, routing) -> torch.Tensor:
+def _routed_experts(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, routing, gather: bool = True
+                    ) -> torch.Tensor:
     """[T, H] fp32: the grouped experts over every expert's weights, or (an ONNX If on the data) over the weights
-    of the experts some pair uses, gathered, when few are."""
+    of the experts some pair uses, gathered, when few are (gather=True: top-k routers only)."""
     E = spec.num_experts
     token, expert = routing.token_index, routing.expert_index
     used = torch.zeros(E, dtype=torch.int64, device=x.device).scatter(0, expert, torch.ones_like(expert))
@@ -115,7 +118,7 @@ def _routed_experts(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, routing
         return _combine(spec, picked, x, token, (used.cumsum(0) - 1)[expert], weight, routing.top_k)
 
     weights_given = [t for t in weight_list if t is not None]
-    if routing.top_k is None:
+    if routing.top_k is None or not gather:
         # variable k: torch.export's lowering of torch.cond fails on operands of a data-dependent size (the
         # pairs), so these blocks always run over every expert's weights
         return all_experts(x, token, expert, routing.weight, used, *weights_given)
@@ -123,14 +126,14 @@ def _routed_experts(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, routing
     return torch.cond(few, used_experts, all_experts, (x, token, expert, routing.weight, used, *weights_given))
 
 
-def standard_block(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len=None):
+def standard_block(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len=None, gather: bool = True):
     """The block on x [T, H] in standard operators: (y [T, H] in x's dtype, logits [T, E] fp32, slot weights).
 
     Routing is the reference's (route: top-k, grouped, ReLU, capacity), as P (token, expert, weight) pairs; the
     experts run only on their pairs, grouped by expert (_grouped_pairs)."""
     routing = route(spec.router, weights, x, seq_len)
     acc = torch.promote_types(x.dtype, torch.float32)
-    out = _routed_experts(spec, weights, x, routing)
+    out = _routed_experts(spec, weights, x, routing, gather)
     if spec.shared is not None:
         out = out + shared_experts(spec, weights, x)
     if spec.has_output_bias:
@@ -143,8 +146,12 @@ class StandardLowering(nn.Module):
 
     kind = STANDARD
 
+    def __init__(self, gather: bool = True):
+        super().__init__()
+        self.gather = gather  # the decode-size If; export_onnx turns it off where torch.onnx cannot export it
+
     def forward(self, spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len=None):
-        return standard_block(spec, weights, x, seq_len)
+        return standard_block(spec, weights, x, seq_len, self.gather)
 
 
 # ---------------------------------------------------------------- onnxruntime's MoE operator

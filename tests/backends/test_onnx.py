@@ -149,6 +149,28 @@ def test_standard_form_in_onnxruntime_runs_both_branches(tmp_path, quiet):
         assert session.run(None, {"input_0": torch.zeros(0, 32).numpy()})[0].shape == (0, 32)
 
 
+def test_standard_form_falls_back_without_the_if_when_torch_onnx_cannot_export_it(tmp_path, monkeypatch, quiet):
+    """GLM-5-Next's If fails torch.onnx's re-trace; stood in here by an exporter that fails while any block gathers:
+    the export is retried without the If, verifies, and the pass log says so."""
+    from moecompile.backends import onnx as onnx_backend
+
+    real = onnx_backend._torch_onnx_export
+    gathering = []
+
+    def export_failing_with_the_if(wrapper, *args):
+        gathering.append(any(getattr(m, "gather", False) for m in wrapper.modules()))
+        if gathering[-1]:
+            raise MoECompileError("export_onnx: torch.onnx has no ONNX translation for an operation of the model.")
+        return real(wrapper, *args)
+
+    monkeypatch.setattr(onnx_backend, "_torch_onnx_export", export_failing_with_the_if)
+    block = handwritten.EinsumMoE()
+    path = moecompile.export_onnx(block, tmp_path / "b.onnx", torch.randn(6, 32), moe_op="standard", verify=True)
+    assert gathering == [True, False]
+    assert "without the If" in moecompile.export_report(path).blocks[0].export
+    assert "If" not in [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
 @pytest.mark.parametrize("build, moe_op, expected", [
     (lambda: handwritten.EinsumMoE(), "auto", ORT_NODE),
     (lambda: handwritten.EinsumMoE(), "standard", STANDARD),
@@ -169,6 +191,24 @@ def test_handwritten_block_alone(build, moe_op, expected, tmp_path, quiet):
         with torch.no_grad():
             want = block(x)
         assert rel_err(run_ort(path, {"input_0": x}), want) <= 1e-4, tokens
+
+
+def test_expert_capacity_exports_and_matches(tmp_path, quiet):
+    """Switch Transformers (top-1, capacity 3: tokens past an expert's third in a sequence are dropped) through the
+    standard form; verify checks the decoder's output at two lengths within 1e-4."""
+    import transformers
+    from packaging.version import Version
+
+    model = hf_zoo.build("switch_transformers", None)
+    try:
+        path = moecompile.export_onnx(model, tmp_path / "s.onnx", hf_zoo.example_inputs(model), verify=True)
+    except MoECompileError as exc:
+        if "Couldn't swap" in str(exc) and Version(transformers.__version__) < Version("5.23"):
+            pytest.skip("transformers 5.17's Switch router calls .to() on itself in forward, which torch.export "
+                        f"cannot trace (the model's own code, not the MoE form): {str(exc)[:120]}")
+        raise
+    rep = moecompile.export_report(path)
+    assert len(rep.blocks) == 3 and all(b.export.startswith(STANDARD) and "capacity" in b.export for b in rep.blocks)
 
 
 def test_relu_routed_model_exports_and_matches(tmp_path, quiet):
