@@ -120,7 +120,7 @@ def _routed_experts(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, routing
     weights_given = [t for t in weight_list if t is not None]
     if routing.top_k is None or not gather:
         # variable k: torch.export's lowering of torch.cond fails on operands of a data-dependent size (the
-        # pairs), so these blocks always run over every expert's weights
+        # pairs), so these blocks always run over every expert's weights (as do blocks export_onnx fell back for)
         return all_experts(x, token, expert, routing.weight, used, *weights_given)
     few = used.sum() <= int(E * GATHER_WHEN_USED_AT_MOST)
     return torch.cond(few, used_experts, all_experts, (x, token, expert, routing.weight, used, *weights_given))
