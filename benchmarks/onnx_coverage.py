@@ -23,6 +23,18 @@ RESULTS = Path(__file__).parent / "results"
 FAMILY_SECONDS = 300
 
 
+def untie_constant_weights(model):
+    """Some families initialise their router to zeros: every expert ties, and runtimes break ties differently.
+    Random weights instead of any constant matrix; returns the model."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and p.std() == 0:
+                p.normal_(std=0.02)
+    return model
+
+
 def export_one(family: str) -> dict:
     import warnings
 
@@ -34,11 +46,7 @@ def export_one(family: str) -> dict:
     warnings.filterwarnings("ignore")
     impls = hf_zoo.experts_implementations(family)
     impl = "grouped_mm" if "grouped_mm" in impls else None
-    model = hf_zoo.build(family, impl)
-    with torch.no_grad():  # some families initialise their router to zeros: every expert ties, and runtimes break
-        for p in model.parameters():  # ties differently; random weights instead of a constant matrix
-            if p.dim() >= 2 and p.std() == 0:
-                p.normal_(std=0.02)
+    model = untie_constant_weights(hf_zoo.build(family, impl))
     inputs = hf_zoo.example_inputs(model, batch=2, seq=9)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,6 +23,7 @@ from moecompile import hf_zoo
 from moecompile.backends import onnx as onnx_backend
 from moecompile.backends import onnx_lowering
 from moecompile.fused import FusedMoE
+from onnx_coverage import untie_constant_weights  # benchmarks/ is the script's directory
 
 
 def rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -31,11 +32,7 @@ def rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def main(family: str) -> None:
     warnings.simplefilter("ignore")
-    model = hf_zoo.build(family, "grouped_mm")
-    with torch.no_grad():  # as onnx_coverage.py: no tied (constant) router weights
-        for p in model.parameters():
-            if p.dim() >= 2 and p.std() == 0:
-                p.normal_(std=0.02)
+    model = untie_constant_weights(hf_zoo.build(family, "grouped_mm"))  # as onnx_coverage.py does
     lowered = moecompile.optimize(model)
     for module in lowered.modules():
         if isinstance(module, FusedMoE):

@@ -170,7 +170,8 @@ def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 9, seed: i
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
     if getattr(model.config, "is_encoder_decoder", False):
         # the encoder's mask given: traced (torch.export), transformers' T5-style encoders do not make one
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "decoder_input_ids": ids[:, : max(1, seq // 2)]}
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "decoder_input_ids": ids[:, : max(1, seq // 2)]}
     return {"input_ids": ids}
 
 

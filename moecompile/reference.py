@@ -66,16 +66,19 @@ def glu(spec: MLPSpec, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return activation(spec, gate) * up
 
 
+def activate(spec: MLPSpec, h: torch.Tensor) -> torch.Tensor:
+    """The first projection's output [..., F] -> the second's input [..., I]: the gate and up halves combined, or
+    the activation of a plain MLP."""
+    if spec.gated:
+        gate, up = h.split(spec.intermediate_size, dim=-1)
+        return glu(spec, gate, up)
+    return activation(spec, h)
+
+
 def mlp(spec: MLPSpec, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
         b1: torch.Tensor | None = None, b2: torch.Tensor | None = None) -> torch.Tensor:
     """One expert in canonical layout: w1 [F, H] (gate rows then up rows when gated), w2 [H, I]."""
-    h = F.linear(x, w1, b1)
-    if spec.gated:
-        gate, up = h.split(spec.intermediate_size, dim=-1)
-        h = glu(spec, gate, up)
-    else:
-        h = activation(spec, h)
-    return F.linear(h, w2, b2)
+    return F.linear(activate(spec, F.linear(x, w1, b1)), w2, b2)
 
 
 def _score(scoring: str, values: torch.Tensor) -> torch.Tensor:

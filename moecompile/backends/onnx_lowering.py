@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..reference import activation, glu, route, shared_experts
+from ..reference import activate, route, shared_experts
 from ..spec import MoESpec, MoEWeights
 
 STANDARD, ORT = "standard", "ort"
@@ -42,13 +42,7 @@ def _expert_mlps(spec: MoESpec, xin: torch.Tensor, w1: torch.Tensor, b1: torch.T
     h = torch.matmul(xin, w1.transpose(1, 2))
     if b1 is not None:
         h = h + b1.unsqueeze(1)
-    e_spec = spec.experts
-    if e_spec.gated:
-        gate, up = h.split(e_spec.intermediate_size, dim=-1)
-        h = glu(e_spec, gate, up)
-    else:
-        h = activation(e_spec, h)
-    y = torch.matmul(h, w2.transpose(1, 2))
+    y = torch.matmul(activate(spec.experts, h), w2.transpose(1, 2))
     return y if b2 is None else y + b2.unsqueeze(1)
 
 
@@ -114,7 +108,8 @@ def _routed_experts(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, routing
         return _combine(spec, unpack(given), x, token, expert, weight, routing.top_k)
 
     def used_experts(x, token, expert, weight, used, *given):
-        picked = [None if t is None else t[used.nonzero().squeeze(1)] for t in unpack(given)]
+        index = used.nonzero().squeeze(1)
+        picked = [None if t is None else t[index] for t in unpack(given)]
         return _combine(spec, picked, x, token, (used.cumsum(0) - 1)[expert], weight, routing.top_k)
 
     weights_given = [t for t in weight_list if t is not None]
