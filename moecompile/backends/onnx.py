@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import MoECompileError
 from ..fused import FusedMoE
 from ..passes.log import BlockRecord, PassRun, Report
-from . import onnx_lowering
+from . import onnx_complex, onnx_lowering, topk_ties
 from .eager import _structural_copy, optimize, report
 
 MOE_OPS = ("auto", "standard", "ort")
@@ -176,13 +176,14 @@ def export_onnx(model: nn.Module, path, example_inputs, *, dynamic: bool = True,
             verify_start = time.perf_counter()
             was_training = model.training
             try:
-                err, lengths = _verify(tmp_file, _Outputs(model.eval(), len(args), list(kwargs), hf), inputs,
+                err, lengths, ties = _verify(tmp_file, _Outputs(model.eval(), len(args), list(kwargs), hf), inputs,
                                        dynamic)
             finally:
                 model.train(was_training)
             rep.passes.append(PassRun(name="verify_onnxruntime", seconds=time.perf_counter() - verify_start,
                                       modified=False, note=f"max error {err:.1e} of max |output| at lengths "
-                                                           f"{'/'.join(map(str, lengths))}"))
+                                                           f"{'/'.join(map(str, lengths))}"
+                                                           + (f" ({ties})" if ties else "")))
         for produced in Path(tmp).iterdir():  # the model and its external data, if any
             shutil.move(str(produced), str(path.parent / produced.name))
     _EXPORT_REPORTS[str(path.resolve())] = rep
@@ -237,15 +238,19 @@ def _torch_onnx_export(wrapper: nn.Module, inputs: tuple, names: list[str], dyna
     """torch.export, then torch.onnx's translation of the exported program; errors name the node and the module
     it came from."""
     translation = {torch.ops.moecompile.ort_moe.default: onnx_lowering.ort_moe_translation}
+    inputs = tuple(t.clone() for t in inputs)  # a failed torch.export leaves its dynamic marks on the tensors
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         try:
             program = torch.export.export(wrapper, inputs, dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as exc:
-            raise MoECompileError(f"export_onnx: torch.export could not trace the model: {str(exc).strip()[:3000]}. "
-                                  "Nothing was written; make the named code traceable by torch.export (sizes of "
-                                  "at least 2 on the dynamic axes of example_inputs, no data-dependent Python "
-                                  "control flow) or export with dynamic=False") from exc
+            site = _specialising_code(wrapper, inputs, dynamic_shapes) if "specialized" in str(exc) else ""
+            raise MoECompileError(f"export_onnx: torch.export could not trace the model: {site}"
+                                  f"{str(exc).strip()[:3000]}. Nothing was written; make the named code traceable "
+                                  "by torch.export (sizes of at least 2 on the dynamic axes of example_inputs, no "
+                                  "data-dependent Python control flow) or export with dynamic=False (the CLI's "
+                                  "--static)") from exc
+        onnx_complex.rewrite_complex_unsqueeze(program)
         try:
             return torch.onnx.export(program, inputs, dynamo=True, input_names=names, output_names=["output"],
                                      opset_version=opset, custom_translation_table=translation, verbose=False,
@@ -256,6 +261,39 @@ def _torch_onnx_export(wrapper: nn.Module, inputs: tuple, names: list[str], dyna
                                   "written; replace that operation in the module, or register a translation "
                                   f"(torch.onnx custom_translation_table). Exporter's message: "
                                   f"{str(exc).strip()[:1500]}") from exc
+
+
+def _specialising_code(wrapper: nn.Module, inputs: tuple, dynamic_shapes) -> str:
+    """Where the model's code fixed a dynamic axis to its example size (torch.export's error does not say): traced
+    again, and at the shape guard `Eq(size, constant)` torch logs, the innermost frame of the running Python stack
+    outside torch and moecompile (non-strict export runs the model's own Python), or "" if none was seen."""
+    import logging
+    import os
+    import traceback
+
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    ours = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)), logging.__file__)
+    sites: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            args = record.args if isinstance(record.args, tuple) else ()
+            if "[guard added]" in str(record.msg) and len(args) > 1 and re.fullmatch(r"Eq\(s\d+, \d+\)", str(args[1])):
+                user = [f for f in traceback.extract_stack() if not f.filename.startswith(ours)]
+                if user:
+                    sites.append(f"{user[-1].filename}:{user[-1].lineno} in {user[-1].name}: {user[-1].line}")
+
+    handlers, level, propagate = logger.handlers, logger.level, logger.propagate
+    logger.handlers, logger.propagate = [Capture()], False  # the capture only: torch's own handler would print
+    logger.setLevel(logging.INFO)
+    try:
+        torch.export.export(wrapper, tuple(t.clone() for t in inputs), dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception:
+        pass
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+        logger.setLevel(level)
+    return f"the axis was fixed to its example size at {sites[-1]}. " if sites else ""
 
 
 def _failed_node(program, exc: Exception) -> str:
@@ -299,9 +337,13 @@ def _random_like(name: str, t: torch.Tensor, length: int, vocab: int, gen: torch
     return torch.randint(0, vocab, shape, generator=gen).to(t.dtype)
 
 
-def _verify(file: Path, original: _Outputs, inputs: tuple, dynamic: bool) -> tuple[float, tuple]:
+def _verify(file: Path, original: _Outputs, inputs: tuple, dynamic: bool) -> tuple[float, tuple, str]:
     """Worst error of onnxruntime against `original` (the user's model, called as the exported wrapper is) on
-    random inputs shaped like `inputs`, at the example's length and 5 more."""
+    random inputs shaped like `inputs`, at the example's length and 5 more, and a note ("" or what ties changed).
+
+    Over the tolerance, PyTorch runs once more with ONNX TopK's tie order (topk_ties.py): if that matches, the
+    model's own top-k met exact ties, which onnxruntime breaks by the lower index and torch.topk in its own order;
+    the file is kept and the note gives both errors. Otherwise it is an error."""
     import onnxruntime as ort
 
     providers = ["CPUExecutionProvider"]
@@ -319,24 +361,35 @@ def _verify(file: Path, original: _Outputs, inputs: tuple, dynamic: bool) -> tup
     base = inputs[0].shape[_length_axis(inputs[0])]
     lengths = (base, base + 5) if dynamic else (base,)
     tol = VERIFY_TOLERANCE.get(_weights_dtype(original), 1e-4)
-    worst, gen = 0.0, torch.Generator().manual_seed(0)
+    worst, notes, gen = 0.0, [], torch.Generator().manual_seed(0)
     for length in lengths:
         fresh = [_random_like(name, t, length, vocab, gen) for name, t in zip(names, inputs)]
-        with torch.no_grad():
-            want = original(*fresh).float()
         feeds = {name: t.numpy() if t.dtype != torch.bfloat16 else t.float().numpy()
                  for name, t in zip(names, fresh)}
         got = torch.from_numpy(session.run(None, feeds)[0]).float()
+        with torch.no_grad():
+            want = original(*fresh).float()
         if got.shape != want.shape:
             raise MoECompileError(f"export_onnx verify: onnxruntime returned shape {tuple(got.shape)}, PyTorch "
                                   f"{tuple(want.shape)} at length {length}. Nothing was written")
-        err = ((got - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
+        err = _relative_error(got, want)
         if not err <= tol:  # NaN fails too
-            raise MoECompileError(f"export_onnx verify: onnxruntime differs from PyTorch by {err:.2e} of max |output| "
-                                  f"at length {length} (tolerance {tol:.0e}). Nothing was written; export with "
-                                  "moe_op='standard' to tell whether the MoE lowering is the cause")
+            with torch.no_grad(), topk_ties.onnx_topk_ties():
+                tie_err = _relative_error(got, original(*fresh).float())
+            if not tie_err <= tol:
+                raise MoECompileError(
+                    f"export_onnx verify: onnxruntime differs from PyTorch by {err:.2e} of max |output| at length "
+                    f"{length} (tolerance {tol:.0e}; {tie_err:.2e} with ONNX's top-k tie order). Nothing was "
+                    "written; export with moe_op='standard' to tell whether the MoE lowering is the cause")
+            notes.append(f"at length {length} the model's own top-k met exact ties: {err:.1e} against PyTorch, "
+                         f"{tie_err:.1e} with ties broken as ONNX TopK does (lower index first)")
+            err = tie_err
         worst = max(worst, err)
-    return worst, lengths
+    return worst, lengths, "; ".join(notes)
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
 
 
 def _weights_dtype(model: nn.Module) -> torch.dtype:

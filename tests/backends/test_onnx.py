@@ -55,8 +55,8 @@ def check_hf_lengths(model, path: Path, lengths=(3, 11), batch=2, tol=1e-4) -> N
     ("mixtral", "auto", ORT_NODE),  # softmax > top-2 > renormalise, SwiGLU
     ("qwen2_moe", "auto", ORT_NODE),  # no renormalisation, shared expert with a sigmoid gate beside the operator
     ("gpt_oss", "auto", ORT_NODE),  # top-k before softmax, clamped SwiGLU, router and expert biases
+    ("deepseek_v2", "auto", ORT_NODE),  # rotary embedding in complex numbers (backends/onnx_complex.py)
     ("deepseek_v3", "auto", STANDARD),  # sigmoid scores, correction bias, grouped top-k
-    ("qwen3_moe", "standard", STANDARD),
 ])
 def test_hf_family_exports_and_matches_pytorch(family, moe_op, expected, tmp_path, quiet):
     model = hf_zoo.build(family, "grouped_mm")
@@ -194,21 +194,30 @@ def test_handwritten_block_alone(build, moe_op, expected, tmp_path, quiet):
 
 
 def test_expert_capacity_exports_and_matches(tmp_path, quiet):
-    """Switch Transformers (top-1, capacity 3: tokens past an expert's third in a sequence are dropped) through the
-    standard form; verify checks the decoder's output at two lengths within 1e-4."""
+    """A Switch Transformers block alone (top-1, capacity 3: tokens past an expert's third in a sequence are dropped)
+    through the standard form, against the block in PyTorch at lengths where the capacity drops tokens and where it
+    does not. (The whole model: benchmarks/onnx_coverage.py.)"""
     import transformers
     from packaging.version import Version
 
     model = hf_zoo.build("switch_transformers", None)
+    block = model.get_submodule("encoder.block.1.layer.1.mlp")
+    H = model.config.d_model
+    assert model.config.expert_capacity < 16
     try:
-        path = moecompile.export_onnx(model, tmp_path / "s.onnx", hf_zoo.example_inputs(model), verify=True)
+        path = moecompile.export_onnx(block, tmp_path / "s.onnx", torch.randn(2, 9, H), verify=True)
     except MoECompileError as exc:
         if "Couldn't swap" in str(exc) and Version(transformers.__version__) < Version("5.23"):
             pytest.skip("transformers 5.17's Switch router calls .to() on itself in forward, which torch.export "
                         f"cannot trace (the model's own code, not the MoE form): {str(exc)[:120]}")
         raise
     rep = moecompile.export_report(path)
-    assert len(rep.blocks) == 3 and all(b.export.startswith(STANDARD) and "capacity" in b.export for b in rep.blocks)
+    assert len(rep.blocks) == 1 and rep.blocks[0].export.startswith(STANDARD) and "capacity" in rep.blocks[0].export
+    for seq in (2, 16):
+        x = torch.randn(3, seq, H)
+        with torch.no_grad():
+            want = moecompile.backends.onnx.main_output(block(x))
+        assert rel_err(run_ort(path, {"input_0": x}), want) <= 1e-4, seq
 
 
 def test_relu_routed_model_exports_and_matches(tmp_path, quiet):
@@ -229,6 +238,110 @@ def test_fp16_weights_and_external_data(tmp_path, quiet):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.onnx", "h.onnx.data"]  # no temporary left over
 
 
+class TopkOverReluScores(torch.nn.Module):
+    """A MoE block, then a top-k over ReLU scores (as DeepSeek's sparse-attention indexer): about half the scores are
+    exactly 0, so the top-k meets ties, which torch.topk and ONNX TopK break in different orders."""
+
+    def __init__(self, H=32):
+        super().__init__()
+        self.moe, self.score = handwritten.EinsumMoE(H=H), torch.nn.Linear(H, 16)
+
+    def forward(self, x):
+        h = self.moe(x)
+        chosen = torch.relu(self.score(h)).topk(12, dim=-1).indices
+        return torch.gather(h, -1, chosen)
+
+
+def test_ties_in_the_models_own_topk_are_told_from_a_wrong_translation(tmp_path, quiet):
+    from moecompile.backends.topk_ties import onnx_topk_ties
+
+    torch.manual_seed(0)
+    model = TopkOverReluScores().eval()
+    path = moecompile.export_onnx(model, tmp_path / "t.onnx", torch.randn(9, 32), verify=True)
+    note = next(p.note for p in moecompile.export_report(path).passes if p.name == "verify_onnxruntime")
+    assert "exact ties" in note and "lower index first" in note, note
+    x = torch.randn(40, 32)
+    got = run_ort(path, {"input_0": x})
+    with torch.no_grad():
+        plain = model(x)
+        with onnx_topk_ties():
+            onnx_order = model(x)
+    assert rel_err(got, plain) > 1e-2  # the ties did change the answer: the case this test is about
+    assert rel_err(got, onnx_order) <= 1e-6
+
+
+def test_topk_with_onnx_tie_order_is_a_topk():
+    """onnx_topk_ties against torch.topk: the same values; among equal values, the lower indices first."""
+    from moecompile.backends.topk_ties import onnx_topk_ties
+
+    x = torch.randint(0, 4, (50, 33)).float()  # many ties
+    for k, largest in ((1, True), (7, True), (33, True), (5, False)):
+        want = torch.topk(x, k, dim=1, largest=largest)
+        with onnx_topk_ties():
+            got = x.topk(k, dim=1, largest=largest)
+        assert torch.equal(got.values, want.values)
+        assert torch.equal(x.gather(1, got.indices), got.values)
+        ties = got.values[:, 1:] == got.values[:, :-1]
+        assert (got.indices[:, 1:][ties] > got.indices[:, :-1][ties]).all()
+
+
+class ComplexRotaryAfterMoE(torch.nn.Module):
+    """Rotary embedding written with complex numbers, as DeepSeek-V2 and Llama 4 do (freqs.unsqueeze of a complex
+    tensor, which torch.onnx translates only after onnx_complex's rewrite)."""
+
+    def __init__(self, H=32):
+        super().__init__()
+        self.moe = handwritten.EinsumMoE(H=H)
+        angles = torch.outer(torch.arange(64).float(), 1.0 / 100 ** (torch.arange(0, H, 2).float() / H))
+        self.register_buffer("freqs", torch.polar(torch.ones_like(angles), angles))
+
+    def forward(self, x):  # [B, T, H]
+        B, T, H = x.shape
+        h = self.moe(x.reshape(B * T, H)).reshape(B, T, H)
+        rotated = torch.view_as_complex(h.reshape(B, T, H // 2, 2)) * self.freqs[:T].unsqueeze(0)
+        return torch.view_as_real(rotated).flatten(2)
+
+
+def test_complex_valued_unsqueeze_exports(tmp_path, quiet):
+    torch.manual_seed(0)
+    model = ComplexRotaryAfterMoE().eval()
+    path = moecompile.export_onnx(model, tmp_path / "c.onnx", torch.randn(2, 5, 32), verify=True)
+    for T in (3, 17):
+        x = torch.randn(3, T, 32)
+        with torch.no_grad():
+            want = model(x)
+        assert rel_err(run_ort(path, {"input_0": x}), want) <= 1e-5, T
+
+
+class SequenceLoopAfterMoE(torch.nn.Module):
+    """A Python loop over the sequence (as Jamba's Mamba scan): torch.export fixes the sequence axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.moe = handwritten.EinsumMoE()
+
+    def forward(self, x):  # [B, T, H]
+        B, T, H = x.shape
+        h = self.moe(x.reshape(B * T, H)).reshape(B, T, H)
+        state, outs = torch.zeros_like(h[:, 0]), []
+        for t in range(T):
+            state = 0.5 * state + h[:, t]
+            outs.append(state)
+        return torch.stack(outs, dim=1)
+
+
+def test_code_that_fixes_a_dynamic_axis_is_named_and_static_export_works(tmp_path, quiet):
+    model, x = SequenceLoopAfterMoE().eval(), torch.randn(2, 6, 32)
+    with pytest.raises(MoECompileError, match=r"(?s)the axis was fixed to its example size at /\S*/tests/backends/"
+                                              r"test_onnx\.py:\d+ in forward: for t in range\(T\):.*dynamic=False"):
+        moecompile.export_onnx(model, tmp_path / "m.onnx", x)
+    assert list(tmp_path.iterdir()) == []
+    path = moecompile.export_onnx(model, tmp_path / "m.onnx", x, dynamic=False, verify=True)  # the same tensor
+    with torch.no_grad():
+        want = model(x + 1)
+    assert rel_err(run_ort(path, {"input_0": x + 1}), want) <= 1e-4
+
+
 def test_bf16_exports_checked_and_cpu_verify_says_what_is_missing(tmp_path, quiet):
     """bf16 blocks take the standard form (the contrib operator has no bf16); the file passes the full check, while
     onnxruntime's CPU provider has no bf16 kernels, which verify reports instead of writing the file."""
@@ -236,8 +349,10 @@ def test_bf16_exports_checked_and_cpu_verify_says_what_is_missing(tmp_path, quie
     path = moecompile.export_onnx(model, tmp_path / "b.onnx", hf_zoo.example_inputs(model))
     onnx.checker.check_model(str(path), full_check=True)
     assert all(b.export.startswith(STANDARD) and "bfloat16" in b.export for b in moecompile.export_report(path).blocks)
+    torch.manual_seed(0)
+    block = handwritten.EinsumMoE().to(torch.bfloat16)
     with pytest.raises(MoECompileError, match="cannot load the file.*bf16 needs onnxruntime-gpu"):
-        moecompile.export_onnx(model, tmp_path / "v.onnx", hf_zoo.example_inputs(model), verify=True)
+        moecompile.export_onnx(block, tmp_path / "v.onnx", torch.randn(5, 32, dtype=torch.bfloat16), verify=True)
     assert not (tmp_path / "v.onnx").exists()
 
 
