@@ -45,6 +45,33 @@ def median_ms(fn, reps: int) -> float:
     return e2e.timed(fn, "cpu", reps)
 
 
+def op_profile(path: Path, feeds: dict, top: int = 8) -> list[list]:
+    """onnxruntime's own profile of one call (after a warm-up): [op type, ms, share of the kernels' time] for the
+    `top` op types that took longest. If/Loop/Scan are left out: the nodes of their subgraphs are profiled on
+    their own, so counting both would count that time twice."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix(""))
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session.run(None, feeds)
+    session.run(None, feeds)
+    trace = json.loads(Path(session.end_profiling()).read_text())
+    runs = [e for e in trace if e.get("name") == "model_run"]
+    last_run_start = runs[-1]["ts"] if runs else 0  # the second call only
+    per_op: dict[str, float] = {}
+    for event in trace:
+        op = event.get("args", {}).get("op_name", "?")
+        if (event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= last_run_start
+                and op not in ("If", "Loop", "Scan")):
+            per_op[op] = per_op.get(op, 0.0) + event["dur"] / 1e3
+    total = sum(per_op.values())
+    ranked = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
+    return [[op, ms, ms / total] for op, ms in ranked]
+
+
 def main() -> None:
     import onnxruntime as ort
     import transformers
@@ -91,11 +118,13 @@ def main() -> None:
                 got = torch.from_numpy(session.run(None, feeds)[0]).float()
                 ms[n] = median_ms(lambda: session.run(None, feeds), args.reps)
                 err = max(err, ((got - want[n]).abs().max() / want[n].abs().max()).item())
+            del session
+            gc.collect()
+            profile = {n: op_profile(path, {"input_ids": ids.numpy()}) for n, ids in inputs.items()}
             row = dict(runtime=f"onnxruntime CPU, moe_op={moe_op}", ms=ms, export_s=export_s, file_mb=size / 2 ** 20,
-                       rel_err=err)
+                       rel_err=err, profile=profile)
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
-            del session
             for f in Path(tmp).iterdir():
                 f.unlink()
             gc.collect()
@@ -121,6 +150,14 @@ def markdown(r: dict) -> str:
         cells += [f"{row['export_s']:.1f}", f"{row['file_mb']:.0f}", f"{row['rel_err']:.1e}"] if "export_s" in row \
             else ["-", "-", "-"]
         lines.append(f"| {row['runtime']} | " + " | ".join(cells) + " |")
+    profiled = [row for row in r["rows"] if row.get("profile")]
+    if profiled:
+        lines += ["", "onnxruntime's profile of one call (kernel time by op type, the longest first; If's own time "
+                      "left out, its subgraph's nodes counted):", ""]
+        for row in profiled:
+            for n, ranked in row["profile"].items():
+                ops = ", ".join(f"{op} {ms:.1f} ms ({share:.0%})" for op, ms, share in ranked)
+                lines.append(f"- {row['runtime']}, 1 x {n} tokens: {ops}")
     return "\n".join(lines) + "\n"
 
 
