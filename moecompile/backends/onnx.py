@@ -312,9 +312,18 @@ def _failed_node(program, exc: Exception) -> str:
 
 @contextlib.contextmanager
 def _quiet_exporter():
-    """torch.onnx prints its progress to stdout; the pass log says what happened instead."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
+    """torch.onnx prints its progress to stdout, and its registry warns that torchvision's ops are skipped when
+    torchvision is not installed (no MoE model needs them); the pass log says what happened instead."""
+    import logging
+
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry.level
+    registry.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        registry.setLevel(level)
 
 
 def _check(file: Path) -> None:
