@@ -26,7 +26,8 @@ FAMILY_SECONDS = 600  # GLM-5-Next exports twice (its If fails to re-trace): 244
 
 def untie_constant_weights(model):
     """Some families initialise their router to zeros: every expert ties, and runtimes break ties differently.
-    Random weights instead of any constant matrix; returns the model."""
+    hf_zoo.build redraws constant router weights; here every other constant matrix too (whole models: expert
+    biases, attention position biases), so no tie anywhere in the model decides the comparison. Returns the model."""
     import torch
 
     with torch.no_grad():

@@ -148,7 +148,22 @@ def build(family: str, experts_implementation: str | None = None, *, seed: int =
         model = model_cls._from_config(config, **kwargs)
     except (TypeError, ValueError):
         model = model_cls._from_config(config)
+    _randomize_constant_routers(model, getattr(config, "initializer_range", 0.02))
     return model.to(dtype).eval()
+
+
+def _randomize_constant_routers(model: torch.nn.Module, std: float) -> None:
+    """Router weights that come out of construction constant drawn from N(0, std) instead: some transformers
+    releases leave one at torch.zeros (AFMoE's router; Ernie 4.5 MoE's on 5.17), and a constant router scores every
+    expert alike, so every token meets exact top-k ties and the model tests nothing about routing."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if _ROUTER_WEIGHT.search(name) and param.dim() == 2 and param.numel() > 1 \
+                    and bool((param == param.flatten()[0]).all()):
+                param.normal_(0.0, std)
+
+
+_ROUTER_WEIGHT = re.compile(r"(^|\.)(router|gate)(\.\w+)?\.weight$")  # not gate_proj / gate_up_proj
 
 
 def has_experts_implementation(model: torch.nn.Module) -> bool:
