@@ -48,6 +48,17 @@ def _cases():
 CASES = list(_cases())
 
 
+def first_case_per_family(families=None) -> list:
+    """One of CASES per family (of `families`, or all), its first experts implementation (the others give the same
+    blocks), with the case's marks."""
+    firsts = {}
+    for case in CASES:
+        family = case.values[0]
+        if families is None or family in families:
+            firsts.setdefault(family, case)
+    return list(firsts.values())
+
+
 @pytest.mark.parametrize("family, impl", CASES)
 def test_family_fully_fused_and_logits_match(family, impl, quiet):
     model = hf_zoo.build(family, None if impl == "n/a" else impl)

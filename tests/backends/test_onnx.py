@@ -52,22 +52,9 @@ def check_hf_lengths(model, path: Path, lengths=(3, 11), batch=2, tol=1e-4) -> N
         assert rel_err(run_ort(path, inputs), want) <= tol, length
 
 
-def _core_family_params(families=None):
-    """One case per family of the core's coverage list (or of `families`); the gaps of transformers before 5.23 (the
-    device has 5.17) are strict expected failures there, as in test_hf_families."""
-    for family in families or test_hf_families.FAMILIES:
-        gap = test_hf_families.OLD_TRANSFORMERS_GAPS.get(family) if test_hf_families.OLD_TRANSFORMERS else None
-        yield pytest.param(family, marks=[pytest.mark.xfail(strict=True, reason=gap)] if gap else [])
-
-
-def build_family(family: str):
-    """The family's tiny model with its first experts implementation (grouped_mm's siblings give the same blocks),
-    or a skip when the installed transformers does not have the family."""
-    try:
-        implementations = hf_zoo.experts_implementations(family)
-    except LookupError as exc:
-        pytest.skip(f"{family} is not in this transformers: {exc}")
-    return hf_zoo.build(family, None if implementations[0] == "n/a" else implementations[0])
+def build_case(family: str, impl: str):
+    """The tiny model of a test_hf_families case."""
+    return hf_zoo.build(family, None if impl == "n/a" else impl)
 
 
 # The families of the core's list whose every block com.microsoft.MoE computes, exported whole here (the test
@@ -79,12 +66,12 @@ WHOLE_MODEL_ORT_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deeps
                             "granitemoe", "granitemoeshared", "minimax", "hunyuan_v1_moe", "aria", "dbrx", "jetmoe"]
 
 
-@pytest.mark.parametrize("family", list(_core_family_params(WHOLE_MODEL_ORT_FAMILIES)))
-def test_whole_model_logits_through_the_contrib_operator(family, tmp_path, quiet):
+@pytest.mark.parametrize("family, impl", test_hf_families.first_case_per_family(WHOLE_MODEL_ORT_FAMILIES))
+def test_whole_model_logits_through_the_contrib_operator(family, impl, tmp_path, quiet):
     """The whole model, moe_op="auto", verify on: every block com.microsoft.MoE; then the logits in onnxruntime
     against PyTorch at two more lengths, 1e-4 of max |logit|. (Qwen2-MoE: shared expert with a sigmoid gate beside
     the operator; GPT-OSS: top-k before softmax, clamped SwiGLU, biases; DeepSeek-V2: complex-valued rotary.)"""
-    model = build_family(family)
+    model = build_case(family, impl)
     path = moecompile.export_onnx(model, tmp_path / "m.onnx", hf_zoo.example_inputs(model), verify=True)
     rep = moecompile.export_report(path)
     fused = [b for b in rep.blocks if b.decision == "fused"]
@@ -99,12 +86,12 @@ def test_whole_model_logits_through_the_contrib_operator(family, tmp_path, quiet
     assert not any(isinstance(m, moecompile.FusedMoE) for m in model.modules())  # the user's model is untouched
 
 
-@pytest.mark.parametrize("family", list(_core_family_params()))
-def test_core_family_block_alone_exports_and_matches(family, tmp_path, quiet):
+@pytest.mark.parametrize("family, impl", test_hf_families.first_case_per_family())
+def test_core_family_block_alone_exports_and_matches(family, impl, tmp_path, quiet):
     """The first fused block of every family of the core's coverage list, alone, verify on: moe_op="auto" (the
     contrib operator where it applies, else standard operators) and, where auto took the operator, "standard" too;
     then onnxruntime against the block in PyTorch at two more lengths, 1e-4 of max |output|."""
-    model = build_family(family)
+    model = build_case(family, impl)
     fused = moecompile.report(moecompile.optimize(model, strict=False)).fused
     assert fused, f"no block of {family} fused"
     block = model.get_submodule(fused[0].path)
