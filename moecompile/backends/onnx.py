@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import MoECompileError
 from ..fused import FusedMoE
 from ..passes.log import BlockRecord, PassRun, Report
-from . import onnx_complex, onnx_lowering, topk_ties
+from . import onnx_complex, onnx_if, onnx_lowering, topk_ties
 from .eager import _structural_copy, optimize, report
 
 MOE_OPS = ("auto", "standard", "ort")
@@ -164,13 +164,14 @@ def export_onnx(model: nn.Module, path, example_inputs, *, dynamic: bool = True,
     dynamic_shapes = (tuple(_dynamic_dims(t) for t in inputs),) if dynamic else None  # one entry: *inputs
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         tmp_file = Path(tmp) / path.name
-        program = _export_with_fallback(exported, wrapper, inputs, names, dynamic_shapes, opset, rep)
+        program = _torch_onnx_export(wrapper, inputs, names, dynamic_shapes, opset)
         export_s = time.perf_counter() - start
         rep.passes.append(PassRun(name="export_onnx", seconds=export_s, modified=True,
                                   note=f"opset {opset}, moe_op={moe_op}, dynamic={dynamic}"
                                        + (_static_axes_note(inputs, names) if dynamic else "")))
         program.model.metadata_props["moecompile.pass_log"] = json.dumps(_log_summary(rep))
         program.save(str(tmp_file), external_data=external_data)
+        onnx_if.splice_file(tmp_file, opset, _torch_onnx_export)  # the standard form's decode-size Ifs
         _check(tmp_file)
         if verify:
             verify_start = time.perf_counter()
@@ -211,33 +212,11 @@ def _log_summary(rep: Report) -> dict:
                 passes=[dict(name=p.name, note=p.note) for p in rep.passes])
 
 
-def _export_with_fallback(model: nn.Module, wrapper: nn.Module, inputs: tuple, names: list[str], dynamic_shapes,
-                          opset: int, rep: Report):
-    """_torch_onnx_export; where that fails and standard-form blocks have their decode-size If, once more without
-    it (torch.onnx's re-trace of a branch with a data-dependent size fails on some models, e.g. GLM-5-Next), the
-    blocks' pass-log lines saying so. The second failure, if any, is the model's own and is raised."""
-    try:
-        return _torch_onnx_export(wrapper, inputs, names, dynamic_shapes, opset)
-    except MoECompileError as exc:
-        gathering = {path: m for path, m in model.named_modules() if isinstance(m, FusedMoE)
-                     and isinstance(m.lowering, onnx_lowering.StandardLowering) and m.lowering.gather}
-        if not gathering:
-            raise
-        first = str(exc)
-    for module in gathering.values():
-        module.lowering.gather = False
-    program = _torch_onnx_export(wrapper, inputs, names, dynamic_shapes, opset)
-    for block in rep.blocks:
-        if block.path in gathering:
-            block.export += (" without the If that gathers the used experts' weights at decode sizes (torch.onnx "
-                             f"could not export the If in this model: {first.split('Exporter')[0][:120].strip()})")
-    return program
-
-
 def _torch_onnx_export(wrapper: nn.Module, inputs: tuple, names: list[str], dynamic_shapes, opset: int):
     """torch.export, then torch.onnx's translation of the exported program; errors name the node and the module
     it came from."""
-    translation = {torch.ops.moecompile.ort_moe.default: onnx_lowering.ort_moe_translation}
+    translation = {torch.ops.moecompile.ort_moe.default: onnx_lowering.ort_moe_translation,
+                   torch.ops.moecompile.experts_if.default: onnx_if.placeholder_translation}
     inputs = tuple(t.clone() for t in inputs)  # a failed torch.export leaves its dynamic marks on the tensors
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")

@@ -8,10 +8,10 @@ torch.onnx's exporter turns that into ONNX operators.
   Routing is the reference's (every router form, ReLU routing and expert capacity included), as (token, expert,
   weight) pairs. The experts run on their pairs only: the pairs are sorted into one padded group per expert (C rows,
   C the largest group, computed by the graph), one batched MatMul per projection over the expert axis (no
-  per-expert subgraph), and the results gathered back and summed per token. For top-k routers an ONNX If picks, on
+  per-expert subgraph), and the results gathered back and summed per token (onnx_grouped). An ONNX If picks, on
   the data, between every expert's weights and a gather of the weights of the experts in use (when at most a third
-  are: decode-sized inputs, where reading every expert's weights would dominate). The cost beyond the sparse
-  computation is the padding: E * C rows instead of T * k.
+  are: decode-sized inputs, where reading every expert's weights would dominate; onnx_if). The cost beyond the
+  sparse computation is the padding: E * C rows instead of T * k.
 - "ort": onnxruntime's `com.microsoft.MoE` contrib operator, where its semantics are the block's (ort_mismatch
   says why not otherwise): softmax over the router output, top-k, optional renormalisation, then per expert
   fc1 -> activation -> fc2 (weights [E, F, H] and [E, H, I]; a gated MLP as "swiglu" with gate and up rows
@@ -29,106 +29,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..reference import activate, route, shared_experts
+from ..reference import route, shared_experts
 from ..spec import MoESpec, MoEWeights
+from . import onnx_if
 
 STANDARD, ORT = "standard", "ort"
 
 
-def _expert_mlps(spec: MoESpec, xin: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-                 b2: torch.Tensor | None) -> torch.Tensor:
-    """Each of G experts on its rows: xin [G, C, H], w1 [G, F, H], w2 [G, H, I] -> [G, C, H]. Batched MatMuls
-    over the expert axis (ONNX MatMul takes bf16, Einsum does not)."""
-    h = torch.matmul(xin, w1.transpose(1, 2))
-    if b1 is not None:
-        h = h + b1.unsqueeze(1)
-    y = torch.matmul(activate(spec.experts, h), w2.transpose(1, 2))
-    return y if b2 is None else y + b2.unsqueeze(1)
-
-
-def _grouped_pairs(spec: MoESpec, x_pairs: torch.Tensor, expert: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
-    """The experts on P (input row, expert) pairs: x_pairs [P, H], expert [P] in [0, G) for the G experts of w1/w2.
-    Returns [P, H]. Each expert's rows are gathered into a padded group of C rows, C the largest group (data
-    dependent, so the graph computes it), then one batched MatMul per projection; padding rows are zeros and are
-    never read back."""
-    G, P, H = w1.shape[0], x_pairs.shape[0], x_pairs.shape[1]
-    counts = torch.zeros(G, dtype=torch.int64, device=x_pairs.device).scatter_add(0, expert, torch.ones_like(expert))
-    C = torch.cat([counts.new_zeros(1), counts]).max().item()  # 0 when no expert is used (no pairs)
-    torch._check(C >= 0)
-    torch._check(C <= P)
-    order = torch.argsort(expert)  # the order inside a group does not matter, only that each row gets a slot
-    starts = counts.cumsum(0) - counts
-    rank_sorted = torch.arange(P, device=x_pairs.device) - starts[expert[order]]
-    rank = torch.zeros_like(expert).scatter(0, order, rank_sorted)
-    slot = expert * C + rank  # [P]: the pair's row in the [G * C] padded groups
-    row_of_slot = torch.full((G * C,), P, dtype=torch.int64, device=x_pairs.device).scatter(0, slot, torch.arange(
-        P, device=x_pairs.device))
-    # the padding row made in fp32 and cast: onnx 1.23's checker rejects a bf16 ConstantOfShape at opset 18
-    pad_row = torch.zeros(1, H, dtype=torch.float32, device=x_pairs.device).to(x_pairs.dtype)
-    padded = torch.cat([x_pairs, pad_row])[row_of_slot].view(G, C, H)
-    return _expert_mlps(spec, padded, w1, b1, w2, b2).reshape(G * C, H)[slot]
-
-
-# Gathering the used experts' weights reads and writes them once more before the MatMuls read them: it costs less
-# than reading every expert's weights when at most a third of the experts are used (decode-sized inputs).
-GATHER_WHEN_USED_AT_MOST = 1 / 3
-
-
-def _combine(spec: MoESpec, weights: list, x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor,
-             weight: torch.Tensor, top_k: int | None) -> torch.Tensor:
-    """[T, H] in fp32 (at least): each token's pairs through their experts (grouped), weighted and summed."""
-    acc = torch.promote_types(x.dtype, torch.float32)
-    w = weight.unsqueeze(1)
-    x_pairs = x[token]
-    if spec.router.weight_on_input:  # each expert sees its weighted input
-        x_pairs = (x_pairs.to(acc) * w).to(x.dtype)
-    y_pairs = _grouped_pairs(spec, x_pairs, expert, *weights).to(acc)
-    if not spec.router.weight_on_input:
-        y_pairs = y_pairs * w
-    if top_k is not None:  # token-major pairs, k per token
-        return y_pairs.view(-1, top_k, x.shape[1]).sum(dim=1)
-    return torch.zeros(x.shape, dtype=acc, device=x.device).index_add(0, token, y_pairs)
-
-
-def _routed_experts(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, routing, gather: bool = True
-                    ) -> torch.Tensor:
-    """[T, H] fp32: the grouped experts over every expert's weights, or (an ONNX If on the data) over the weights
-    of the experts some pair uses, gathered, when few are (gather=True: top-k routers only)."""
-    E = spec.num_experts
-    token, expert = routing.token_index, routing.expert_index
-    used = torch.zeros(E, dtype=torch.int64, device=x.device).scatter(0, expert, torch.ones_like(expert))
-    weight_list = (weights.w1, weights.b1, weights.w2, weights.b2)
-    present = [t is not None for t in weight_list]
-
-    def unpack(given):  # cond's operands are tensors only: the biases that are None are left out of them
-        given = iter(given)
-        return [next(given) if has else None for has in present]
-
-    def all_experts(x, token, expert, weight, used, *given):
-        return _combine(spec, unpack(given), x, token, expert, weight, routing.top_k)
-
-    def used_experts(x, token, expert, weight, used, *given):
-        index = used.nonzero().squeeze(1)
-        picked = [None if t is None else t[index] for t in unpack(given)]
-        return _combine(spec, picked, x, token, (used.cumsum(0) - 1)[expert], weight, routing.top_k)
-
-    weights_given = [t for t in weight_list if t is not None]
-    if routing.top_k is None or not gather:
-        # variable k: torch.export's lowering of torch.cond fails on operands of a data-dependent size (the
-        # pairs), so these blocks always run over every expert's weights (as do blocks export_onnx fell back for)
-        return all_experts(x, token, expert, routing.weight, used, *weights_given)
-    few = used.sum() <= int(E * GATHER_WHEN_USED_AT_MOST)
-    return torch.cond(few, used_experts, all_experts, (x, token, expert, routing.weight, used, *weights_given))
-
-
-def standard_block(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len=None, gather: bool = True):
+def standard_block(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len=None):
     """The block on x [T, H] in standard operators: (y [T, H] in x's dtype, logits [T, E] fp32, slot weights).
 
     Routing is the reference's (route: top-k, grouped, ReLU, capacity), as P (token, expert, weight) pairs; the
-    experts run only on their pairs, grouped by expert (_grouped_pairs)."""
+    experts run only on their pairs, grouped by expert (onnx_grouped), through the decode-size If (onnx_if)."""
     routing = route(spec.router, weights, x, seq_len)
     acc = torch.promote_types(x.dtype, torch.float32)
-    out = _routed_experts(spec, weights, x, routing, gather)
+    out = onnx_if.routed_experts(spec, weights, x, routing)
     if spec.shared is not None:
         out = out + shared_experts(spec, weights, x)
     if spec.has_output_bias:
@@ -141,12 +56,8 @@ class StandardLowering(nn.Module):
 
     kind = STANDARD
 
-    def __init__(self, gather: bool = True):
-        super().__init__()
-        self.gather = gather  # the decode-size If; export_onnx turns it off where torch.onnx cannot export it
-
     def forward(self, spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len=None):
-        return standard_block(spec, weights, x, seq_len, self.gather)
+        return standard_block(spec, weights, x, seq_len)
 
 
 # ---------------------------------------------------------------- onnxruntime's MoE operator
