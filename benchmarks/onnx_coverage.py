@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-FAMILY_SECONDS = 600  # GLM-5-Next exports twice (its If fails to re-trace): 244 s alone, over 300 s beside other work
+FAMILY_SECONDS = 600  # the slowest family, Qwen3-Next, takes ~170 s beside other work on 2 cores
 
 
 def untie_constant_weights(model):

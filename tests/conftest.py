@@ -5,7 +5,16 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
+
+# Under pytest-xdist (the README's command: one worker per core) each worker gets its share of the cores: torch's
+# OpenMP threads spinning in every worker made the suite 1.8x the CPU time of one process.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if WORKERS:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
+import torch  # noqa: E402
+
+if WORKERS:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Without a GPU the Triton kernels run in the interpreter; it must be chosen before moecompile (triton.jit) is imported.
 if not torch.cuda.is_available():

@@ -57,32 +57,49 @@ def build_case(family: str, impl: str):
     return hf_zoo.build(family, None if impl == "n/a" else impl)
 
 
-# The families of the core's list whose every block com.microsoft.MoE computes, exported whole here (the test
-# asserts the operator, so the list cannot drift). Left to benchmarks/onnx_coverage.py, which exports every family
-# whole: Jamba (its Mamba scan fixes the sequence axis: static axes), Qwen3-Next (77 s: its gated delta-net
-# attention), and the 11 families that take standard operators, whose decode-size If costs ~7 s a block to export
-# on 2 cores; the blocks of all of them run alone below.
-WHOLE_MODEL_ORT_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "gpt_oss",
-                            "granitemoe", "granitemoeshared", "minimax", "hunyuan_v1_moe", "aria", "dbrx", "jetmoe"]
+# The families of the core's list whose every block com.microsoft.MoE computes (moe_op="auto" takes it; the test
+# asserts the lowering of every block, so the list cannot drift); the others take standard operators.
+ORT_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2", "gpt_oss", "granitemoe",
+                "granitemoeshared", "minimax", "hunyuan_v1_moe", "aria", "dbrx", "jetmoe", "jamba"]
+# Jamba's Mamba scan loops over the sequence in Python: its own code fixes the sequence axis, so static axes only
+# (test_code_that_fixes_a_dynamic_axis_is_named... checks the error that says so)
+STATIC_ONLY = {"jamba"}
 
 
-@pytest.mark.parametrize("family, impl", test_hf_families.first_case_per_family(WHOLE_MODEL_ORT_FAMILIES))
-def test_whole_model_logits_through_the_contrib_operator(family, impl, tmp_path, quiet):
-    """The whole model, moe_op="auto", verify on: every block com.microsoft.MoE; then the logits in onnxruntime
-    against PyTorch at two more lengths, 1e-4 of max |logit|. (Qwen2-MoE: shared expert with a sigmoid gate beside
-    the operator; GPT-OSS: top-k before softmax, clamped SwiGLU, biases; DeepSeek-V2: complex-valued rotary.)"""
+def _whole_model_cases():
+    """Every family of the core's list with moe_op="auto", and with "standard" too where auto takes the operator."""
+    for case in test_hf_families.first_case_per_family():
+        family = case.values[0]
+        for moe_op in ("auto", "standard") if family in ORT_FAMILIES else ("auto",):
+            yield pytest.param(*case.values, moe_op, marks=case.marks, id=f"{family}-{moe_op}")
+
+
+@pytest.mark.parametrize("family, impl, moe_op", list(_whole_model_cases()))
+def test_whole_model_logits(family, impl, moe_op, tmp_path, quiet):
+    """The whole model, verify on; every fused block took the expected lowering (standard: one If per block); then
+    the logits in onnxruntime against PyTorch at two more lengths, 1e-4 of max |logit|. (Qwen2-MoE: shared expert
+    with a sigmoid gate beside the operator; GPT-OSS: top-k before softmax, clamped SwiGLU, biases; DeepSeek-V2:
+    complex-valued rotary; DeepSeek-V3: grouped sigmoid routing with a correction bias; Switch: expert capacity.)"""
     model = build_case(family, impl)
-    path = moecompile.export_onnx(model, tmp_path / "m.onnx", hf_zoo.example_inputs(model), verify=True)
+    dynamic = family not in STATIC_ONLY
+    inputs = hf_zoo.example_inputs(model)
+    path = moecompile.export_onnx(model, tmp_path / "m.onnx", inputs, moe_op=moe_op, verify=True, dynamic=dynamic)
     rep = moecompile.export_report(path)
     fused = [b for b in rep.blocks if b.decision == "fused"]
-    assert fused and all(b.export.startswith(ORT_NODE) for b in fused), rep.table()
+    ort_op = moe_op == "auto" and family in ORT_FAMILIES
+    assert fused and all(b.export.startswith(ORT_NODE if ort_op else STANDARD) for b in fused), rep.table()
     assert all(b.module_type == test_hf_families.PARTLY.get(family) for b in rep.blocks if b.decision != "fused")
-    assert moe_nodes(path) == ["MoE"] * len(fused)
+    graph_ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    assert moe_nodes(path) == (["MoE"] * len(fused) if ort_op else [])
+    assert graph_ops.count("If") == (0 if ort_op else len(fused))
     assert moe_input_outlives_node(path)
     onnx.checker.check_model(str(path), full_check=True)
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    assert ORT_NODE in meta["moecompile.pass_log"]
-    check_hf_lengths(model, path)
+    assert (ORT_NODE if ort_op else STANDARD) in meta["moecompile.pass_log"]
+    if dynamic:
+        check_hf_lengths(model, path)
+    else:  # the example's shape, fresh ids
+        check_hf_lengths(model, path, lengths=(inputs["input_ids"].shape[1],))
     assert not any(isinstance(m, moecompile.FusedMoE) for m in model.modules())  # the user's model is untouched
 
 
