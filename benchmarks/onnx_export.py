@@ -1,5 +1,6 @@
 """ONNX export of a 4-layer Qwen3-MoE-shaped model (issue 6): file size, export time, and onnxruntime CPU latency of
-each MoE lowering against PyTorch eager on the same CPU, measured in one run.
+each MoE lowering against PyTorch eager on the same CPU, measured in one run (each lowering beside its own eager
+run, `--append`, where one device call is too short for both).
 
 Model: Qwen3MoeForCausalLM from its config, random weights, H 2048, I 768, E 128, k 8, 32 heads / 4 KV heads of
 128, vocabulary 32000, fp16 weights (onnxruntime's MoE kernels take fp32 and fp16; fp32 would need 10 GB per copy).
@@ -9,7 +10,7 @@ Error: max |onnxruntime - PyTorch| over max |PyTorch| on the logits (PyTorch run
 the worse of the two inputs.
 
 Run: `python benchmarks/onnx_export.py` (writes results/onnx.json and results/onnx.md). `--small` for a check of
-the script. The GPU provider (onnxruntime-gpu) cannot be installed on the device machine, so no GPU figure is given.
+the script. On the device (over 10 minutes for both): `--moe-ops ort`, then `--moe-ops standard --append`. The GPU provider (onnxruntime-gpu) cannot be installed on the device machine, so no GPU figure is given.
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ def main() -> None:
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--moe-ops", default="ort,standard", help="the lowerings to measure, comma-separated")
+    parser.add_argument("--append", action="store_true", help="add this run's rows (PyTorch eager measured again "
+                        "beside them) to the results file's, as a further run: for a device call too short for both")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     cfg = SMALL if args.small else FULL
@@ -102,7 +106,7 @@ def main() -> None:
     result["rows"].append(dict(runtime="PyTorch eager (fp16 weights)", ms=eager16_ms))
     print(json.dumps(result["rows"]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for moe_op in ("ort", "standard"):
+        for moe_op in args.moe_ops.split(","):
             path = Path(tmp) / f"{moe_op}.onnx"
             start = time.perf_counter()
             moecompile.export_onnx(model, path, {"input_ids": inputs[args.tokens]}, moe_op=moe_op)
@@ -130,6 +134,14 @@ def main() -> None:
             gc.collect()
     suffix = "_small" if args.small else ""
     RESULTS.mkdir(exist_ok=True)
+    for row in result["rows"]:
+        row["run"] = 1
+    if args.append and (RESULTS / f"onnx{suffix}.json").exists():
+        earlier = json.loads((RESULTS / f"onnx{suffix}.json").read_text())
+        runs = max((row.get("run", 1) for row in earlier["rows"]), default=0)
+        for row in result["rows"]:
+            row["run"] = runs + 1
+        result["rows"] = earlier["rows"] + result["rows"]
     (RESULTS / f"onnx{suffix}.json").write_text(json.dumps(result, indent=1))
     (RESULTS / f"onnx{suffix}.md").write_text(markdown(result))
     print(markdown(result))
@@ -140,16 +152,20 @@ def markdown(r: dict) -> str:
     lines = [f"# ONNX export, onnxruntime CPU vs PyTorch eager ({r['date']}; {r['cores']} CPU cores, 2 threads used; "
              f"torch {r['torch']}, transformers {r['transformers']}, onnxruntime {r['onnxruntime']})", "",
              f"Qwen3-MoE-shaped model, {m['layers']} layers, H {m['H']}, I {m['I']}, E {m['E']}, k {m['k']}, vocabulary "
-             f"{m['vocab']}, fp16 weights, no cache. Command: `python benchmarks/onnx_export.py`.",
+             f"{m['vocab']}, fp16 weights, no cache. Command: `python benchmarks/onnx_export.py`"
+             + (" in runs of one lowering each (`--moe-ops ort`, then `--moe-ops standard --append`: both exceed one "
+                "device call), each beside PyTorch eager measured in the same run." if any(
+                 row.get("run", 1) > 1 for row in r["rows"]) else "."),
              "onnxruntime's CUDA provider (onnxruntime-gpu) cannot be installed on the GPU machine, so its speed is "
              "not measured here.", "",
-             "| runtime | " + " | ".join(f"ms, 1 x {n} tokens" for n in r["tokens"])
-             + " | export s | file MB | max err / max logit |", "|---|" + "---|" * (len(r["tokens"]) + 3)]
+             "| run | runtime | " + " | ".join(f"ms, 1 x {n} tokens" for n in r["tokens"])
+             + " | export s | file MB | max err / max logit |", "|---|---|" + "---|" * (len(r["tokens"]) + 3)]
     for row in r["rows"]:
-        cells = [f"{row['ms'][n]:.1f}" for n in r["tokens"]]
+        cells = [str(row.get("run", 1)), row["runtime"]] + [f"{row['ms'][str(n)] if str(n) in row['ms'] else row['ms'][n]:.1f}"
+                                                             for n in r["tokens"]]
         cells += [f"{row['export_s']:.1f}", f"{row['file_mb']:.0f}", f"{row['rel_err']:.1e}"] if "export_s" in row \
             else ["-", "-", "-"]
-        lines.append(f"| {row['runtime']} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cells) + " |")
     profiled = [row for row in r["rows"] if row.get("profile")]
     if profiled:
         lines += ["", "onnxruntime's profile of one call (kernel time by op type, the longest first; If's own time "

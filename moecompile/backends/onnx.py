@@ -236,6 +236,12 @@ def _torch_onnx_export(wrapper: nn.Module, inputs: tuple, names: list[str], dyna
                                      optimize=True, report=False)
         except Exception as exc:
             where = _failed_node(program, exc)
+            if "decompose" in str(exc):  # step 2 of 3: re-tracing the program into core ATen ops
+                raise MoECompileError(f"export_onnx: torch.onnx could not decompose {where} into the operators it "
+                                      "translates (torch.export had traced it). Nothing was written; a newer torch "
+                                      "may trace it (torch 2.11 fails on a data-dependent size in Qwen3-Next's gated "
+                                      "delta rule, 2.13 exports it), or replace that code in the module. Exporter's "
+                                      f"message: {str(exc).strip()[:1500]}") from exc
             raise MoECompileError(f"export_onnx: torch.onnx has no ONNX translation for {where}. Nothing was "
                                   "written; replace that operation in the module, or register a translation "
                                   f"(torch.onnx custom_translation_table). Exporter's message: "
@@ -277,7 +283,7 @@ def _specialising_code(wrapper: nn.Module, inputs: tuple, dynamic_shapes) -> str
 
 def _failed_node(program, exc: Exception) -> str:
     """'node <name> (<target>) in module <path>' for the node the exporter's error names, else 'the model'."""
-    match = re.search(r"translating node %(\S+)", str(exc))
+    match = re.search(r"(?:translating node|While executing) %(\S+)", str(exc))
     if match is None:
         return "an operation of the model"
     node = next((n for n in program.graph.nodes if n.name == match.group(1)), None)
