@@ -403,6 +403,17 @@ def test_verify_mismatch_is_an_error_and_nothing_is_written(tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+class MoEThenPost(torch.nn.Module):
+    """A hand-written MoE block, then `post` (a module the export fails on, in the error tests)."""
+
+    def __init__(self, post: torch.nn.Module):
+        super().__init__()
+        self.moe, self.post = handwritten.EinsumMoE(), post
+
+    def forward(self, x):
+        return self.post(self.moe(x))
+
+
 def test_unsupported_op_is_named_and_nothing_is_written(tmp_path, quiet):
     @torch.library.custom_op("mctest::opaque", mutates_args=())
     def opaque(x: torch.Tensor) -> torch.Tensor:
@@ -414,17 +425,9 @@ def test_unsupported_op_is_named_and_nothing_is_written(tmp_path, quiet):
         def forward(self, x):
             return torch.ops.mctest.opaque(x)
 
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.moe, self.post = handwritten.EinsumMoE(), Post()
-
-        def forward(self, x):
-            return self.post(self.moe(x))
-
     with pytest.raises(MoECompileError, match=r"no ONNX translation for node \w+ \(mctest\.opaque\.default\) in "
                                               r"module post"):
-        moecompile.export_onnx(Model(), tmp_path / "m.onnx", torch.randn(5, 32))
+        moecompile.export_onnx(MoEThenPost(Post()), tmp_path / "m.onnx", torch.randn(5, 32))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -436,14 +439,6 @@ def test_a_decomposition_failure_is_named_and_nothing_is_written(tmp_path, monke
         def forward(self, x):
             return x * 2
 
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.moe, self.post = handwritten.EinsumMoE(), Post()
-
-        def forward(self, x):
-            return self.post(self.moe(x))
-
     def failing_step_two(program, *args, **kwargs):
         node = next(n for n in program.graph.nodes if "post" in str(n.meta.get("nn_module_stack", {})))
         raise RuntimeError("Failed to decompose the FX graph for ONNX compatibility. This is step 2/3 ... Could not "
@@ -451,7 +446,7 @@ def test_a_decomposition_failure_is_named_and_nothing_is_written(tmp_path, monke
 
     monkeypatch.setattr(torch.onnx, "export", failing_step_two)
     with pytest.raises(MoECompileError, match=r"could not decompose node \w+ \(aten\.mul\.Tensor\) in module post"):
-        moecompile.export_onnx(Model(), tmp_path / "m.onnx", torch.randn(5, 32))
+        moecompile.export_onnx(MoEThenPost(Post()), tmp_path / "m.onnx", torch.randn(5, 32))
     assert list(tmp_path.iterdir()) == []
 
 
