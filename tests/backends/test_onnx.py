@@ -105,8 +105,11 @@ def test_whole_model_logits(family, impl, moe_op, tmp_path, quiet):
     assert (ORT_NODE if ort_op else STANDARD) in meta["moecompile.pass_log"]
     if dynamic:
         check_hf_lengths(model, path)
-    else:  # the example's shape, fresh ids
+    else:  # a static file runs at its own length: fresh ids at the example's, then a second file at another length
         check_hf_lengths(model, path, lengths=(inputs["input_ids"].shape[1],))
+        other = moecompile.export_onnx(model, tmp_path / "m13.onnx", hf_zoo.example_inputs(model, seq=13),
+                                       moe_op=moe_op, verify=True, dynamic=False)
+        check_hf_lengths(model, other, lengths=(13,))
     assert not any(isinstance(m, moecompile.FusedMoE) for m in model.modules())  # the user's model is untouched
 
 
