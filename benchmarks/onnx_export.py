@@ -10,7 +10,8 @@ Error: max |onnxruntime - PyTorch| over max |PyTorch| on the logits (PyTorch run
 the worse of the two inputs.
 
 Run: `python benchmarks/onnx_export.py` (writes results/onnx.json and results/onnx.md). `--small` for a check of
-the script. On the device (over 10 minutes for both): `--moe-ops ort`, then `--moe-ops standard --append`. The GPU provider (onnxruntime-gpu) cannot be installed on the device machine, so no GPU figure is given.
+the script. On the device (over 10 minutes for both): `--moe-ops ort`, then `--moe-ops standard --append`. The
+GPU provider (onnxruntime-gpu) cannot be installed on the device machine, so no GPU figure is given.
 """
 
 from __future__ import annotations
@@ -134,14 +135,12 @@ def main() -> None:
             gc.collect()
     suffix = "_small" if args.small else ""
     RESULTS.mkdir(exist_ok=True)
-    for row in result["rows"]:
-        row["run"] = 1
+    earlier = []
     if args.append and (RESULTS / f"onnx{suffix}.json").exists():
-        earlier = json.loads((RESULTS / f"onnx{suffix}.json").read_text())
-        runs = max((row.get("run", 1) for row in earlier["rows"]), default=0)
-        for row in result["rows"]:
-            row["run"] = runs + 1
-        result["rows"] = earlier["rows"] + result["rows"]
+        earlier = json.loads((RESULTS / f"onnx{suffix}.json").read_text())["rows"]
+    run = 1 + max((row.get("run", 1) for row in earlier), default=0)
+    result["rows"] = earlier + [dict(row, run=run) for row in result["rows"]]
+    result = json.loads(json.dumps(result))  # as the file holds it (token counts as string keys), for markdown
     (RESULTS / f"onnx{suffix}.json").write_text(json.dumps(result, indent=1))
     (RESULTS / f"onnx{suffix}.md").write_text(markdown(result))
     print(markdown(result))
@@ -161,8 +160,7 @@ def markdown(r: dict) -> str:
              "| run | runtime | " + " | ".join(f"ms, 1 x {n} tokens" for n in r["tokens"])
              + " | export s | file MB | max err / max logit |", "|---|---|" + "---|" * (len(r["tokens"]) + 3)]
     for row in r["rows"]:
-        cells = [str(row.get("run", 1)), row["runtime"]] + [f"{row['ms'][str(n)] if str(n) in row['ms'] else row['ms'][n]:.1f}"
-                                                             for n in r["tokens"]]
+        cells = [str(row.get("run", 1)), row["runtime"]] + [f"{row['ms'][str(n)]:.1f}" for n in r["tokens"]]
         cells += [f"{row['export_s']:.1f}", f"{row['file_mb']:.0f}", f"{row['rel_err']:.1e}"] if "export_s" in row \
             else ["-", "-", "-"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -171,7 +171,8 @@ def export_onnx(model: nn.Module, path, example_inputs, *, dynamic: bool = True,
                                        + (_static_axes_note(inputs, names) if dynamic else "")))
         program.model.metadata_props["moecompile.pass_log"] = json.dumps(_log_summary(rep))
         program.save(str(tmp_file), external_data=external_data)
-        onnx_if.splice_file(tmp_file, opset, _torch_onnx_export)  # the standard form's decode-size Ifs
+        if onnx_if.has_placeholders(program):  # the standard form's decode-size Ifs
+            onnx_if.splice_file(tmp_file, opset, _torch_onnx_export)
         _check(tmp_file)
         if verify:
             verify_start = time.perf_counter()
@@ -239,9 +240,9 @@ def _torch_onnx_export(wrapper: nn.Module, inputs: tuple, names: list[str], dyna
             if "decompose" in str(exc):  # step 2 of 3: re-tracing the program into core ATen ops
                 raise MoECompileError(f"export_onnx: torch.onnx could not decompose {where} into the operators it "
                                       "translates (torch.export had traced it). Nothing was written; a newer torch "
-                                      "may trace it (torch 2.11 fails on a data-dependent size in Qwen3-Next's gated "
-                                      "delta rule, 2.13 exports it), or replace that code in the module. Exporter's "
-                                      f"message: {str(exc).strip()[:1500]}") from exc
+                                      "may decompose it (sizes that depend on the data improved from one release to "
+                                      "the next), or replace that code in the module. Exporter's message: "
+                                      f"{str(exc).strip()[:1500]}") from exc
             raise MoECompileError(f"export_onnx: torch.onnx has no ONNX translation for {where}. Nothing was "
                                   "written; replace that operation in the module, or register a translation "
                                   f"(torch.onnx custom_translation_table). Exporter's message: "

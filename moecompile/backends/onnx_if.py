@@ -17,6 +17,7 @@ onnxruntime copies a branch's output that is an outer-scope value (256 MB: 24 ms
 from __future__ import annotations
 
 import dataclasses
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -89,6 +90,7 @@ def routed_experts(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, routing)
 
 # ---------------------------------------------------------------- torch.onnx: the placeholder
 
+@lru_cache(maxsize=1)
 def _placeholder_schema():
     """The placeholder's signature for the exporter's tracer: experts_if's tensors, the key as an attribute."""
     from onnx.defs import OpSchema
@@ -152,7 +154,7 @@ def _branches_model(key: str, opset: int, export):
         inputs = (torch.randn(tokens, b.hidden, generator=gen).to(b.x_dtype), token, expert,
                   torch.rand(len(token), generator=gen).to(b.pair_weight_dtype),
                   torch.zeros(E, dtype=torch.int64).scatter(0, expert, 1),
-                  *(torch.randn(shape, generator=gen).to(dtype) for shape, dtype in filter(None, b.weights)))
+                  *(torch.zeros(shape, dtype=dtype) for shape, dtype in filter(None, b.weights)))  # traced only
         dynamic = ({0: T}, {0: pairs}, {0: pairs}, {0: pairs}) + (None,) * (len(inputs) - 4)
         names = ["x", "token", "expert", "weight", "used"] + [n for n, has in zip(("w1", "b1", "w2", "b2"),
                                                                                   b.present()) if has]
@@ -205,6 +207,12 @@ def _branch_graph(sub, output_index: int, outer: dict, prefix: str):
     return helper.make_graph(nodes, prefix.rstrip("/"), [], [helper.make_tensor_value_info(rename(out.name), elem,
                                                                                          [None] * rank)],
                              initializer=initializers)
+
+
+def has_placeholders(program) -> bool:
+    """Whether torch.onnx's program (before it is saved) has a placeholder to splice: only then is the file read
+    back (a file without external data holds its weights)."""
+    return any(node.domain == PLACEHOLDER_DOMAIN for node in program.model.graph)
 
 
 def splice_file(path, opset: int, export) -> int:
