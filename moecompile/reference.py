@@ -104,7 +104,8 @@ def _grouped_topk(router: RouterSpec, choice: torch.Tensor) -> torch.Tensor:
     group_idx = group_scores.topk(router.topk_group, dim=-1).indices
     group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
     expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(T, E)
-    return choice.masked_fill(~expert_mask, float("-inf")).topk(router.top_k, dim=-1).indices
+    fill = 0.0 if router.group_fill == "zero" else float("-inf")
+    return choice.masked_fill(~expert_mask, fill).topk(router.top_k, dim=-1).indices
 
 
 def _sparsemixer(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:

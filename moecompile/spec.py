@@ -8,6 +8,11 @@ What a block computes, in the canonical form every field below refers to (x: [T,
     logits  = x @ router_weight.T (+ router_bias)                      router_weight: [E, H]
     score_then_select:  scores = score(logits); chosen = select(scores (+ correction_bias)); w = scores[chosen]
     select_then_score:  chosen = select(logits (+ correction_bias));   w = score(logits[chosen]) over the chosen
+    grouped_topk: groups of E / n_group experts scored by their best (max) or two best (top2_sum) choice values;
+                 the final top-k runs over the choice values with the experts outside the best topk_group groups set
+                 to group_fill: -inf (never chosen) or 0.0 (transformers' DeepSeek-V2/AXK2/Mistral 4 gates and
+                 DeepSeek-V3's original code: with a negative correction bias an unchosen group's expert, at 0.0,
+                 can beat a chosen one, and it then weighs its own score)
     w = w / max(sum(w), renorm_min) if renormalize;  w = w * scaling_factor
     expert_capacity (Switch Transformers): within one sequence (the input's second-to-last dim), only the first
                  expert_capacity tokens in order that chose expert e get it; for the others that choice weighs 0
@@ -35,12 +40,14 @@ Scoring = Literal["softmax", "sigmoid", "sqrtsoftplus", "relu", "none"]
 Selection = Literal["topk", "grouped_topk", "all_positive", "sparsemixer"]
 ScoreOrder = Literal["score_then_select", "select_then_score"]
 GroupScore = Literal["max", "top2_sum"]
+GroupFill = Literal["-inf", "zero"]
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu"]
 GateUpLayout = Literal["separate", "concat_gate_up", "concat_up_gate", "interleaved", "none"]
 ExtraOutput = Literal["none", "router_logits", "topk_weights"]
 
 SCORINGS: tuple[str, ...] = ("softmax", "sigmoid", "sqrtsoftplus", "relu", "none")  # sqrtsoftplus: DeepSeek-V4
 SELECTIONS: tuple[str, ...] = ("topk", "grouped_topk", "all_positive", "sparsemixer")
+GROUP_FILLS: tuple[str, ...] = ("-inf", "zero")
 ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu")
 
 
@@ -61,6 +68,7 @@ class RouterSpec:
     n_group: int = 1
     topk_group: int = 1
     group_score: GroupScore = "top2_sum"
+    group_fill: GroupFill = "-inf"  # what unchosen groups' experts score in the final top-k
     weight_on_input: bool = False  # Llama 4: expert_e(w_e * x) instead of w_e * expert_e(x)
     jitter_eps: float = 0.0  # sparsemixer only: the relative logit gap that keeps an expert in a round's softmax
     expert_capacity: int | None = None  # per sequence and expert; later tokens' choice of that expert is dropped
@@ -81,6 +89,9 @@ class RouterSpec:
             _check(1 <= self.topk_group <= self.n_group, f"topk_group must be in 1..{self.n_group}")
             _check(self.top_k <= self.topk_group * self.num_experts // self.n_group,
                    "top_k exceeds the experts in the chosen groups")
+        _check(self.group_fill in GROUP_FILLS, f"group_fill {self.group_fill!r} is not one of {GROUP_FILLS}")
+        _check(self.group_fill == "-inf" or self.selection == "grouped_topk",
+               "group_fill applies to grouped_topk selection only")
         if self.expert_capacity is not None:
             _check(self.expert_capacity >= 1, f"expert_capacity must be >= 1, got {self.expert_capacity}")
             _check(self.selection in ("topk", "grouped_topk"), "expert_capacity applies to top-k selection only")
@@ -174,7 +185,7 @@ class MoESpec:
         sel = "relu>all_positive" if r.is_variable_k else (
             f"{r.scoring}>top{r.top_k}" if r.score_order == "score_then_select" else f"top{r.top_k}>{r.scoring}")
         if r.selection == "grouped_topk":
-            sel += f" groups {r.topk_group}/{r.n_group}"
+            sel += f" groups {r.topk_group}/{r.n_group}" + (" fill 0" if r.group_fill == "zero" else "")
         if r.selection == "sparsemixer":
             sel = f"sparsemixer eps={r.jitter_eps:g}"
         if r.expert_capacity is not None:

@@ -57,7 +57,8 @@ def _gating_kernel(
     K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
     SCORING: tl.constexpr, SELECT_FIRST: tl.constexpr, ALL_POSITIVE: tl.constexpr, RENORM: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_CORR: tl.constexpr, GROUPED: tl.constexpr, N_GROUP: tl.constexpr,
-    TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_TOP2: tl.constexpr, HAS_SHARED_GATE: tl.constexpr,
+    TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_TOP2: tl.constexpr, GROUP_FILL_ZERO: tl.constexpr,
+    HAS_SHARED_GATE: tl.constexpr,
     DOT_FP32: tl.constexpr, FUSED_DISPATCH: tl.constexpr, BM: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -141,7 +142,10 @@ def _gating_kernel(
                 keep = tl.where(hit, 1, keep)
                 gscore = tl.where(hit, float("-inf"), gscore)
             keep_e = tl.reshape(tl.broadcast_to(keep[:, :, None], (BLOCK_T, NG, GS)), (BLOCK_T, E_PAD))
-            choice = tl.where(keep_e != 0, choice, float("-inf"))
+            if GROUP_FILL_ZERO:  # unchosen groups' experts compete at 0.0 (padding columns stay out)
+                choice = tl.where(keep_e != 0, choice, tl.where(col_ok[None, :], 0.0, float("-inf")))
+            else:
+                choice = tl.where(keep_e != 0, choice, float("-inf"))
 
         kcol = tl.broadcast_to(tl.arange(0, K_PAD)[None, :], (BLOCK_T, K_PAD))
         picked = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)

@@ -15,9 +15,10 @@ from moecompile import MoECompileError, hf_zoo
 from moecompile.backends import onnx_lowering
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "kernels"))
+import cases  # noqa: E402  (tests/kernels/cases.py; "kernels" is also a package transformers installs)
 import handwritten  # noqa: E402
 import test_hf_families  # noqa: E402
-from kernels import cases  # noqa: E402
 
 ORT_NODE, STANDARD = "com.microsoft.MoE", "standard ONNX operators"
 
@@ -157,6 +158,7 @@ STANDARD_GRID = [
     ("softmax_topk_renorm", "gelu_bias", 256, 8, 257, torch.float32),
     ("topk_softmax", "clamped_swiglu_bias", 64, 4, 1, torch.float16),
     ("sigmoid_grouped_corr", "shared_gated", 256, 8, 300, torch.bfloat16),
+    ("sigmoid_grouped_fill0", "swiglu", 64, 6, 200, torch.float32),
     ("sigmoid_topk_bias", "plain_relu", 8, 2, 0, torch.float32),
     ("sqrtsoftplus_topk", "shared_output_bias", 128, 6, 2, torch.float16),
     ("relu", "swiglu", 16, None, 0, torch.float32),
@@ -302,6 +304,27 @@ def test_ties_in_the_models_own_topk_are_told_from_a_wrong_translation(tmp_path,
             onnx_order = model(x)
     assert rel_err(got, plain) > 1e-2  # the ties did change the answer: the case this test is about
     assert rel_err(got, onnx_order) <= 1e-6
+
+
+def test_masked_groups_filled_with_zero_export_exactly(tmp_path, quiet):
+    """DeepSeek-V3's remote-code gate (masked groups at 0.0) with correction biases around -0.6: the branch where
+    a masked expert beats a kept one is taken on many tokens, and the file computes it (1e-4 of max |output| in
+    onnxruntime, against the block with ONNX's order among the exact ties at 0.0)."""
+    from moecompile.backends.topk_ties import onnx_topk_ties
+
+    torch.manual_seed(0)
+    block = handwritten.RemoteCodeDeepseekMoE().eval()
+    with torch.no_grad():
+        block.e_score_correction_bias.normal_(-0.6, 0.1)
+    path = moecompile.export_onnx(block, tmp_path / "g.onnx", torch.randn(9, 32), verify=True)
+    assert "fill 0" in moecompile.export_report(path).blocks[0].spec_summary
+    x = torch.randn(2000, 32)
+    other = copy.deepcopy(block)
+    other.fill = float("-inf")
+    with torch.no_grad(), onnx_topk_ties():
+        want = block(x)
+        assert rel_err(other(x), want) > 1e-2  # the fill decides many of these tokens
+    assert rel_err(run_ort(path, {"input_0": x}), want) <= 1e-4
 
 
 def test_topk_with_onnx_tie_order_is_a_topk():

@@ -14,6 +14,10 @@ ROUTERS = {
     "topk_softmax": dict(score_order="select_then_score"),
     "sigmoid_grouped_corr": dict(scoring="sigmoid", selection="grouped_topk", has_correction_bias=True,
                                  renormalize=True, renorm_min=1e-20, scaling_factor=2.5),
+    # DeepSeek-V3's remote-code gate: the masked groups' experts compete at 0.0; make_weights draws the correction
+    # bias around -0.6 so that biased scores are often negative and the branch is taken (with exact ties at 0.0)
+    "sigmoid_grouped_fill0": dict(scoring="sigmoid", selection="grouped_topk", has_correction_bias=True,
+                                  renormalize=True, renorm_min=1e-20, scaling_factor=2.5, group_fill="zero"),
     "sigmoid_topk_bias": dict(scoring="sigmoid", has_bias=True, renormalize=True),
     "sqrtsoftplus_topk": dict(scoring="sqrtsoftplus", renormalize=True),
     "relu": dict(scoring="relu", selection="all_positive", top_k=None),
@@ -83,7 +87,7 @@ def make_weights(spec: MoESpec, dtype, device, gen: torch.Generator) -> MoEWeigh
     if r.has_bias:
         w.router_bias = rnd(E, scale=0.5)
     if r.has_correction_bias:
-        w.correction_bias = rnd(E, scale=0.1).float()
+        w.correction_bias = (rnd(E, scale=0.1) - (0.6 if r.group_fill == "zero" else 0.0)).float()
     if e.has_bias:
         w.b1, w.b2 = rnd(E, e.fc1_rows, scale=0.1), rnd(E, H, scale=0.1)
     if spec.shared is not None:
@@ -95,6 +99,16 @@ def make_weights(spec: MoESpec, dtype, device, gen: torch.Generator) -> MoEWeigh
     if spec.has_output_bias:
         w.output_bias = rnd(H, scale=0.1)
     return w
+
+
+def reference_ties(spec: MoESpec):
+    """Where the block's own selection meets exact ties (masked groups at 0.0), the reference breaks them as the
+    kernels do, lowest index first (torch.topk's order among ties is unspecified); elsewhere, torch.topk as it is."""
+    from contextlib import nullcontext
+
+    from moecompile.backends.topk_ties import onnx_topk_ties
+
+    return onnx_topk_ties() if spec.router.group_fill == "zero" else nullcontext()
 
 
 def upcast(weights: MoEWeights) -> MoEWeights:
@@ -114,7 +128,8 @@ def check_against_reference(spec: MoESpec, weights: MoEWeights, x: torch.Tensor,
     T, E = x.shape[0], spec.num_experts
     assert y.shape == x.shape and y.dtype == x.dtype
     assert not y.isnan().any(), "NaN in the output: an element was left unwritten (buffers are poisoned)"
-    y_ref, routing = reference_forward(spec, upcast(weights), x.double(), seq_len)
+    with reference_ties(spec):
+        y_ref, routing = reference_forward(spec, upcast(weights), x.double(), seq_len)
     err = relative_error(y, y_ref)
     assert err <= TOLERANCE[x.dtype], f"output relative error {err:.2e} > {TOLERANCE[x.dtype]:.0e}"
     assert relative_error(logits, routing.logits) <= 1e-5
