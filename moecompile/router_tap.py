@@ -50,18 +50,40 @@ def _recorders(model: nn.Module) -> list:
     return specs if isinstance(specs, list) else [specs]
 
 
-def make_tap(model: nn.Module, block: nn.Module) -> RouterLogitsTap | None:
-    """A tap for `block` (about to be fused inside `model`), or None when the model records no router logits from
-    a module inside the block."""
+def _recorded_router(model: nn.Module, block: nn.Module) -> tuple[nn.Module, type, int] | None:
+    """(the module inside `block` whose outputs the model records as router logits, its class, the tuple index)."""
     for spec in _recorders(model):
         target = getattr(spec, "target_class", None)
         if not isinstance(target, type):
             continue
         router = next((m for m in block.modules() if isinstance(m, target)), None)
-        if router is None:
-            continue
-        tap = _tap_for(target, getattr(spec, "index", 0))
-        for hook in router._forward_hooks.values():  # hooks HF installed before the fuse (the model already ran)
-            tap.register_forward_hook(hook)
-        return tap
+        if router is not None:
+            return router, target, getattr(spec, "index", 0)
     return None
+
+
+def is_recording_hook(hook) -> bool:
+    """Whether a forward hook is one transformers installed to record outputs (the tap carries those)."""
+    return getattr(hook, "__module__", "").startswith("transformers.")
+
+
+def carried_hooks(model: nn.Module, block: nn.Module) -> tuple[nn.Module | None, list]:
+    """(the recorded router inside `block`, the hooks on it the tap carries over), or (None, [])."""
+    found = _recorded_router(model, block)
+    if found is None:
+        return None, []
+    router = found[0]
+    return router, [h for h in router._forward_hooks.values() if is_recording_hook(h)]
+
+
+def make_tap(model: nn.Module, block: nn.Module) -> RouterLogitsTap | None:
+    """A tap for `block` (about to be fused inside `model`), or None when the model records no router logits from
+    a module inside the block."""
+    found = _recorded_router(model, block)
+    if found is None:
+        return None
+    _, target, index = found
+    tap = _tap_for(target, index)
+    for hook in carried_hooks(model, block)[1]:  # hooks HF installed before the fuse (the model already ran)
+        tap.register_forward_hook(hook)
+    return tap

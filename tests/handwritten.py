@@ -207,3 +207,76 @@ class LayerStack(nn.Module):
         for m in self.mlps:
             x = x + m(x)
         return x + self.type_embedding[0]
+
+
+class RemoteCodeDeepseekMoE(nn.Module):
+    """DeepSeek-V3's original remote-code gate (modeling_deepseek.py's MoEGate, "noaux_tc"): sigmoid scores, a
+    correction bias for the choice, groups scored by their top-2 sum, and the masked groups filled with 0.0 (not
+    -inf) before the top-k, so an expert of a masked group beats a kept one whose biased score is negative.
+    `fill` picks the value, to build the -inf neighbour as well."""
+
+    def __init__(self, H=32, I=24, E=16, k=4, n_group=4, topk_group=2, fill=0.0, scale=2.5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, H) / H**0.5)
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(E), requires_grad=False)
+        self.experts = nn.ModuleList(SwiGLU(H, I) for _ in range(E))
+        self.k, self.n_group, self.topk_group, self.fill, self.scale = k, n_group, topk_group, fill, scale
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        T, E = x.shape[0], self.weight.shape[0]
+        scores = F.linear(x, self.weight).sigmoid()
+        choice = scores + self.e_score_correction_bias.unsqueeze(0)
+        group_scores = choice.view(T, self.n_group, -1).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(T, self.n_group, E // self.n_group).reshape(T, -1)
+        tmp_scores = choice.masked_fill(~score_mask.bool(), self.fill)
+        _, idx = torch.topk(tmp_scores, k=self.k, dim=-1, sorted=False)
+        w = scores.gather(1, idx)
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20) * self.scale
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(idx == e)
+            if token.numel():
+                out.index_add_(0, token, expert(x[token]) * w[token, slot, None])
+        return out.reshape(shape)
+
+
+class SaturatingGateMoE(ListMoE):
+    """Softmax top-k whose router logits are clamped to [-12, 12] first: on random inputs (logits well inside the
+    range) it is ListMoE, on saturated logits (|logit| > 12, a few tokens of confirm's "spread" family) it is no
+    description moecompile has. Must be left."""
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = self.router(x).clamp(-12.0, 12.0).softmax(-1)
+        w, idx = probs.topk(self.k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(idx == e)
+            if token.numel():
+                out.index_add_(0, token, expert(x[token]) * w[token, slot, None])
+        return out.reshape(shape)
+
+
+class FlooredChoiceMoE(ListMoE):
+    """Sigmoid top-k weights, but the experts are chosen on the logits floored at -2: where several logits are below
+    -2 the choice among them is the floor's tie order, not the best logit. Random inputs rarely get there (the k-th
+    best logit is seldom below -2); negative logits always do. Must be left."""
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.router(x)
+        _, idx = logits.clamp(min=-2.0).topk(self.k, dim=-1)
+        w = logits.sigmoid().gather(1, idx)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(idx == e)
+            if token.numel():
+                out.index_add_(0, token, expert(x[token]) * w[token, slot, None])
+        return out.reshape(shape)

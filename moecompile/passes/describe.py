@@ -4,19 +4,22 @@ Place in the pipeline: detect (propose) -> **describe** -> confirm -> fuse.
 
 Structure gives a small set of hypotheses (which tensor is the router, the gate/up/down roles and layouts of the
 expert weights, k and the scaling factor from the module's attributes); execution picks among them. Each hypothesis is
-run through the reference and compared with the candidate itself, on a float32 copy of the candidate whose tensors
-are re-randomised (so a zero-initialised bias cannot hide) and on fresh random inputs. The experts are matched on
-their own where they can be called alone (a ModuleList expert, an HF `*Experts` module), which keeps the joint
-search over router hypotheses small. Where nothing matches, describe raises `DescribeError` with the closest
-hypothesis and its error: the candidate is then left alone.
+run through the reference and compared with the candidate itself, on a float32 working copy of the candidate whose
+tensors are re-randomised (copies.py: on the CPU, so a zero-initialised bias cannot hide) and on fresh random
+inputs. The experts are matched on their own where they can be called alone (a ModuleList expert, an HF `*Experts`
+module), which keeps the joint search over router hypotheses small. A hypothesis that matches on random inputs is
+then weighed against its neighbours on aimed inputs (probes.py; the copy's [E] vectors as drawn and redrawn around
+-0.3): random inputs do not tell a masked group filled with 0.0 from one filled with -inf, aimed ones do. The first
+of the hypothesis and its neighbours that reproduces the copy there is the description. Where nothing matches,
+describe raises `DescribeError` with the closest hypothesis and its error: the candidate is then left alone.
 """
 
 from __future__ import annotations
 
 import contextvars
-import copy
 import inspect
 import itertools
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -24,12 +27,18 @@ import torch
 from torch import nn
 
 from ..capture import call_block, op_census
+from ..fused import FusedMoE
 from ..reference import Routing, mlp, moe_forward, routed_experts, shared_experts
 from ..spec import ACTIVATIONS, MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
+from .compare import output_error, output_pairs
+from .copies import redraw_vectors, working_copy
 from .detect import Candidate, TensorRef, expert_members, expert_view, is_mlp_like
+from .probes import aimed_inputs, neighbours
 
 MATCH_RTOL = 1e-4  # fp32 max-abs error over max-abs output that counts as "computes the same thing"
 SEARCH_TOKENS = 24
+REFINE_TOKENS = 64  # per aimed family in the refine step (confirm then checks 512 a family)
+REFINE_VECTORS = (-0.3, 0.1)  # the [E] vectors' redraw in the refine step: negative biased scores
 K_ATTRS = ("top_k", "num_experts_per_tok", "k", "topk", "moe_topk", "num_experts_per_token", "n_activated_experts",
            "num_selected_experts", "experts_per_token")
 SCALE_ATTRS = ("routed_scaling_factor", "route_scale", "routed_scaling")
@@ -412,15 +421,16 @@ def _router_hypotheses(candidate: Candidate, census: set[str], k_values: list[in
                     continue
                 for on_input in (False, True):
                     for corr in [None] + list(candidate.vectors):
-                        groups = [(1, 1, "top2_sum")]
-                        if n_group > 1:
-                            groups = [(n_group, topk_group, "top2_sum"), (n_group, topk_group, "max")] + groups
-                        for g, tg, gs in groups:
+                        groups = [(1, 1, "top2_sum", "-inf")]
+                        if n_group > 1:  # masked groups at -inf, or at 0.0 (transformers' DeepSeek-V2 family)
+                            groups = [(n_group, topk_group, score, fill) for fill in ("-inf", "zero")
+                                      for score in ("top2_sum", "max")] + groups
+                        for g, tg, gs, fill in groups:
                             if k > tg * E // g:
                                 continue
                             hyps.append(dict(top_k=k, scoring=scoring, score_order=order, renormalize=renorm,
                                              weight_on_input=on_input, correction=corr, n_group=g, topk_group=tg,
-                                             group_score=gs, scales=scales))
+                                             group_score=gs, group_fill=fill, scales=scales))
     for eps in dict.fromkeys(float(v) for v in _attr(modules, JITTER_ATTRS)):
         if 2 in k_values and E >= 2:
             hyps.append(dict(top_k=2, scoring="softmax", score_order="select_then_score", renormalize=False,
@@ -450,30 +460,9 @@ def _k_values(candidate: Candidate) -> list[int]:
 # the search
 
 
-def randomized_copy(block: nn.Module, seed: int) -> nn.Module:
-    """A float32 copy of `block` whose floating tensors are redrawn: N(0, 1/fan_in) for matrices (per expert for
-    3-D ones), N(0, 0.5) for vectors, so that biases initialised to zero take part in the comparison. Drawn on the
-    block's own device: a Qwen3-sized block has 600M weights, which a CPU generator takes seconds to draw."""
-    dup = copy.deepcopy(block).float().eval()
-    generators: dict[torch.device, torch.Generator] = {}
-    with torch.no_grad():
-        for t in itertools.chain(dup.parameters(), dup.buffers()):
-            if not t.is_floating_point():
-                continue
-            if t.device not in generators:
-                generators[t.device] = torch.Generator(device=t.device).manual_seed(seed)
-            std = (1.0 / t.shape[-1]) ** 0.5 if t.dim() >= 2 else 0.5
-            t.normal_(0.0, std, generator=generators[t.device])
-    return dup
-
-
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    if got.shape != want.shape:
-        return float("inf")
-    if want.numel() == 0:
-        return 0.0
-    err = (got.float() - want.float()).abs().max().item()
-    return err / max(want.float().abs().max().item(), 1e-6)
+    """Max abs error over the largest |want|; inf for other shapes or where NaN/Inf positions differ."""
+    return output_error(got, want).rel
 
 
 def _router_weights(candidate: Candidate, block: nn.Module, hyp: dict) -> dict:
@@ -500,18 +489,13 @@ def describe(candidate: Candidate, *, seed: int = 0) -> Description:
         # which its hash-routed blocks route by) cannot be replaced without breaking that call
         raise DescribeError(f"its forward also takes {', '.join(others)}; moecompile fuses blocks that take hidden "
                             "states only, so the model's calls keep working")
-    probe = randomized_copy(candidate.module, seed)
-    device = next(probe.parameters()).device
     gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(1, SEARCH_TOKENS, H, generator=gen).to(device)
-    try:
-        with torch.no_grad():
-            target, input_rank = call_block(probe, x)
-    except Exception as exc:  # noqa: BLE001 - any failure of the user's block is reported, not raised
-        raise DescribeError(f"calling the block on hidden states [..., {H}] failed: {type(exc).__name__}: {exc}")
+    x = torch.randn(1, SEARCH_TOKENS, H, generator=gen)
+    probe, target, input_rank, where = _run_probe(candidate.module, seed, x)
+    x = x.to(next(probe.parameters()).device)
     y_target, aux = target
     census = op_census(probe, x if input_rank == 3 else x[0])
-    method = "ops traced" if census else "ops not traced (search in default order)"
+    method = ("ops traced" if census else "ops not traced (search in default order)") + where
     flat_x = x.reshape(-1, H)
 
     # experts first, alone where the container can be called alone
@@ -530,6 +514,7 @@ def describe(candidate: Candidate, *, seed: int = 0) -> Description:
     k_values = _k_values(candidate)
     router_hyps = _router_hypotheses(candidate, census, k_values)
     best = (float("inf"), "")
+    refused: list[str] = []  # hypotheses that matched random inputs and failed aimed ones, and where
     output_bias_options = (True, False) if candidate.output_bias is not None else (False,)
     for eh, output_bias in itertools.product(expert_hyps, output_bias_options):
         expert_weights = eh.extract(probe)
@@ -546,12 +531,92 @@ def describe(candidate: Candidate, *, seed: int = 0) -> Description:
                     y, routing = moe_forward(spec, weights, flat_x)
                 err = max(_rel_err(y.reshape(y_target.shape), y_target), _aux_err(spec, routing, aux))
                 if err <= MATCH_RTOL:
-                    return Description(spec, _weights_recipe(candidate, eh, rh, spec, shared_extract),
-                                       input_rank, method)
+                    found = Description(spec, _weights_recipe(candidate, eh, rh, spec, shared_extract),
+                                        input_rank, method)
+                    refined = _refine(probe, found, seed, refused)
+                    if refined is not None:
+                        return refined
                 if err < best[0]:
                     best = (err, spec.summary())
+    if refused:
+        raise DescribeError("descriptions reproduce the block on random inputs but not on inputs aimed at their "
+                            f"differences: {'; '.join(refused[:3])}; the block's routing is not pinned down by any "
+                            "description moecompile expresses")
     raise DescribeError(f"no description reproduces the block (closest: {best[1] or 'none'}, "
                         f"rel err {best[0]:.2e}); its routing or experts use a form moecompile does not express")
+
+
+def _run_probe(block: nn.Module, seed: int, x: torch.Tensor):
+    """(re-randomised working copy, its outputs on x, input rank, a note for the log): on the CPU, else, where the
+    block's code does not run there, on its own device."""
+    device = next(block.parameters()).device
+    for where in (torch.device("cpu"), device):
+        probe = working_copy(block, seed=seed, device=where)
+        try:
+            with torch.no_grad():
+                target, input_rank = call_block(probe, x.to(where))
+            return probe, target, input_rank, "" if where.type == "cpu" else f"; read on {where} (the block does " \
+                "not run on the CPU)"
+        except Exception as exc:  # noqa: BLE001 - any failure of the user's block is reported, not raised
+            error = f"{type(exc).__name__}: {exc}"
+        if where == device:
+            break
+    raise DescribeError(f"calling the block on hidden states [..., {x.shape[-1]}] failed: {error}")
+
+
+def _refine(probe: nn.Module, found: Description, seed: int, refused: list[str]) -> Description | None:
+    """`found`, or the first of its neighbours, that reproduces the probe copy on aimed inputs; None (and a note in
+    `refused`) when neither does."""
+    failure = _fails_aimed(probe, found.spec, found.extract, found.input_rank, seed)
+    if failure is None:
+        return found
+    for n in neighbours(found.spec):
+        def extract(block, n=n):
+            return n.weights(found.extract(block))
+        if _fails_aimed(probe, n.spec, extract, found.input_rank, seed) is None:
+            return Description(n.spec, extract, found.input_rank,
+                               f"{found.method}; aimed inputs chose {n.label} over {found.spec.summary()}")
+    refused.append(f"{found.spec.summary()} ({failure})")
+    return None
+
+
+def _fails_aimed(probe: nn.Module, spec: MoESpec, extract, input_rank: int, seed: int) -> str | None:
+    """Where `spec` fails to reproduce the probe copy on the aimed families (its [E] vectors as drawn, then redrawn
+    around -0.3), or None."""
+    E = spec.num_experts
+    with _vectors_kept(probe, E), torch.no_grad():
+        for variant in ("as drawn", "[E] vectors around -0.3"):
+            if variant != "as drawn":
+                redraw_vectors(probe, E, *REFINE_VECTORS, seed + 5)
+            weights = extract(probe)
+            gen = torch.Generator().manual_seed(seed + 2)
+            cpu_weights = MoEWeights(**{n: None if t is None else t.detach().float().cpu()
+                                        for n, t in weights.items()})
+            for family in aimed_inputs(spec, cpu_weights, gen, REFINE_TOKENS):
+                x = family.x.to(next(probe.parameters()).device)
+                x = x if input_rank == 3 else x.reshape(-1, x.shape[-1])
+                try:
+                    want = call_block(probe, x)[0]
+                except Exception as exc:  # noqa: BLE001 - the user's block
+                    return f"the block raised on {family.name} inputs: {type(exc).__name__}"
+                got = call_block(FusedMoE(spec, weights, backend="reference"), x)[0]
+                for g, w in output_pairs(got, want, E):
+                    if not output_error(g, w).within(MATCH_RTOL):
+                        return f"{family.name} inputs, {variant}: {output_error(g, w).describe()}"
+    return None
+
+
+@contextmanager
+def _vectors_kept(block: nn.Module, num_experts: int):
+    """Restores the block's floating [E] / [1, E] tensors (which redraw_vectors changes) on exit."""
+    kept = [(t, t.detach().clone()) for t in itertools.chain(block.parameters(), block.buffers())
+            if t.is_floating_point() and t.numel() == num_experts and t.dim() <= 2]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, value in kept:
+                tensor.copy_(value)
 
 
 def _other_inputs(block: nn.Module) -> list[str]:
@@ -652,7 +717,7 @@ def _assemble(candidate, block, eh, expert_weights, rh, scale, shared_spec, shar
             renorm_min=1e-20 if rh["renormalize"] else 0.0, scaling_factor=1.0 if scale is None else scale,
             has_bias=router_w["router_bias"] is not None, has_correction_bias=rh["correction"] is not None,
             n_group=rh["n_group"], topk_group=rh["topk_group"], group_score=rh["group_score"],
-            weight_on_input=rh["weight_on_input"], jitter_eps=rh.get("jitter_eps", 0.0),
+            group_fill=rh.get("group_fill", "-inf"), weight_on_input=rh["weight_on_input"], jitter_eps=rh.get("jitter_eps", 0.0),
             expert_capacity=rh["expert_capacity"])
         spec = MoESpec(router=router, experts=eh.spec, shared=shared_spec, extra_output=extra, flat_output=flat_out,
                        has_output_bias=output_bias)
@@ -718,4 +783,4 @@ def _weights_recipe(candidate, eh, rh, spec, shared_extract) -> Callable[[nn.Mod
     return extract
 
 
-__all__ = ["Description", "DescribeError", "describe", "randomized_copy", "is_mlp_like"]
+__all__ = ["Description", "DescribeError", "describe", "is_mlp_like"]

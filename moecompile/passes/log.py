@@ -27,7 +27,8 @@ class BlockRecord:
     rel_error: float | None = None  # max_abs_error over the largest |output|
     native_max_abs_error: float | None = None  # the same in the model's own dtype (informational)
     native_mean_rel_error: float | None = None
-    confirm_tokens: list[int] = field(default_factory=list)
+    confirm_tokens: list[int] = field(default_factory=list)  # per input batch of the real-weights check
+    told_apart: dict[str, int] = field(default_factory=dict)  # neighbouring description -> tokens routed otherwise
     seconds: float = 0.0
     routing_change: dict | None = None  # a routing rewrite's measured effect (passes/routing.py RoutingChange)
     routing_summary: str = ""

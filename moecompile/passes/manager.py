@@ -1,4 +1,4 @@
-"""The pass manager and the passes optimize() runs: detect -> describe -> confirm -> fuse.
+"""The pass manager and the passes optimize() runs: detect -> hooks -> describe -> confirm -> fuse.
 
 Place in the pipeline: the driver. Each pass is a small unit with a name, a docstring saying what it changes, and
 `run(context) -> bool` (did it modify the model). The manager knows nothing about any single pass; it times each and
@@ -15,6 +15,7 @@ from torch import nn
 
 from ..fused import FusedMoE
 from ..router_tap import make_tap
+from . import hooks
 from .confirm import confirm
 from .describe import DescribeError, Description, describe
 from .detect import Candidate, propose
@@ -31,6 +32,7 @@ class PassContext:
     seed: int = 0
     candidates: dict[str, Candidate] = field(default_factory=dict)
     descriptions: dict[str, Description] = field(default_factory=dict)
+    confirmed_structures: dict[tuple, str] = field(default_factory=dict)  # structure key -> first block confirmed
 
     def record(self, path: str) -> BlockRecord:
         return next(b for b in self.report.blocks if b.path == path)
@@ -50,6 +52,20 @@ class DetectPass:
             dtype = str(next(candidate.module.parameters()).dtype).replace("torch.", "")
             ctx.report.blocks.append(BlockRecord(path=candidate.path, module_type=type(candidate.module).__name__,
                                                  dtype=dtype))
+        return False
+
+
+class HooksPass:
+    """Leave the candidates whose hooks would stop firing once fused (passes/hooks.py). Changes nothing in the
+    model; the block's own hooks are carried over by the fuse pass."""
+
+    name = "hooks"
+
+    def run(self, ctx: PassContext) -> bool:
+        for record in ctx.pending():
+            reason = hooks.reason_to_leave(ctx.model, ctx.candidates[record.path].module)
+            if reason is not None:
+                record.leave(reason)
         return False
 
 
@@ -77,7 +93,9 @@ class DescribePass:
 
 class ConfirmPass:
     """Compare each described block with its FusedMoE replacement; leave those that disagree. Keyword arguments
-    narrow the check (confirm's rerandomized, shapes, kernels) for blocks the torch.compile backend has seen before."""
+    narrow the check (confirm's rerandomized, shapes, kernels) for blocks the torch.compile backend has seen before.
+    A block of the same class, tensor shapes and description as one confirmed before (another layer) is checked on
+    its own weights only: the re-randomised checks of the first hold for it."""
 
     name = "confirm"
 
@@ -90,20 +108,38 @@ class ConfirmPass:
             if not ctx.verify:
                 record.reason = "not verified (verify=False): spec read by execution on a randomised copy only"
                 continue
+            module, description = ctx.candidates[record.path].module, ctx.descriptions[record.path]
+            key = _structure_key(module, description)
+            first = ctx.confirmed_structures.get(key)
+            narrowed = dict(self.narrowed)
+            if first is not None:
+                narrowed["rerandomized"] = False
             try:
-                result = confirm(ctx.candidates[record.path].module, ctx.descriptions[record.path], seed=ctx.seed,
-                                 **self.narrowed)
+                result = confirm(module, description, seed=ctx.seed, **narrowed)
             except Exception as exc:  # noqa: BLE001
                 record.leave(f"confirmation failed to run: {type(exc).__name__}: {exc}")
             else:
                 record.max_abs_error, record.rel_error = result.max_abs_error, result.rel_error
                 record.native_max_abs_error = result.native_max_abs_error
                 record.native_mean_rel_error = result.native_mean_rel_error
-                record.confirm_tokens = result.tokens
+                record.confirm_tokens, record.told_apart = result.tokens, result.told_apart
+                if result.checked_on != "cpu":
+                    record.method += f"; float32 checks on {result.checked_on} (the block does not run on the CPU)"
                 if not result.ok:
                     record.leave(f"replacement disagrees with the original: {result.detail}")
+                elif first is not None:
+                    record.method += f"; re-randomised checks as {first} (same class, shapes and description)"
+                elif narrowed.get("rerandomized", True):
+                    ctx.confirmed_structures[key] = record.path or "<root>"
             record.seconds += time.perf_counter() - start
         return False
+
+
+def _structure_key(module: nn.Module, description: Description) -> tuple:
+    """What the re-randomised checks depend on: the block's code (its class), its tensors' names, shapes and dtypes,
+    and the description."""
+    tensors = [(name, tuple(t.shape), str(t.dtype)) for name, t in module.state_dict(keep_vars=True).items()]
+    return type(module).__module__, type(module).__qualname__, tuple(tensors), description.spec.to_json()
 
 
 class FusePass:
@@ -120,6 +156,7 @@ class FusePass:
                              ctx.descriptions[record.path].extract(candidate.module), source_path=record.path)
             fused.train(candidate.module.training)
             fused.router_tap = make_tap(ctx.model, candidate.module)
+            hooks.carry_over(candidate.module, fused)
             replacements.append((record, fused))
         swapped: list[tuple[str, nn.Module]] = []
         try:
@@ -138,7 +175,7 @@ class FusePass:
         return bool(replacements)
 
 
-ANALYSIS_PASSES = (DetectPass, DescribePass, ConfirmPass)  # read the model, never modify it
+ANALYSIS_PASSES = (DetectPass, HooksPass, DescribePass, ConfirmPass)  # read the model, never modify it
 DEFAULT_PASSES = ANALYSIS_PASSES + (FusePass,)
 
 
