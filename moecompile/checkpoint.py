@@ -20,10 +20,9 @@ model against the converted one in memory, and only then moves it into place, so
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +36,7 @@ from .backends.eager import optimize, record_routing, report, rewrite_routing
 from .calibration_text import check_text_file, text_batches, vocab_size_of
 from .errors import MoECompileError
 from .fused import FusedMoE
+from .outdir import check_target, exclusive, os_errors, place, staging_dir
 from .passes.routing import DEFAULT_COVERAGE, RoutingChange, check_options
 from .progress import ProgressBar
 from .spec import RouterSpec
@@ -182,9 +182,49 @@ class _Loaded:
     meta: dict | None
 
 
+def file_digests(path: Path) -> dict[str, str]:
+    """SHA-256 of every file in the directory but config.json (which records them), by name."""
+    digests = {}
+    for f in sorted(p for p in path.iterdir() if p.is_file() and p.name != "config.json"):
+        h = hashlib.sha256()
+        with f.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                h.update(chunk)
+        digests[f.name] = h.hexdigest()
+    return digests
+
+
+def _check_digests(path: Path, meta: dict) -> None:
+    """The files of a directory convert wrote are the bytes it wrote: safetensors has no checksum of its own, so
+    a flipped byte in a tensor would load silently."""
+    recorded = meta.get("sha256") if isinstance(meta, dict) else None
+    if not isinstance(recorded, dict):
+        return  # written before checksums were recorded
+    found = file_digests(path)
+    for name, digest in sorted(recorded.items()):
+        if name not in found:
+            raise MoECompileError(f"{path / name}: missing; the checkpoint written by moecompile convert lists it. "
+                                  "Copy the whole directory again")
+        if found[name] != digest:
+            raise MoECompileError(f"{path / name}: its SHA-256 differs from the one recorded when it was written; "
+                                  "the file is damaged (copy it again, or convert the original again)")
+
+
+def _check_finite(path: Path, model: nn.Module) -> None:
+    """A NaN or Inf weight makes every output that reads it NaN: name the tensor now rather than later."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and tensor.numel() and not bool(tensor.isfinite().all()):
+            bad = int((~tensor.isfinite()).sum())
+            raise MoECompileError(f"{path}: the weight {name} holds {bad} NaN/Inf values of {tensor.numel()}; the "
+                                  "checkpoint is damaged or diverged in training. Use an earlier checkpoint")
+
+
 def _load(path: Path, verify: bool, hf_kwargs: dict) -> _Loaded:
     meta = read_config(path).get(CONFIG_KEY)
+    if meta is not None:
+        _check_digests(path, meta)
     source = load_hf(path, **hf_kwargs)
+    _check_finite(path, source)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = optimize(source, verify=verify)
@@ -292,13 +332,13 @@ def _write(loaded: _Loaded, model: nn.Module, source_dir: Path, out: Path, histo
         (out / name).stat().st_size for name in set(index["weight_map"].values()))
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
     config = json.loads((out / "config.json").read_text())
-    config[CONFIG_KEY] = {"format": FORMAT_VERSION, "note": LOAD_NOTE, "routing": history[-1]["routing"],
-                          "layers": layers, "history": history}
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for item in source_dir.iterdir():  # tokenizer and other side files, as they were
         if item.is_file() and not (out / item.name).exists() and item.suffix not in WEIGHT_SUFFIXES and \
                 item.name != INDEX_FILE:
             shutil.copy2(item, out / item.name)
+    config[CONFIG_KEY] = {"format": FORMAT_VERSION, "note": LOAD_NOTE, "routing": history[-1]["routing"],
+                          "layers": layers, "history": history, "sha256": file_digests(out)}
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _first_output(out) -> torch.Tensor:
@@ -322,6 +362,12 @@ def _check_reload(out: Path, model: nn.Module, batch: dict, hf_kwargs: dict) -> 
     return err
 
 
+def _refuse_existing(out: Path, overwrite: bool, notes: list[str] = ()) -> None:
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+        raise MoECompileError("; ".join([*notes, f"{out}: already exists and is not empty; pass --overwrite to "
+                                         "replace it, or choose another --out"]))
+
+
 def convert(source: str | Path, out: str | Path, routing: str, *, k: int | str | None = None,
             calibration: str | Path | None = None, seq_len: int = 256, batches: int = 16,
             coverage: float = DEFAULT_COVERAGE, overwrite: bool = False, verify: bool = True,
@@ -340,11 +386,8 @@ def convert(source: str | Path, out: str | Path, routing: str, *, k: int | str |
     if calibration is not None:
         check_text_file(calibration)
     config = read_config(source)  # its weight files are checked by the load below, before anything is written
-    if out.resolve() == source.resolve():
-        raise MoECompileError(f"{out}: the output is the source directory; write the converted checkpoint elsewhere")
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise MoECompileError(f"{out}: already exists and is not empty; pass --overwrite to replace it, or choose "
-                              "another --out")
+    check_target(out, source)
+    _refuse_existing(out, overwrite)
     if routing == "topk" and not (config.get(CONFIG_KEY) or {}).get("routing") == "relu":
         raise MoECompileError(f"{source}: --routing topk takes a ReLU-routed checkpoint (one `moecompile convert "
                               "--routing relu` wrote); this one routes top-k already")
@@ -368,23 +411,21 @@ def convert(source: str | Path, out: str | Path, routing: str, *, k: int | str |
         "calibration": None if calibration is None else Path(calibration).name, "calibration_source": calib_source,
         "calibration_tokens": tokens, "moecompile_version": __version__}]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        _write(loaded, model, source, tmp, history)
-        if verify:
-            check_batch = calib[0] if calib else {"input_ids": torch.arange(16)[None] % vocab}
-            _check_reload(tmp, model, check_batch, hf_kwargs)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with os_errors(f"writing {out}"), exclusive(out) as cleaned:
+        for note in cleaned:
+            warnings.warn(f"moecompile: {note}", stacklevel=2)
+        _refuse_existing(out, overwrite, cleaned)  # again, under the lock: an earlier run's output may be back
+        tmp = staging_dir(out)
+        try:
+            _write(loaded, model, source, tmp, history)
+            if verify:
+                check_batch = calib[0] if calib else {"input_ids": torch.arange(16)[None] % vocab}
+                _check_reload(tmp, model, check_batch, hf_kwargs)
+            place(tmp, out, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     rep = report(model)
-    rep.message = f"converted {source} -> {out} ({routing} routing; calibration: {calib_source or 'none'})"
+    rep.message = "; ".join([f"converted {source} -> {out} ({routing} routing; calibration: "
+                             f"{calib_source or 'none'})", *cleaned])
     return rep
