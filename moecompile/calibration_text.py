@@ -20,6 +20,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 def check_text_file(text: str | Path, flag: str = "--calibration") -> Path:
     path = Path(text)
+    if path.is_dir():
+        raise MoECompileError(f"{text}: a folder, not a text file; pass {flag} FILE, one text file (concatenate "
+                              "several with cat)")
     if not path.is_file():
         raise MoECompileError(f"{text}: no such text file; pass {flag} FILE with some text in the model's language")
     return path

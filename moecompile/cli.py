@@ -4,6 +4,7 @@ Place in the pipeline: the outermost layer; it calls optimize() and renders Repo
 
     moecompile optimize MODEL [--report FILE] [--strict] [--no-verify]
         MODEL is a saved HF directory (config.json + safetensors) or a Python file defining build_model() -> nn.Module
+        (the file is executed)
     moecompile inspect REPORT.json
     moecompile stats MODEL [--routing relu|topk] [--k K|auto] [--text FILE] [--seq-len N] [--batches N]
         routing statistics per MoE layer (experts per token, load) on batches of token ids: a text file (tokenized
@@ -77,12 +78,18 @@ def _cmd_inspect(args) -> int:
     from .passes.log import Report
 
     path = Path(args.report)
+    if path.is_dir():
+        raise MoECompileError(f"{path}: a folder, not a report file; pass the JSON file `moecompile optimize MODEL "
+                              "--report FILE` wrote")
     try:
         rep = Report.from_json(path.read_text())
     except FileNotFoundError:
         raise MoECompileError(f"{path}: no such report file; write one with `moecompile optimize MODEL --report "
                               f"{path}`") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except UnicodeDecodeError:
+        raise MoECompileError(f"{path}: a binary file, not a moecompile report (JSON text written by `moecompile "
+                              "optimize --report`)") from None
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise MoECompileError(f"{path}: not a moecompile report ({type(exc).__name__}: {exc}); reports are written "
                               "by `moecompile optimize --report` or Report.save()") from None
     print(rep.table())
@@ -155,6 +162,10 @@ def _cmd_export(args) -> int:
 
     from .backends.onnx import export_onnx, export_report
 
+    if not Path(args.model).is_dir():  # before load_model: a script would be run only to be refused
+        raise MoECompileError(f"{args.model}: export from the command line takes a saved HF model directory (its "
+                              "config names the vocabulary); the script was not run. For other models call "
+                              "moecompile.export_onnx(model, path, example_inputs)")
     model = load_model(args.model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is None:
@@ -173,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moecompile", description="Find, describe and fuse the MoE blocks of a model.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("optimize", help="optimize a model and print its pass log")
-    p.add_argument("model", help="a saved HF model directory, or a .py file defining build_model()")
+    p.add_argument("model", help="a saved HF model directory, or a .py file defining build_model(); the file is "
+                   "executed as Python, so pass only scripts you trust")
     p.add_argument("--report", help="write the pass log (JSON) to this file")
     p.add_argument("--strict", action="store_true", help="fail if any MoE block is left alone")
     p.add_argument("--no-verify", action="store_true", help="skip confirming replacements against the originals")
@@ -182,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("report", help="a report JSON file")
     p.set_defaults(func=_cmd_inspect)
     p = sub.add_parser("stats", help="routing statistics per MoE layer on token batches")
-    p.add_argument("model", help="a saved HF model directory, or a .py file defining build_model()")
+    p.add_argument("model", help="a saved HF model directory, or a .py file defining build_model() (executed as "
+                   "Python: pass only scripts you trust)")
     p.add_argument("--routing", choices=["relu", "topk"], help="rewrite the routing first (calibrated on half the "
                    "batches)")
     p.add_argument("--k", help="k for --routing topk: an integer or 'auto'")
@@ -222,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except MoECompileError as exc:
         print(f"moecompile: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, read-only, permissions: what the OS refused, on one line
+        from .outdir import describe_os_error
+
+        print(f"moecompile: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
 
 

@@ -83,3 +83,56 @@ def test_stats_bad_input(tmp_path, capsys):
     model.save_pretrained(tmp_path / "ckpt")
     assert main(["stats", str(tmp_path / "ckpt"), "--text", str(tmp_path / "missing.txt")]) == 2
     assert "no such text file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.mkdir(), "a folder, not a report file"),
+    (lambda p: p.write_bytes(bytes(range(256)) * 4), "a binary file, not a moecompile report"),
+    (lambda p: p.write_text("[1, 2]"), "not a moecompile report"),
+])
+def test_inspect_folder_or_binary_is_one_line(tmp_path, make, message):
+    target = tmp_path / "report.json"
+    make(target)
+    done = run("inspect", str(target))
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_calibration_folder_is_one_line(tmp_path, capsys):
+    hf_zoo.build("mixtral").save_pretrained(tmp_path / "src")
+    (tmp_path / "texts").mkdir()
+    assert main(["convert", str(tmp_path / "src"), "--routing", "relu", "--calibration", str(tmp_path / "texts"),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "a folder, not a text file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_to_an_existing_folder_is_one_line(tmp_path):
+    hf_zoo.build("mixtral").save_pretrained(tmp_path / "src")
+    (tmp_path / "model.onnx").mkdir()
+    (tmp_path / "model.onnx" / "mine.txt").write_text("mine")
+    done = run("export", str(tmp_path / "src"), str(tmp_path / "model.onnx"))
+    assert done.returncode == 2 and "is an existing folder" in done.stderr and "Traceback" not in done.stderr
+    assert [p.name for p in (tmp_path / "model.onnx").iterdir()] == ["mine.txt"]
+
+
+def test_export_refuses_a_script_without_running_it(tmp_path, capsys):
+    ran = tmp_path / "ran"
+    script = tmp_path / "model.py"
+    script.write_text(f"open({str(ran)!r}, 'w').write('ran')\ndef build_model():\n    raise SystemExit\n")
+    assert main(["export", str(script), str(tmp_path / "m.onnx")]) == 2
+    assert "the script was not run" in capsys.readouterr().err
+    assert not ran.exists()
+
+
+def test_optimize_help_says_a_script_is_executed():
+    done = run("optimize", "--help")
+    assert done.returncode == 0 and "executed as Python" in " ".join(done.stdout.split())
+
+
+def test_meta_device_model_says_load_the_weights_first(tmp_path, capsys):
+    script = tmp_path / "model.py"
+    script.write_text("import torch, sys\nsys.path.insert(0, %r)\nimport handwritten\n"
+                      "def build_model():\n    with torch.device('meta'):\n        return handwritten.DeepModel()\n"
+                      % str(__import__("pathlib").Path(__file__).parent))
+    assert main(["optimize", str(script)]) == 2
+    assert "on the meta device" in capsys.readouterr().err

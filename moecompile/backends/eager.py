@@ -72,6 +72,12 @@ def optimize(model: nn.Module, *, verify: bool = True, strict: bool = False, inp
     if next(model.parameters(), None) is None:
         raise MoECompileError(f"optimize: {type(model).__name__} has no parameters; pass the model, not its class "
                               "or an empty container")
+    on_meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if on_meta:
+        raise MoECompileError(f"optimize: {len(on_meta)} parameters of {type(model).__name__} are on the meta device "
+                              f"(e.g. {on_meta[0]}): they hold no values, so no block can be read or checked. Load "
+                              "the weights first (from_pretrained, or load_state_dict(..., assign=True)), then "
+                              "optimize")
     target = model if inplace else _structural_copy(model)
     report = Report(model_type=type(model).__name__,
                     options={"verify": verify, "strict": strict, "inplace": inplace, **options})

@@ -141,6 +141,9 @@ def export_onnx(model: nn.Module, path, example_inputs, *, dynamic: bool = True,
     if moe_op not in MOE_OPS:
         raise MoECompileError(f"export_onnx: moe_op={moe_op!r} is not one of {MOE_OPS}")
     path = Path(path)
+    if path.is_dir():
+        raise MoECompileError(f"export_onnx: {path} is an existing folder; pass a file path <name>.onnx (inside the "
+                              "folder, or elsewhere)")
     if path.suffix != ".onnx":
         raise MoECompileError(f"export_onnx: {path} does not end in .onnx; name the output file <name>.onnx")
     if not path.parent.is_dir():
