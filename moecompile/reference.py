@@ -145,7 +145,9 @@ def route(router: RouterSpec, weights: MoEWeights, x: torch.Tensor, seq_len: int
     T = x.shape[0]
     if router.selection == "all_positive":
         gates = logits.relu()
-        token_index, expert_index = (gates > 0).nonzero(as_tuple=True)
+        # a NaN gate (a NaN in the token) runs its expert, so the NaN reaches the output as in the original block
+        # (gates * expert(x) over every expert); skipping it would turn a NaN token into a finite one
+        token_index, expert_index = ((gates > 0) | gates.isnan()).nonzero(as_tuple=True)
         weight = gates[token_index, expert_index] * router.scaling_factor
         return Routing(logits, token_index, expert_index, weight, None)
 

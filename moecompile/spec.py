@@ -18,6 +18,7 @@ What a block computes, in the canonical form every field below refers to (x: [T,
                  expert_capacity tokens in order that chose expert e get it; for the others that choice weighs 0
     sparsemixer (PhiMoE, eval): k = 2 rounds; round r picks the best remaining logit m_r and weighs it by a softmax
                  over the logits l with (m_r - l) / max(|l|, m_r) <= 2 * jitter_eps (earlier picks excluded)
+    all_positive (ReMoE): chosen = the experts whose gate relu(logit) is > 0 or NaN (a NaN token stays NaN), w = gate
     y = sum over chosen e of  w_e * expert_e(x)       (or expert_e(w_e * x) when weight_on_input)
       + shared(x) (* sigmoid(x @ shared_gate.T) when the shared expert is gated)
       + output_bias                                   (one [H] vector for the whole block: JetMoE)

@@ -66,8 +66,9 @@ def _dispatch_kernel(
         expert = pairs % S
     else:
         expert = tl.load(ids_ptr + pairs, mask=ok, other=0)
-    if SKIP_NONPOSITIVE:
-        ok = ok & (tl.load(weight_ptr + pairs, mask=ok, other=0.0) > 0)
+    if SKIP_NONPOSITIVE:  # ReLU gates: the positive ones and NaN (gating's rule)
+        gate = tl.load(weight_ptr + pairs, mask=ok, other=0.0)
+        ok = ok & ((gate > 0) | (gate != gate))
     slot = tl.atomic_add(cursor_ptr + expert, tl.full((BLOCK_P,), 1, tl.int32), mask=ok, sem="relaxed")
     onehot = experts[None, :] == expert[:, None]
     base = tl.sum(tl.where(onehot, row_start[None, :], 0), axis=1)

@@ -41,10 +41,10 @@ def _activation(g, ACT: tl.constexpr):
     elif ACT == 2:
         inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         return 0.5 * g * (2.0 * tl.sigmoid(2.0 * inner))  # 1 + tanh(z) = 2 sigmoid(2z)
-    elif ACT == 3:
-        return tl.maximum(g, 0.0)
+    elif ACT == 3:  # NaN kept, as torch's relu keeps it (tl.maximum would return 0: a NaN token made finite)
+        return tl.maximum(g, 0.0, propagate_nan=tl.PropagateNan.ALL)
     else:
-        r = tl.maximum(g, 0.0)
+        r = tl.maximum(g, 0.0, propagate_nan=tl.PropagateNan.ALL)
         return r * r
 
 
@@ -53,8 +53,9 @@ def mlp_activation(g, u, alpha, limit, GATED: tl.constexpr, ACT: tl.constexpr):
     """The expert's hidden activation from fp32 gate g and up u (a plain MLP: act(g), u unused)."""
     if GATED:
         if ACT == 5:  # gpt-oss clamped swiglu
-            g = tl.minimum(g, limit)
-            u = tl.minimum(tl.maximum(u, -limit), limit)
+            g = tl.minimum(g, limit, propagate_nan=tl.PropagateNan.ALL)  # torch's clamp keeps NaN
+            u = tl.minimum(tl.maximum(u, -limit, propagate_nan=tl.PropagateNan.ALL), limit,
+                           propagate_nan=tl.PropagateNan.ALL)
             return (u + 1.0) * (g * tl.sigmoid(g * alpha))
         else:
             return _activation(g, ACT) * u

@@ -32,18 +32,24 @@ def _score(v, SCORING: tl.constexpr, valid):
         return tl.sigmoid(v)
     elif SCORING == 3:
         # softplus as torch computes it (linear above 20), then sqrt
-        return tl.sqrt(tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(tl.minimum(v, 20.0)))))
-    elif SCORING == 4:
-        return tl.maximum(v, 0.0)
+        return tl.sqrt(tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(tl.minimum(v, 20.0,
+                                                                             propagate_nan=tl.PropagateNan.ALL)))))
+    elif SCORING == 4:  # NaN kept, as torch keeps it
+        return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
     else:
         return v
 
 
 @triton.jit
 def _first_argmax(v, index, SIZE: tl.constexpr):
-    """Index (along axis 1) of the first maximum; NaN rows pick index 0 rather than an out-of-range one."""
-    m = tl.max(v, axis=1)
-    idx = tl.min(tl.where(v == m[:, None], index, SIZE), axis=1)
+    """Index (along axis 1) of the first maximum, NaN counting as the largest value (torch.topk's order). NaN needs
+    its own case: tl.max skips it, so a row of NaN real columns beside -inf padding had the padding as its maximum
+    and picked expert E, out of range (found by benchmarks/fuzz_moe.py: a NaN token corrupted the counts)."""
+    nan = v != v
+    m = tl.max(tl.where(nan, float("-inf"), v), axis=1)
+    has_nan = tl.max(nan.to(tl.int32), axis=1) > 0
+    hit = tl.where(has_nan[:, None], nan, v == m[:, None])
+    idx = tl.min(tl.where(hit, index, SIZE), axis=1)
     return tl.where(idx < SIZE, idx, 0)
 
 
@@ -100,13 +106,15 @@ def _gating_kernel(
     tl.store(logits_ptr + rows64[:, None] * E + cols[None, :], logits, mask=valid)
 
     if ALL_POSITIVE:
-        gates = tl.maximum(logits, 0.0) * scaling
+        # NaN stays NaN (tl.maximum would drop it) and runs its expert, as in the reference
+        gates = tl.where(logits != logits, logits, tl.maximum(logits, 0.0)) * scaling
         tl.store(weight_ptr + rows64[:, None] * E + cols[None, :], gates, mask=valid)
-        active = tl.sum((valid & (gates > 0)).to(tl.int32), axis=0)
+        taken = valid & ((gates > 0) | (gates != gates))
+        active = tl.sum(taken.to(tl.int32), axis=0)
         tl.atomic_add(counts_ptr + cols, active, mask=col_ok, sem="relaxed")
         if FUSED_DISPATCH:  # slot = expert: pair t*E + e
             _dispatch_in_program(tl.broadcast_to(cols[None, :], (BLOCK_T, E_PAD)), rows[:, None] * E + cols[None, :],
-                                 valid & (gates > 0), counts_ptr, cols, E, sorted_pair_ptr, block_expert_ptr,
+                                 taken, counts_ptr, cols, E, sorted_pair_ptr, block_expert_ptr,
                                  block_end_ptr, num_blocks_ptr, BM, 64)
     else:
         all_ok = row_ok[:, None] & tl.broadcast_to(col_ok[None, :], (BLOCK_T, E_PAD))

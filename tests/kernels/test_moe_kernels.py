@@ -103,6 +103,28 @@ def test_grouped_topk_groups_of_several_experts_cpu(E, n_group, topk_group, scor
     run_grouped(E, n_group, topk_group, score, 37, torch.float32, "cpu")
 
 
+def run_nan_token(router, dtype, device, T=21):
+    """A token holding a NaN gives a NaN row, in the kernels as in the reference (a ReLU gate of NaN runs its
+    expert), and the other tokens are untouched (cases.TOLERANCE against the reference)."""
+    spec = cases.make_spec(router, 8, 2, 72, 40)
+    gen = torch.Generator().manual_seed(next(_seed))
+    weights = cases.make_weights(spec, dtype, device, gen)
+    x = torch.randn(T, 72, generator=gen)
+    x[5, 3] = float("nan")
+    x = x.to(device=device, dtype=dtype)
+    y, _, _ = kernel_moe.moe_forward(spec, weights, x)
+    with cases.reference_ties(spec):
+        y_ref, _ = reference_forward(spec, cases.upcast(weights), x.double())
+    assert y_ref[5].isnan().all() and y[5].isnan().all()
+    others = torch.arange(T, device=device) != 5
+    assert cases.relative_error(y[others], y_ref[others]) <= cases.TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("router", ["relu", "relu_bias", "softmax_topk_renorm", "sigmoid_grouped_fill0"])
+def test_nan_token_stays_nan_cpu(router):
+    run_nan_token(router, torch.float32, "cpu")
+
+
 def test_one_expert_takes_every_token_cpu():
     run_case("sigmoid_topk_bias", 8, 1, 50, 72, 40, torch.float32, "cpu", setup=one_expert_takes_all)
 
@@ -316,6 +338,13 @@ def test_router_forms_cuda(router, dtype, E, k):
 @pytest.mark.parametrize("mlp", list(cases.MLPS))
 def test_mlp_variants_cuda(mlp, dtype):
     run_case("softmax_topk_renorm", 64, 8, 333, 200, 136, DTYPES[dtype], "cuda", mlp=mlp)
+
+
+@needs_cuda
+@pytest.mark.parametrize("router", ["relu", "relu_bias", "softmax_topk_renorm", "sigmoid_grouped_fill0"])
+@pytest.mark.parametrize("T", [21, 300])
+def test_nan_token_stays_nan_cuda(router, T):
+    run_nan_token(router, torch.bfloat16, "cuda", T)
 
 
 @needs_cuda
