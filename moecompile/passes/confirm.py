@@ -38,7 +38,7 @@ from ..fused import FusedMoE
 from .compare import output_error, output_pairs, token_errors
 from .copies import HOOK_DICTS, redraw_vectors, working_copy
 from .describe import Description
-from .probes import Probe, aimed_inputs, neighbours, route_probe, routed_differently
+from .probes import Neighbour, Probe, aimed_inputs, neighbours, route_probe, routed_differently
 
 FP32_RTOL = 1e-4
 NATIVE_MEAN_RTOL = 2e-2
@@ -58,10 +58,15 @@ class Confirmation:
     tokens: list[int]
     told_apart: dict[str, int] = field(default_factory=dict)  # neighbour -> tokens routed differently
     checked_on: str = "cpu"  # where the float32 checks ran
+    computed_instead: Neighbour | None = None  # on a mismatch: the neighbour the block computes there, if one does
 
 
 class _Mismatch(Exception):
-    """A check failed; the message is the pass log's reason."""
+    """A check failed; the message is the pass log's reason, `neighbour` what the block computes there (or None)."""
+
+    def __init__(self, message: str, neighbour: Neighbour | None = None):
+        super().__init__(message)
+        self.neighbour = neighbour
 
 
 class _BlockFailed(Exception):
@@ -101,7 +106,7 @@ def confirm(block: nn.Module, description: Description, *, seed: int = 0, rerand
         if kernels:
             _check_kernels(block, description, kernel_x, exact, result)
     except _Mismatch as exc:
-        result.ok, result.detail = False, str(exc)
+        result.ok, result.detail, result.computed_instead = False, str(exc), exc.neighbour
     except _BlockFailed as exc:
         result.ok, result.detail = False, f"the block raised on confirm's inputs: {exc}"
     return result
@@ -165,10 +170,12 @@ def _check_probe(copy: nn.Module, description: Description, weights, probe: Prob
                             f"description {None if got_t is None else tuple(got_t.shape)}")
         if not error.within(FP32_RTOL):
             bad = token_errors(got_t, want_t, error.scale) > FP32_RTOL
+            instead = _computed_instead(want, description, weights, probe)
+            explained = (f"; there the block computes the description with {instead.label} ({instead.spec.summary()})"
+                         if instead else "; no neighbouring description (one field changed) computes it either")
             raise _Mismatch(f"float32 mismatch with {label} on {probe.name} inputs "
                             f"({probe.x.shape[0]}x{probe.x.shape[1]} tokens): {error.describe()} > {FP32_RTOL:.0e} "
-                            f"on {int(bad.sum())} of {bad.numel()} tokens"
-                            + _explain(want, description, weights, probe, bad))
+                            f"on {int(bad.sum())} of {bad.numel()} tokens" + explained, instead)
         worst = max(worst, (error.max_abs, error.rel), key=lambda w: w[1])
     _count_told_apart(spec, weights, probe, result.told_apart)
     return worst
@@ -183,8 +190,8 @@ def _count_told_apart(spec, weights, probe: Probe, told_apart: dict[str, int]) -
         told_apart[n.label] = told_apart.get(n.label, 0) + int(differ.sum())
 
 
-def _explain(block_outputs, description: Description, weights, probe: Probe, bad: torch.Tensor) -> str:
-    """Which neighbouring description the block computes on this probe, if one does."""
+def _computed_instead(block_outputs, description: Description, weights, probe: Probe) -> Neighbour | None:
+    """The neighbouring description the block computes on this probe, if one does."""
     spec, rank = description.spec, description.input_rank
     want = block_outputs[0]
     for n in neighbours(spec):
@@ -193,8 +200,16 @@ def _explain(block_outputs, description: Description, weights, probe: Probe, bad
         except (ValueError, RuntimeError):
             continue
         if output_error(got, want).within(FP32_RTOL):
-            return f"; there the block computes the description with {n.label} ({n.spec.summary()})"
-    return "; no neighbouring description (one field changed) computes it either"
+            return n
+    return None
+
+
+def neighbour_description(description: Description, neighbour: Neighbour, why: str) -> Description:
+    """`description` with one field changed to `neighbour`'s (its weights mapped by the neighbour's bias roles)."""
+    def extract(block):
+        return neighbour.weights(description.extract(block))
+    return Description(neighbour.spec, extract, description.input_rank,
+                       f"{description.method}; {why} chose {neighbour.label} over {description.spec.summary()}")
 
 
 def _check_kernels(block: nn.Module, description: Description, kernel_x: torch.Tensor, exact,

@@ -16,7 +16,7 @@ from torch import nn
 from ..fused import FusedMoE
 from ..router_tap import make_tap
 from . import hooks
-from .confirm import confirm
+from .confirm import confirm, neighbour_description
 from .describe import DescribeError, Description, describe
 from .detect import Candidate, propose
 from .log import BlockRecord, PassRun, Report
@@ -116,6 +116,18 @@ class ConfirmPass:
                 narrowed["rerandomized"] = False
             try:
                 result = confirm(module, description, seed=ctx.seed, **narrowed)
+                if not result.ok and result.computed_instead is not None:
+                    # describe's aimed inputs (fewer) missed a difference confirm's found, and there the block
+                    # computes a neighbour: that neighbour gets the whole check, and replaces the description if
+                    # it passes
+                    retry = neighbour_description(description, result.computed_instead, "confirm's inputs")
+                    second = confirm(module, retry, seed=ctx.seed, **narrowed)
+                    if second.ok:
+                        description, result = retry, second
+                        ctx.descriptions[record.path] = retry
+                        record.spec, record.spec_summary = retry.spec.to_dict(), retry.spec.summary()
+                        record.method = retry.method
+                        key = _structure_key(module, retry)
             except Exception as exc:  # noqa: BLE001
                 record.leave(f"confirmation failed to run: {type(exc).__name__}: {exc}")
             else:
