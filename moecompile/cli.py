@@ -162,7 +162,7 @@ def _cmd_export(args) -> int:
 
     from .backends.onnx import export_onnx, export_report
 
-    if not Path(args.model).is_dir():  # before load_model: a script would be run only to be refused
+    if Path(args.model).is_file():  # before load_model: a script would be run only to be refused
         raise MoECompileError(f"{args.model}: export from the command line takes a saved HF model directory (its "
                               "config names the vocabulary); the script was not run. For other models call "
                               "moecompile.export_onnx(model, path, example_inputs)")
