@@ -31,7 +31,7 @@ def test_optimize_leaves_no_cyclic_garbage(family, quiet):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 75e9,
-                    reason="needs a GPU of 80 GB (run on the device: benchmarks/device_verification.sh)")
+                    reason="needs a GPU of 80 GB (run on the device: benchmarks/device_verification.sh memory)")
 def test_full_size_model_on_gpu_with_gc_disabled(tmp_path, quiet):
     """Qwen3-30B-A3B shape (48 layers, bf16) on the GPU, gc off while optimize runs: the peak extra memory stays
     under one layer's expert weights and what is left after it returns under 1% of the model (the benchmark's bars,
