@@ -28,6 +28,17 @@ class GeluMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+def loop_over_experts(experts, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum over each token's chosen experts (idx, w: [T, k]) of w * expert(x), one expert at a time with
+    torch.where / index_add_, as most hand-written MoE code does."""
+    out = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        token, slot = torch.where(idx == e)
+        if token.numel():
+            out.index_add_(0, token, expert(x[token]) * w[token, slot, None])
+    return out
+
+
 class ListMoE(nn.Module):
     """Experts as a ModuleList of SwiGLU MLPs, softmax -> top-k -> renormalise, loop with torch.where/index_add_."""
 
@@ -43,12 +54,7 @@ class ListMoE(nn.Module):
         probs = self.router(x).softmax(-1)
         w, idx = probs.topk(self.k, dim=-1)
         w = w / w.sum(-1, keepdim=True)
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(idx == e)
-            if token.numel():
-                out.index_add_(0, token, expert(x[token]) * w[token, slot, None])
-        return out.reshape(shape)
+        return loop_over_experts(self.experts, x, idx, w).reshape(shape)
 
 
 class EinsumMoE(nn.Module):
@@ -236,12 +242,7 @@ class RemoteCodeDeepseekMoE(nn.Module):
         _, idx = torch.topk(tmp_scores, k=self.k, dim=-1, sorted=False)
         w = scores.gather(1, idx)
         w = w / (w.sum(dim=-1, keepdim=True) + 1e-20) * self.scale
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(idx == e)
-            if token.numel():
-                out.index_add_(0, token, expert(x[token]) * w[token, slot, None])
-        return out.reshape(shape)
+        return loop_over_experts(self.experts, x, idx, w).reshape(shape)
 
 
 class SaturatingGateMoE(ListMoE):
@@ -255,12 +256,7 @@ class SaturatingGateMoE(ListMoE):
         probs = self.router(x).clamp(-12.0, 12.0).softmax(-1)
         w, idx = probs.topk(self.k, dim=-1)
         w = w / w.sum(-1, keepdim=True)
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(idx == e)
-            if token.numel():
-                out.index_add_(0, token, expert(x[token]) * w[token, slot, None])
-        return out.reshape(shape)
+        return loop_over_experts(self.experts, x, idx, w).reshape(shape)
 
 
 class FlooredChoiceMoE(ListMoE):
@@ -274,9 +270,4 @@ class FlooredChoiceMoE(ListMoE):
         logits = self.router(x)
         _, idx = logits.clamp(min=-2.0).topk(self.k, dim=-1)
         w = logits.sigmoid().gather(1, idx)
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(idx == e)
-            if token.numel():
-                out.index_add_(0, token, expert(x[token]) * w[token, slot, None])
-        return out.reshape(shape)
+        return loop_over_experts(self.experts, x, idx, w).reshape(shape)

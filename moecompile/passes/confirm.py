@@ -39,6 +39,7 @@ from .compare import output_error, output_pairs, token_errors
 from .copies import HOOK_DICTS, redraw_vectors, working_copy
 from .describe import Description
 from .probes import Neighbour, Probe, aimed_inputs, neighbours, route_probe, routed_differently
+from .routing import float_weights
 
 FP32_RTOL = 1e-4
 NATIVE_MEAN_RTOL = 2e-2
@@ -141,7 +142,7 @@ def _check_description(block, description: Description, seed: int, rerandomized:
             probes = [Probe(f"{b}x{s}", torch.randn(b, s, H, generator=gen)) for b, s in shapes]
         else:
             probes = [Probe(f"{b}x{s}", torch.randn(b, s, H, generator=gen)) for b, s in SMALL_SHAPES]
-            probes += aimed_inputs(spec, _on_cpu(weights), gen, AIMED_TOKENS)
+            probes += aimed_inputs(spec, float_weights(weights), gen, AIMED_TOKENS)
         for probe in probes:
             probe = Probe(probe.name, probe.x.to(device))
             err, rel = _check_probe(copy, description, weights, probe, label, result)
@@ -150,10 +151,6 @@ def _check_description(block, description: Description, seed: int, rerandomized:
                 result.rel_error = max(result.rel_error, rel)
                 result.tokens.append(probe.x.shape[0] * probe.x.shape[1])
     return exact
-
-
-def _on_cpu(weights):
-    return type(weights)(**{n: None if t is None else t.detach().float().cpu() for n, t in weights.items()})
 
 
 def _check_probe(copy: nn.Module, description: Description, weights, probe: Probe, label: str,
@@ -183,7 +180,7 @@ def _check_probe(copy: nn.Module, description: Description, weights, probe: Prob
 
 def _count_told_apart(spec, weights, probe: Probe, told_apart: dict[str, int]) -> None:
     cpu_probe = Probe(probe.name, probe.x.float().cpu())
-    weights = _on_cpu(weights)
+    weights = float_weights(weights)
     chosen = route_probe(spec, weights, cpu_probe)
     for n in neighbours(spec):
         differ = routed_differently(chosen, route_probe(n.spec, n.weights(weights), cpu_probe))

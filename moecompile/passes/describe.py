@@ -34,6 +34,7 @@ from .compare import output_error, output_pairs
 from .copies import redraw_vectors, working_copy
 from .detect import Candidate, TensorRef, expert_members, expert_view, is_mlp_like
 from .probes import aimed_inputs, neighbours
+from .routing import float_weights
 
 MATCH_RTOL = 1e-4  # fp32 max-abs error over max-abs output that counts as "computes the same thing"
 SEARCH_TOKENS = 24
@@ -590,8 +591,7 @@ def _fails_aimed(probe: nn.Module, spec: MoESpec, extract, input_rank: int, seed
                 redraw_vectors(probe, E, *REFINE_VECTORS, seed + 5)
             weights = extract(probe)
             gen = torch.Generator().manual_seed(seed + 2)
-            cpu_weights = MoEWeights(**{n: None if t is None else t.detach().float().cpu()
-                                        for n, t in weights.items()})
+            cpu_weights = float_weights(weights)
             for family in aimed_inputs(spec, cpu_weights, gen, REFINE_TOKENS):
                 x = family.x.to(next(probe.parameters()).device)
                 x = x if input_rank == 3 else x.reshape(-1, x.shape[-1])
