@@ -73,12 +73,16 @@ def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *
     lead_shape = hidden_states.shape[:-1]
     x = hidden_states.reshape(-1, H)
     seq_len = hidden_states.shape[-2] if hidden_states.dim() >= 2 and x.shape[0] else None
+    autocast_dtype = _autocast_dtype(x)
+    if autocast_dtype is not None and lowering is None:
+        x, weights = _cast_for_autocast(x, weights, autocast_dtype)
     if lowering is not None:
         y, logits, slot_weights = lowering(spec, weights, x, seq_len)
     elif through_op or _use_kernels(spec, weights, x, backend, source_path):
         need_routing = router_tap is not None or spec.extra_output != "none"
-        y, logits, slot_weights = kernel_moe.run(spec, weights, x, seq_len, spec_json or spec.to_json(),
-                                                 need_routing, through_op=through_op)
+        with torch.autocast(x.device.type, enabled=False):
+            y, logits, slot_weights = kernel_moe.run(spec, weights, x, seq_len, spec_json or spec.to_json(),
+                                                     need_routing, through_op=through_op)
     else:
         y, routing = moe_forward(spec, weights, x, seq_len)
         logits = routing.logits
@@ -93,6 +97,26 @@ def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *
     if extra == "router_logits":
         return y, logits.to(hidden_states.dtype)
     return y, slot_weights.to(hidden_states.dtype)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives matmuls on x's device, or None when autocast is off there."""
+    device_type = x.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+EXPERT_MATMUL_WEIGHTS = ("w1", "w2", "b1", "b2", "shared_w1", "shared_w2", "shared_b1", "shared_b2")
+
+
+def _cast_for_autocast(x: torch.Tensor, weights: MoEWeights, dtype: torch.dtype):
+    """Under autocast the block's matmuls run in the autocast dtype, as the original block's nn.Linear and matmul
+    calls would: the input and the expert weights are cast (differentiably: gradients reach the fp32 parameters);
+    the router keeps its own dtype, and the kernels route in fp32 as they always do."""
+    cast = {name: t.to(dtype) if name in EXPERT_MATMUL_WEIGHTS and t is not None and t.is_floating_point() else t
+            for name, t in weights.items()}
+    return x.to(dtype), MoEWeights(**cast)
 
 
 def _use_kernels(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, backend: str, source_path: str) -> bool:

@@ -133,12 +133,21 @@ def _within_capacity(idx: torch.Tensor, router: RouterSpec, seq_len: int) -> tor
     return (priority.gather(1, idx) <= router.expert_capacity).to(torch.float32)
 
 
+def _select(router: RouterSpec, values: torch.Tensor, correction: torch.Tensor | None) -> torch.Tensor:
+    """[T, k] indices of the experts chosen on `values` (plus the correction bias, which counts for choice only)."""
+    choice = values if correction is None else values + correction
+    return choice.topk(router.top_k, dim=-1).indices if router.selection == "topk" else _grouped_topk(router, choice)
+
+
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def route(router: RouterSpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None = None) -> Routing:
-    """Router logits, selection and combine weights for x [T, H], T = sequences * seq_len (one sequence if None)."""
+def route(router: RouterSpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None = None,
+          chosen: torch.Tensor | None = None) -> Routing:
+    """Router logits, selection and combine weights for x [T, H], T = sequences * seq_len (one sequence if None).
+    `chosen` [T, k] (top-k forms): the experts already selected (the kernels' choice, in their slot order); the
+    combine weights are then computed for those, differentiably, without selecting again."""
     acc = _acc_dtype(x)
     bias = None if weights.router_bias is None else weights.router_bias.to(acc)
     logits = F.linear(x.to(acc), weights.router_weight.to(acc), bias)
@@ -159,12 +168,10 @@ def route(router: RouterSpec, weights: MoEWeights, x: torch.Tensor, seq_len: int
     correction = None if weights.correction_bias is None else weights.correction_bias.to(acc)
     if router.score_order == "score_then_select":
         scores = _score(router.scoring, logits)
-        choice = scores if correction is None else scores + correction
-        idx = choice.topk(router.top_k, dim=-1).indices if router.selection == "topk" else _grouped_topk(router, choice)
+        idx = _select(router, scores, correction) if chosen is None else chosen
         topk_w = scores.gather(1, idx)
     else:
-        choice = logits if correction is None else logits + correction
-        idx = choice.topk(router.top_k, dim=-1).indices if router.selection == "topk" else _grouped_topk(router, choice)
+        idx = _select(router, logits, correction) if chosen is None else chosen
         topk_w = _score(router.scoring, logits.gather(1, idx))
     if router.renormalize:
         topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True).clamp(min=router.renorm_min)

@@ -7,6 +7,9 @@ grid does not depend on how many blocks the routing produced and nothing waits o
 row blocks [block_lo, block_lo + round_blocks); ReLU routing, whose number of pairs is only bounded by T*E, runs a
 fixed number of such rounds through one bounded intermediate buffer (rounds past the last block do nothing).
 
+The backward (kernels/backward.py) runs the down kernel once more, as the input-gradient GEMM (dpre @ W1_e), with
+PAIR_ROWS for its deterministic mode.
+
 In DENSE mode the rows are the tokens themselves and there is one expert (the shared experts take this path, with
 the same kernels). The down kernel adds with fp32 atomics into a [T, H] fp32 accumulator, so a token's k expert
 outputs are summed without a [T*k, H] buffer or a combine pass; a K split (decode) adds its partial sums the same way.
@@ -162,6 +165,7 @@ def _expert_down_kernel(
     DENSE: tl.constexpr, HAS_B2: tl.constexpr, APPLY_WEIGHT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PAIR_ROWS: tl.constexpr = False,
 ):
     num_m = _round_blocks(num_blocks_ptr, block_lo, round_blocks, T, BM, DENSE)
     num_n = tl.cdiv(H, BN)
@@ -194,5 +198,9 @@ def _expert_down_kernel(
             acc = acc * tl.load(pair_weight_ptr + pair, mask=row_ok, other=0.0)[:, None]
         if HAS_ROW_SCALE:
             acc = acc * tl.load(row_scale_ptr + token, mask=row_ok, other=0.0)[:, None]
-        o_ptrs = out_ptr + token.to(tl.int64)[:, None] * stride_ot + cols[None, :]
-        tl.atomic_add(o_ptrs, acc, mask=row_ok[:, None] & col_ok[None, :], sem="relaxed")
+        if PAIR_ROWS:  # one output row per pair, stored (the backward's deterministic mode sums them in order)
+            o_ptrs = out_ptr + pair.to(tl.int64)[:, None] * stride_ot + cols[None, :]
+            tl.store(o_ptrs, acc, mask=row_ok[:, None] & col_ok[None, :])
+        else:
+            o_ptrs = out_ptr + token.to(tl.int64)[:, None] * stride_ot + cols[None, :]
+            tl.atomic_add(o_ptrs, acc, mask=row_ok[:, None] & col_ok[None, :], sem="relaxed")

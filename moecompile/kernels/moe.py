@@ -11,8 +11,9 @@ allocation's size depends on shapes only. Router forms the gating kernel does no
 capacity, non-power-of-two expert groups) route with the PyTorch reference, still without a host sync, and share
 everything after it.
 
-Backward recomputes the block with the differentiable reference (reference.py) and differentiates that, inside an op
-of its own (moe_backward), so that torch.compile's AOTAutograd traces it as one call.
+Backward is an op of its own (moe_backward), so that torch.compile's AOTAutograd traces it as one call: the Triton
+backward kernels (kernels/backward.py), or for the calls they do not take the differentiable reference
+(reference.py) recomputed under autograd.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ..errors import MoECompileError
 from ..reference import moe_forward as reference_forward
 from ..reference import route
 from ..spec import MoESpec, MoEWeights
-from . import configs, graphs, grouped, traced
+from . import backward, configs, graphs, grouped, traced
 from .dispatch import _dispatch_kernel
 from .experts import ACTIVATION_CODES, _expert_down_kernel, _expert_up_kernel
 from .gating import SCORING_CODES, _gating_kernel
@@ -440,10 +441,16 @@ def _autograd_inside_op():
 def moe_backward_op(grad_y: torch.Tensor, grad_logits: torch.Tensor | None, grad_weight: torch.Tensor | None,
                     inputs: list[torch.Tensor | None], wanted: list[bool], spec_json: str,
                     seq_len: int) -> list[torch.Tensor]:
-    """The gradients of moe_forward's inputs marked in `wanted` (in input order): the PyTorch reference recomputed
-    under autograd. An op of its own so that AOTAutograd (torch.compile training) traces one opaque call: the
-    reference's per-expert loop has data-dependent sizes that tracing cannot take."""
+    """The gradients of moe_forward's inputs marked in `wanted` (in input order): the Triton backward
+    (kernels/backward.py) where the kernels run, else the PyTorch reference recomputed under autograd. An op of its
+    own so that AOTAutograd (torch.compile training) traces one opaque call: both have data-dependent sizes inside
+    that tracing cannot take."""
     spec = _spec(spec_json)
+    x, weights = inputs[0], MoEWeights(**dict(zip(_TENSOR_ARGS[1:], inputs[1:])))
+    if unsupported_reason(spec, weights, x) is None and backward.reason(spec) is None:
+        grads = backward.backward(spec, weights, x, seq_len, grad_y, grad_logits, grad_weight,
+                                  dict(zip(_TENSOR_ARGS, wanted)))
+        return [grads[name] for name, needs in zip(_TENSOR_ARGS, wanted) if needs]
     with _autograd_inside_op(), torch.enable_grad():
         leaves = {name: None if t is None else t.detach().requires_grad_(needs)
                   for name, t, needs in zip(_TENSOR_ARGS, inputs, wanted)}
