@@ -1,27 +1,50 @@
 #!/usr/bin/env bash
-# Device verification, two calls of under 10 minutes each. Run from the repository root; logs and results under
-# ${OUT:-/tmp}:
-#   bash benchmarks/device_verification.sh kernels   the CUDA kernel cases for groups, masked groups at 0.0 and NaN
-#                                                    tokens (about 2 minutes on an H100), then the fuzz campaign's
-#                                                    descriptions through the Triton kernels for FUZZ_S seconds (300)
-#   bash benchmarks/device_verification.sh memory    the full-size memory test: a Qwen3-30B-A3B-shaped model (48
-#                                                    layers, bf16), gc disabled while optimize runs (results to
-#                                                    $OUT/results)
+# Device verification in parts, each well under one 10-minute command; name one or more parts. Run from the
+# repository root; logs and results under ${OUT:-/tmp}:
+#   kernels    the CUDA kernel cases for groups, masked groups at 0.0 and NaN tokens (about 2 minutes on an H100),
+#              then the fuzz campaign's descriptions through the Triton kernels for FUZZ_S seconds (300)
+#   backward   the Triton backward's CUDA tests and the compiled-training tests (test_backward.py, test_training.py)
+#   training   the one-layer training benchmark, benchmarks/moe_train.py (TRAIN_ARGS, e.g. --quick)
+#   memory     the full-size memory test: a Qwen3-30B-A3B-shaped model (48 layers, bf16), gc disabled while
+#              optimize runs
+# e.g. FUZZ_S=120 bash benchmarks/device_verification.sh kernels backward training
 set -uo pipefail
 export PYTHONPATH=$PWD
 OUT=${OUT:-/tmp}
 mkdir -p "$OUT/results"
 python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
-if [ "${1:-}" = memory ]; then
+
+kernels() {
+    timeout 200 python -m pytest -q -rf -p no:cacheprovider tests/kernels/test_moe_kernels.py \
+        -k "cuda and (fill0 or nan_token or grouped)" > "$OUT/gpu_kernels.log" 2>&1
+    echo "kernels rc=$?" | tee -a "$OUT/gpu_kernels.log"; tail -n 8 "$OUT/gpu_kernels.log"
+    local fuzz_s=${FUZZ_S:-300}
+    timeout $((fuzz_s + 40)) python benchmarks/fuzz_moe.py --device cuda --descriptions 10000 --blocks 0 \
+        --budget-s "$fuzz_s" --out "$OUT/results" > "$OUT/fuzz_gpu.log" 2>&1
+    echo "fuzz rc=$?" | tee -a "$OUT/fuzz_gpu.log"; tail -n 4 "$OUT/fuzz_gpu.log"
+}
+
+backward() {
+    timeout 300 python -m pytest -q -rf -p no:cacheprovider tests/kernels/test_backward.py tests/test_training.py \
+        > "$OUT/gpu_backward.log" 2>&1
+    echo "backward rc=$?" | tee -a "$OUT/gpu_backward.log"; tail -n 12 "$OUT/gpu_backward.log"
+}
+
+training() {
+    # shellcheck disable=SC2086
+    timeout 400 python benchmarks/moe_train.py --out "$OUT/results" ${TRAIN_ARGS:-} > "$OUT/moe_train.log" 2>&1
+    echo "training rc=$?" | tee -a "$OUT/moe_train.log"; tail -n 22 "$OUT/moe_train.log"
+}
+
+memory() {
     MOECOMPILE_RESULTS="$OUT/results" timeout 560 python -m pytest -q -rf -p no:cacheprovider -s \
         tests/passes/test_memory.py -k gpu > "$OUT/gpu_memory.log" 2>&1
     echo "memory rc=$?" | tee -a "$OUT/gpu_memory.log"; tail -n 25 "$OUT/gpu_memory.log"
-    exit 0
-fi
-timeout 200 python -m pytest -q -rf -p no:cacheprovider tests/kernels/test_moe_kernels.py \
-    -k "cuda and (fill0 or nan_token or grouped)" > "$OUT/gpu_kernels.log" 2>&1
-echo "kernels rc=$?" | tee -a "$OUT/gpu_kernels.log"; tail -n 8 "$OUT/gpu_kernels.log"
-FUZZ_S=${FUZZ_S:-300}
-timeout $((FUZZ_S + 40)) python benchmarks/fuzz_moe.py --device cuda --descriptions 10000 --blocks 0 \
-    --budget-s "$FUZZ_S" --out "$OUT/results" > "$OUT/fuzz_gpu.log" 2>&1
-echo "fuzz rc=$?" | tee -a "$OUT/fuzz_gpu.log"; tail -n 4 "$OUT/fuzz_gpu.log"
+}
+
+for part in "$@"; do
+    case "$part" in
+        kernels | backward | training | memory) "$part" ;;
+        *) echo "unknown part $part (kernels, backward, training, memory)"; exit 2 ;;
+    esac
+done

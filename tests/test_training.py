@@ -22,16 +22,20 @@ from moecompile.spec import MoEWeights
 sys.path.insert(0, str(Path(__file__).parent / "kernels"))
 import cases  # noqa: E402  (the kernels' spec and weight builders)
 
+# the GPU when there is one (the device run), else the CPU with the kernels in Triton's interpreter
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def _block(router="softmax_topk_renorm", mlp="shared_gated", dtype=torch.float32, seed=0):
     spec = cases.make_spec(router, 8, 2, 32, 24, mlp)
-    w = cases.make_weights(spec, dtype, "cpu", torch.Generator().manual_seed(seed))
+    w = cases.make_weights(spec, dtype, DEVICE, torch.Generator().manual_seed(seed))
     params = MoEWeights(**{n: None if t is None else nn.Parameter(t) for n, t in w.items()})
     return moecompile.FusedMoE(spec, params, backend="triton")
 
 
 def _grads(module: nn.Module, x: torch.Tensor, probe: torch.Tensor, call=None) -> dict[str, torch.Tensor]:
     module.zero_grad(set_to_none=True)
+    x, probe = x.to(DEVICE), probe.to(DEVICE)
     x = x.detach().clone().requires_grad_(True)
     y = (call if call is not None else module)(x)
     (y.float() * probe).sum().backward()
@@ -41,7 +45,7 @@ def _grads(module: nn.Module, x: torch.Tensor, probe: torch.Tensor, call=None) -
 def _assert_same(got: dict, want: dict, tol: float) -> None:
     assert got.keys() == want.keys()
     for name in want:
-        err = cases.relative_error(got[name], want[name])
+        err = cases.relative_error(got[name].cpu(), want[name].cpu())
         assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
 
 
@@ -80,12 +84,12 @@ def test_autocast_runs_the_experts_in_bf16_with_fp32_parameters(count_backward):
     parameters and agree with float64 autograd on the bf16-rounded expert weights and input."""
     block = _block(mlp="swiglu")
     x, probe = torch.randn(37, 32), torch.randn(37, 32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         assert block(x).dtype == torch.bfloat16
         got = _grads(block, x, probe)
     assert count_backward, "autocast fell back to the reference backward"
     assert all(g.dtype == torch.float32 for g in got.values())
-    rounded = {n: (p.detach().bfloat16() if n in ("w1", "w2") else p.detach()).double().requires_grad_(True)
+    rounded = {n: (p.detach().bfloat16() if n in ("w1", "w2") else p.detach()).cpu().double().requires_grad_(True)
                for n, p in block.named_parameters()}
     xr = x.bfloat16().double().requires_grad_(True)
     y, _ = moecompile.reference.moe_forward(block.spec, MoEWeights(**rounded), xr)
@@ -96,8 +100,8 @@ def test_autocast_runs_the_experts_in_bf16_with_fp32_parameters(count_backward):
 def test_hf_gradient_checkpointing_matches_the_original_model(count_backward):
     """A tiny Qwen3-MoE from its config, optimized, its blocks on the kernels, trained one step with transformers'
     gradient checkpointing: every parameter's gradient as in the original model's step."""
-    original = hf_zoo.build("qwen3_moe")
-    inputs = hf_zoo.example_inputs(original, batch=2, seq=12)
+    original = hf_zoo.build("qwen3_moe").to(DEVICE)
+    inputs = {n: t.to(DEVICE) for n, t in hf_zoo.example_inputs(original, batch=2, seq=12).items()}
     optimized = moecompile.optimize(original)
     fused = [m for m in optimized.modules() if isinstance(m, moecompile.FusedMoE)]
     assert fused, moecompile.report(optimized)
@@ -134,15 +138,16 @@ def test_fsdp2_fully_shard_on_one_process(tmp_path, count_backward):
 
     def model():
         torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(32, 32), _block(seed=1), nn.Linear(32, 32))
+        return nn.Sequential(nn.Linear(32, 32), _block(seed=1), nn.Linear(32, 32)).to(DEVICE)
 
     x, probe = torch.randn(23, 32), torch.randn(23, 32)
     want = _grads(model(), x, probe)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo", init_method=f"file://{tmp_path}/pg", rank=0,
+                            world_size=1)
     try:
         sharded = model()
-        fully_shard(sharded[1], mesh=init_device_mesh("cpu", (1,)))
-        fully_shard(sharded, mesh=init_device_mesh("cpu", (1,)))
+        fully_shard(sharded[1], mesh=init_device_mesh(DEVICE, (1,)))
+        fully_shard(sharded, mesh=init_device_mesh(DEVICE, (1,)))
         count_backward.clear()
         got = _grads(sharded, x, probe)
         got = {n: g.full_tensor() if hasattr(g, "full_tensor") else g for n, g in got.items()}
@@ -150,3 +155,15 @@ def test_fsdp2_fully_shard_on_one_process(tmp_path, count_backward):
         dist.destroy_process_group()
     assert count_backward
     _assert_same(got, want, 1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor's Triton code generation needs a GPU")
+def test_inductor_training_cuda(count_backward):
+    """torch.compile with Inductor (the default backend) of a bf16 training step: the same gradients as eager."""
+    block = _block(dtype=torch.bfloat16)
+    x, probe = torch.randn(2, 300, 32, dtype=torch.bfloat16), torch.randn(2, 300, 32)
+    eager = _grads(block, x, probe)
+    count_backward.clear()
+    compiled = torch.compile(block, fullgraph=True)
+    _assert_same(_grads(block, x, probe, compiled), eager, 1e-2)
+    assert count_backward
