@@ -7,8 +7,12 @@ kernels (kernels/moe.py, one PyTorch op); elsewhere, and for calls the kernels d
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
+
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .errors import MoECompileError
 from .kernels import moe as kernel_moe
@@ -36,6 +40,8 @@ class FusedMoE(nn.Module):
         self.source_path = source_path
         self.router_tap: nn.Module | None = None  # set by the fuse pass for HF models recording router logits
         self.lowering: nn.Module | None = None  # export_onnx's copy: the ONNX form (backends/onnx_lowering.py)
+        # an OrderedDict as nn.Module's hook dicts: RemovableHandle keeps a weak reference to it (a dict has none)
+        self._logits_hooks: OrderedDict[int, Callable[[torch.Tensor], None]] = OrderedDict()
         self._weight_names: list[str] = []
         for name, tensor in weights.items():
             if tensor is None:
@@ -46,13 +52,21 @@ class FusedMoE(nn.Module):
                 self.register_buffer(name, tensor)
             self._weight_names.append(name)
 
+    def register_logits_hook(self, hook: Callable[[torch.Tensor], None]) -> RemovableHandle:
+        """Call `hook(logits)` with the router logits [T, E] (fp32) of every forward. The logits are the op's own
+        output, differentiable: a loss on them (ReMoE's L1 on ReLU(logits)) is differentiated by the block's
+        backward, with no second router GEMM."""
+        handle = RemovableHandle(self._logits_hooks)
+        self._logits_hooks[handle.id] = hook
+        return handle
+
     def weights(self) -> MoEWeights:
         return MoEWeights(**{name: getattr(self, name) for name in self._weight_names})
 
     def forward(self, hidden_states: torch.Tensor):
         return run_block(self.spec, self.weights(), hidden_states, spec_json=self.spec_json, backend=self.backend,
                          router_tap=self.router_tap, source_path=self.source_path,
-                         lowering=self.lowering)
+                         lowering=self.lowering, logits_hooks=tuple(self._logits_hooks.values()))
 
     def extra_repr(self) -> str:
         return self.spec.summary()
@@ -60,11 +74,12 @@ class FusedMoE(nn.Module):
 
 def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *, spec_json: str | None = None,
               backend: str = "auto", router_tap: nn.Module | None = None, source_path: str = "",
-              through_op: bool = False, lowering: nn.Module | None = None):
+              through_op: bool = False, lowering: nn.Module | None = None, logits_hooks: tuple = ()):
     """What a FusedMoE computes, for weights passed in: FusedMoE.forward, and the torch.compile backend's graph
     calls (which rebuild the weights from the graph's parameter inputs each call). through_op: always the
     registered op (kernels where they run, the reference elsewhere), which Inductor can trace on any device.
-    lowering: the ONNX form (backends/onnx_lowering.py) to compute with while torch.onnx exports, or None."""
+    lowering: the ONNX form (backends/onnx_lowering.py) to compute with while torch.onnx exports, or None.
+    logits_hooks: callables given the router logits (FusedMoE.register_logits_hook)."""
     H = spec.hidden_size
     if hidden_states.shape[-1] != H:
         raise MoECompileError(
@@ -79,7 +94,7 @@ def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *
     if lowering is not None:
         y, logits, slot_weights = lowering(spec, weights, x, seq_len)
     elif through_op or _use_kernels(spec, weights, x, backend, source_path):
-        need_routing = router_tap is not None or spec.extra_output != "none"
+        need_routing = router_tap is not None or spec.extra_output != "none" or bool(logits_hooks)
         with torch.autocast(x.device.type, enabled=False):
             y, logits, slot_weights = kernel_moe.run(spec, weights, x, seq_len, spec_json or spec.to_json(),
                                                      need_routing, through_op=through_op)
@@ -89,6 +104,8 @@ def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *
         slot_weights = None if spec.router.is_variable_k else routing.topk_weights()
     if router_tap is not None:
         router_tap(logits)
+    for hook in logits_hooks:
+        hook(logits)
     if not spec.flat_output:
         y = y.reshape(*lead_shape, H)
     extra = spec.extra_output

@@ -1,9 +1,11 @@
 """ReMoE's training controls for ReLU-routed models: the L1 penalty on the gates with its adaptive coefficient and
 load-balancing weights (arXiv 2412.14711; ../shared/reference/remoe.md).
 
-Place in the pipeline: used by a training loop on a model whose blocks routing="relu" rewrote. Forward hooks on the
-ReLU FusedMoE blocks recompute each block's gates R(x) = ReLU(x W_r^T + b) (one small GEMM, differentiable in x,
-W_r and b); the loop adds `reg()` to its loss and calls `reg.step()` once per optimizer step:
+Place in the pipeline: used by a training loop on a model whose blocks routing="relu" rewrote. Logits hooks on the
+ReLU FusedMoE blocks (FusedMoE.register_logits_hook) keep each block's gates R(x) = ReLU(x W_r^T + b), taken from
+the block's own router logits: the penalty's gradient enters the block's backward through them, so the router GEMM
+is neither run nor differentiated a second time. The loop adds `reg()` to its loss and calls `reg.step()` once per
+optimizer step:
 
     reg = ReMoERegularizer(model, k=2)
     loss = lm_loss + reg()
@@ -45,7 +47,7 @@ class ReMoERegularizer:
             raise MoECompileError("ReMoERegularizer: coefficient must be > 0 and alpha > 1")
         self.k, self.coefficient, self.alpha, self.load_balance = k, coefficient, alpha, load_balance
         self._gates: dict[str, list[torch.Tensor]] = {p: [] for p, _ in self.blocks}
-        self._hooks = [m.register_forward_hook(self._hook(p)) for p, m in self.blocks]
+        self._hooks = [m.register_logits_hook(self._hook(p)) for p, m in self.blocks]
         self.sparsity: float | None = None  # of the last step
         self.layer_sparsity: dict[str, float] = {}
         self.expert_load: dict[str, list[float]] = {}  # share of positive gates per expert, last step
@@ -54,11 +56,9 @@ class ReMoERegularizer:
         return 1 - self.k / num_experts
 
     def _hook(self, path: str):
-        def hook(module, args, output):
-            x = args[0].reshape(-1, module.spec.hidden_size)
-            bias = getattr(module, "router_bias", None)
-            self._gates[path].append(F.relu(F.linear(x, module.router_weight, bias).float()))
-        return hook
+        def record(logits: torch.Tensor) -> None:
+            self._gates[path].append(F.relu(logits.float()))
+        return record
 
     def __call__(self) -> torch.Tensor:
         """lambda * L_reg over the gates recorded since the last step()."""

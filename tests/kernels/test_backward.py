@@ -241,3 +241,23 @@ def test_deterministic_mode_cuda(no_reference_backward):
         torch.use_deterministic_algorithms(False)
     for name in first:
         assert torch.equal(first[name], second[name]), name
+
+
+@cpu_only
+def test_remoe_penalty_enters_the_fused_backward_cpu(no_reference_backward):
+    """ReMoE's L1 term on the gates, read from the block's own logits (ReMoERegularizer), is differentiated by the
+    Triton backward through the logits output: the same gradients as float64 autograd through the reference."""
+    spec = cases.make_spec("relu_bias", 8, 2, 32, 24)
+    gen = torch.Generator().manual_seed(8)
+    base = {n: t for n, t in cases.make_weights(spec, torch.float32, "cpu", gen).items() if t is not None}
+    x0, probe = torch.randn(33, 32, generator=gen), torch.randn(33, 32, generator=gen, dtype=torch.float64)
+    grads = []
+    for dtype, backend in ((torch.float32, "triton"), (torch.float64, "reference")):
+        params = {n: torch.nn.Parameter(t.to(dtype, copy=True)) for n, t in base.items()}
+        block = moecompile.FusedMoE(spec, MoEWeights(**params), backend=backend)
+        reg = moecompile.ReMoERegularizer(block, k=2, coefficient=0.5)
+        x = x0.to(dtype, copy=True).requires_grad_(True)
+        ((block(x).double() * probe).sum() + reg()).backward()
+        grads.append({"x": x.grad, **{n: p.grad for n, p in params.items()}})
+    for name in ("x", "router_weight", "router_bias", "w1", "w2"):
+        assert cases.relative_error(grads[0][name], grads[1][name]) < 1e-5, name
