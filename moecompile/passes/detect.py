@@ -155,16 +155,28 @@ def _inside(path: str, roots: list[str]) -> bool:
 def propose(model: nn.Module) -> list[Candidate]:
     """All candidates in `model`, in module order. Where candidates nest, the innermost wins: an outer module that
     holds a block's tensors through a child (a decoder layer around a hand-written block) is not the block."""
+    from ..fused import FusedMoE
+
     found: list[Candidate] = []
+    fused = [path for path, module in model.named_modules() if isinstance(module, FusedMoE)]
     for path, module in model.named_modules():
+        if any(path == f or path.startswith(f + ".") for f in fused):  # already fused: see already_fused()
+            continue
         for kind, E, payload in _expert_groups(module, path):
             candidate = _find_router(module, path, kind, E, payload)
             if candidate is not None:
                 found.append(candidate)
                 break
-    paths = [c.path for c in found]
+    paths = [c.path for c in found] + fused  # a module around a fused block is not a block either
     return [c for c in found
             if not any(other != c.path and (c.path == "" or other.startswith(c.path + ".")) for other in paths)]
+
+
+def already_fused(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The FusedMoE modules of `model` (an optimized model optimized again): kept as they are, never re-read."""
+    from ..fused import FusedMoE
+
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, FusedMoE)]
 
 
 def _find_router(module: nn.Module, path: str, kind: str, E: int, payload) -> Candidate | None:

@@ -18,7 +18,7 @@ from ..router_tap import make_tap
 from . import hooks
 from .confirm import confirm, neighbour_description
 from .describe import DescribeError, Description, describe
-from .detect import Candidate, propose
+from .detect import Candidate, already_fused, propose
 from .log import BlockRecord, PassRun, Report
 
 
@@ -47,6 +47,11 @@ class DetectPass:
     name = "detect"
 
     def run(self, ctx: PassContext) -> bool:
+        for path, module in already_fused(ctx.model):
+            ctx.report.blocks.append(BlockRecord(
+                path=path, module_type="FusedMoE", dtype=str(next(module.parameters()).dtype).replace("torch.", ""),
+                decision="fused", spec=module.spec.to_dict(), spec_summary=module.spec.summary(),
+                reason="already fused by moecompile: kept as it is", method="kept"))
         for candidate in propose(ctx.model):
             ctx.candidates[candidate.path] = candidate
             dtype = str(next(candidate.module.parameters()).dtype).replace("torch.", "")

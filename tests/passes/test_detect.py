@@ -109,3 +109,21 @@ def test_block_taking_other_inputs_left_and_model_still_runs(quiet):
     assert record.decision == "left" and "token_ids" in record.reason
     x, ids = torch.randn(2, 5, 32), torch.zeros(2, 5, dtype=torch.long)
     torch.testing.assert_close(optimized(x, ids), model(x, ids))
+
+
+def test_optimizing_an_optimized_model_keeps_its_fused_blocks(quiet):
+    """A model optimize()d again (e.g. to add a routing rewrite): its FusedMoE blocks are kept as they are, not read
+    again (reading a fused block by execution took seconds and could leave it), and the module around one is not
+    proposed as a block."""
+    from moecompile import hf_zoo
+
+    model = hf_zoo.build("mixtral")
+    once = moecompile.optimize(model)
+    fused_paths = [b.path for b in moecompile.report(once).blocks if b.decision == "fused"]
+    assert fused_paths and not propose(once)
+    twice = moecompile.optimize(once, strict=True)
+    records = moecompile.report(twice).blocks
+    assert [b.path for b in records] == fused_paths
+    assert all(b.decision == "fused" and "already fused" in b.reason for b in records)
+    inputs = hf_zoo.example_inputs(model)
+    torch.testing.assert_close(hf_zoo.model_output(twice, inputs), hf_zoo.model_output(once, inputs), atol=0, rtol=0)
