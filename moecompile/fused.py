@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -95,7 +96,9 @@ def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *
         y, logits, slot_weights = lowering(spec, weights, x, seq_len)
     elif through_op or _use_kernels(spec, weights, x, backend, source_path):
         need_routing = router_tap is not None or spec.extra_output != "none" or bool(logits_hooks)
-        with torch.autocast(x.device.type, enabled=False):
+        # autocast off inside (the inputs are cast above); entered only under autocast, so that traced graphs
+        # (torch.export, dynamo) of the usual case hold the op itself, not an autocast region around it
+        with torch.autocast(x.device.type, enabled=False) if autocast_dtype is not None else nullcontext():
             y, logits, slot_weights = kernel_moe.run(spec, weights, x, seq_len, spec_json or spec.to_json(),
                                                      need_routing, through_op=through_op)
     else:

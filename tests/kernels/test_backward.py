@@ -261,3 +261,22 @@ def test_remoe_penalty_enters_the_fused_backward_cpu(no_reference_backward):
         grads.append({"x": x.grad, **{n: p.grad for n, p in params.items()}})
     for name in ("x", "router_weight", "router_bias", "w1", "w2"):
         assert cases.relative_error(grads[0][name], grads[1][name]) < 1e-5, name
+
+
+@cpu_only
+def test_transposed_expert_weights_cpu(no_reference_backward):
+    """Expert weights held transposed ([E, H, F] and [E, I, H] parameters viewed as [E, F, H] and [E, H, I], as
+    some HF layouts are): the gradients reach the parameters in their own layout."""
+    spec = cases.make_spec("softmax_topk_renorm", 8, 2, 32, 24, "gelu_bias")
+    gen = torch.Generator().manual_seed(13)
+    w = cases.make_weights(spec, torch.float32, "cpu", gen)
+    p1 = w.w1.transpose(1, 2).contiguous().requires_grad_(True)  # [E, H, F]
+    p2 = w.w2.transpose(1, 2).contiguous().requires_grad_(True)  # [E, I, H]
+    x = torch.randn(25, 32, generator=gen)
+    probe = torch.randn(25, 32, generator=gen)
+    views = MoEWeights(**{**w.__dict__, "w1": p1.transpose(1, 2), "w2": p2.transpose(1, 2)})
+    (kernel_moe.moe_forward(spec, views, x)[0] * probe).sum().backward()
+    r1, r2 = p1.detach().double().requires_grad_(True), p2.detach().double().requires_grad_(True)
+    ref = MoEWeights(**{**cases.upcast(w).__dict__, "w1": r1.transpose(1, 2), "w2": r2.transpose(1, 2)})
+    (moecompile.reference.moe_forward(spec, ref, x.double())[0] * probe.double()).sum().backward()
+    assert cases.relative_error(p1.grad, r1.grad) < 1e-5 and cases.relative_error(p2.grad, r2.grad) < 1e-5
