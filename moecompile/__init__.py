@@ -14,10 +14,10 @@ from .fused import FusedMoE
 from .passes.log import BlockRecord, Report
 from .passes.routing import RoutingChange
 from .remoe import ReMoERegularizer
-from .spec import MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
+from .spec import AuxLossSpec, MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
 from .stats import LayerStats, routing_stats
 
 __all__ = ["optimize", "report", "FusedMoE", "MoECompileError", "MoESpec", "RouterSpec", "MLPSpec",
-           "SharedExpertSpec", "MoEWeights", "Report", "BlockRecord", "rewrite_routing", "RoutingChange",
+           "SharedExpertSpec", "AuxLossSpec", "MoEWeights", "Report", "BlockRecord", "rewrite_routing", "RoutingChange",
            "routing_stats", "LayerStats", "ReMoERegularizer", "convert", "from_pretrained", "backend",
            "export_onnx", "export_report"]

@@ -17,7 +17,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .errors import MoECompileError
 from .kernels import moe as kernel_moe
-from .reference import moe_forward
+from .reference import aux_loss, moe_forward
 from .spec import MoESpec, MoEWeights
 
 BACKENDS = ("auto", "triton", "reference")
@@ -116,6 +116,8 @@ def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *
         return y
     if extra == "router_logits":
         return y, logits.to(hidden_states.dtype)
+    if extra == "aux_loss":
+        return y, aux_loss(spec, logits)
     return y, slot_weights.to(hidden_states.dtype)
 
 

@@ -220,6 +220,18 @@ def shared_experts(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> torch
     return y
 
 
+def aux_loss(spec: MoESpec, logits: torch.Tensor) -> torch.Tensor:
+    """The block's load-balancing loss (spec.aux_loss; see AuxLossSpec) from its router logits [T, E], 0-d fp32 (NaN
+    for zero tokens, as a mean over none is)."""
+    aux, E = spec.aux_loss, spec.num_experts
+    logits = logits.float()
+    probs = logits.softmax(dim=-1).mean(dim=0)
+    counted = 1 if aux.counted == "top1" else spec.router.top_k
+    chosen = logits.topk(min(counted, E), dim=-1).indices
+    fraction = F.one_hot(chosen, E).float().sum(dim=1).mean(dim=0)
+    return aux.coefficient * E * (fraction * probs).sum()
+
+
 def moe_forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor,
                 seq_len: int | None = None) -> tuple[torch.Tensor, Routing]:
     """The block on x [T, H]: output [T, H] in x's dtype, and the routing it used. `seq_len` splits the T tokens

@@ -22,6 +22,7 @@ What a block computes, in the canonical form every field below refers to (x: [T,
     y = sum over chosen e of  w_e * expert_e(x)       (or expert_e(w_e * x) when weight_on_input)
       + shared(x) (* sigmoid(x @ shared_gate.T) when the shared expert is gated)
       + output_bias                                   (one [H] vector for the whole block: JetMoE)
+    returned: y, or (y, router logits | top-k weights | a load-balancing loss, AuxLossSpec)
     expert_e(x) = down_e(glu(gate_e(x), up_e(x))) + b2_e   (gated)   |   down_e(act(up_e(x))) + b2_e   (plain)
 
 Canonical expert weights: w1 [E, F, H] with F = 2*I (gate rows first, then up rows) for gated experts and F = I for
@@ -44,7 +45,8 @@ GroupScore = Literal["max", "top2_sum"]
 GroupFill = Literal["-inf", "zero"]
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu"]
 GateUpLayout = Literal["separate", "concat_gate_up", "concat_up_gate", "interleaved", "none"]
-ExtraOutput = Literal["none", "router_logits", "topk_weights"]
+ExtraOutput = Literal["none", "router_logits", "topk_weights", "aux_loss"]
+CountedChoices = Literal["top1", "topk"]
 
 SCORINGS: tuple[str, ...] = ("softmax", "sigmoid", "sqrtsoftplus", "relu", "none")  # sqrtsoftplus: DeepSeek-V4
 SELECTIONS: tuple[str, ...] = ("topk", "grouped_topk", "all_positive", "sparsemixer")
@@ -140,21 +142,41 @@ class SharedExpertSpec:
 
 
 @dataclass(frozen=True)
+class AuxLossSpec:
+    """The load-balancing loss a block returns beside its output (extra_output "aux_loss"):
+
+        loss = coefficient * E * sum_e f_e * P_e,   P_e = mean over tokens of softmax(logits)_e,
+        f_e = share of tokens whose first choice (top-1 of the logits) is e       counted "top1": Switch Transformer,
+              GShard / DeepSpeed top1gating and top2gating (l_aux = mean(me * ce) * E * E is the same value)
+            = (number of the tokens' top-k choices that are e) / tokens           counted "topk": transformers'
+              load_balancing_loss_func (Mixtral, Qwen-MoE, ...)
+    """
+
+    counted: CountedChoices = "top1"
+    coefficient: float = 1.0
+
+
+@dataclass(frozen=True)
 class MoESpec:
     """The whole block: router, routed experts, shared experts, and what the block returns."""
 
     router: RouterSpec
     experts: MLPSpec
     shared: SharedExpertSpec | None = None
-    extra_output: ExtraOutput = "none"  # the block returns (y, router_logits) or (y, topk_weights)
+    extra_output: ExtraOutput = "none"  # the block returns (y, router_logits), (y, topk_weights) or (y, aux_loss)
     flat_output: bool = False  # the block returns [T, H] for [..., H] input (Llama 4)
     has_output_bias: bool = False  # one [H] bias added to the block's output (JetMoE)
+    aux_loss: AuxLossSpec | None = None  # the loss returned when extra_output is "aux_loss"
 
     def __post_init__(self) -> None:
         if self.shared is not None:
             _check(self.shared.mlp.hidden_size == self.experts.hidden_size, "shared expert hidden size differs")
         _check(not (self.extra_output == "topk_weights" and self.router.is_variable_k),
                "a variable-k router has no [T, k] weights to return")
+        _check((self.extra_output == "aux_loss") == (self.aux_loss is not None),
+               "an aux_loss description goes with extra_output 'aux_loss', and only with it")
+        _check(self.aux_loss is None or not self.router.is_variable_k,
+               "a load-balancing loss over top-k choices needs a top-k router")
 
     @property
     def num_experts(self) -> int:
@@ -178,6 +200,7 @@ class MoESpec:
             extra_output=data.get("extra_output", "none"),
             flat_output=data.get("flat_output", False),
             has_output_bias=data.get("has_output_bias", False),
+            aux_loss=None if data.get("aux_loss") is None else AuxLossSpec(**data["aux_loss"]),
         )
 
     def summary(self) -> str:
@@ -209,6 +232,8 @@ class MoESpec:
             parts.append(f"shared I={self.shared.mlp.intermediate_size}" + (" gated" if self.shared.sigmoid_gate else ""))
         if self.has_output_bias:
             parts.append("output bias")
+        if self.aux_loss is not None:
+            parts.append(f"aux loss {self.aux_loss.counted} x{self.aux_loss.coefficient:g}")
         return " | ".join(parts)
 
     def to_json(self) -> str:

@@ -79,7 +79,8 @@ def output_pairs(got_outputs, want_outputs, num_experts: int):
     (got, got_aux), (want, want_aux) = got_outputs, want_outputs
     pairs = [(got, want)]
     if want_aux is not None:
-        if got_aux is not None and got_aux.shape == want_aux.shape and want_aux.shape[-1] != num_experts:
+        if got_aux is not None and got_aux.shape == want_aux.shape and want_aux.dim() \
+                and want_aux.shape[-1] != num_experts:
             got_aux, want_aux = got_aux.float().sort(-1).values, want_aux.float().sort(-1).values
         pairs.append((got_aux, want_aux))
     return pairs

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import math
 import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -28,8 +29,8 @@ from torch import nn
 
 from ..capture import call_block, op_census
 from ..fused import FusedMoE
-from ..reference import Routing, mlp, moe_forward, routed_experts, shared_experts
-from ..spec import ACTIVATIONS, MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
+from ..reference import Routing, aux_loss, mlp, moe_forward, routed_experts, shared_experts
+from ..spec import ACTIVATIONS, AuxLossSpec, MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
 from .compare import output_error, output_pairs
 from .copies import redraw_vectors, working_copy
 from .detect import Candidate, TensorRef, expert_members, expert_view, is_mlp_like
@@ -530,6 +531,10 @@ def describe(candidate: Candidate, *, seed: int = 0) -> Description:
                     if scale is None and not rh["weight_on_input"]:
                         spec, weights = _fit_scale(spec, weights, flat_x, y_target)
                     y, routing = moe_forward(spec, weights, flat_x)
+                if spec.aux_loss is not None:
+                    spec = _fit_aux(spec, routing.logits, aux)
+                    if spec is None:
+                        continue
                 err = max(_rel_err(y.reshape(y_target.shape), y_target), _aux_err(spec, routing, aux))
                 if err <= MATCH_RTOL:
                     found = Description(spec, _weights_recipe(candidate, eh, rh, spec, shared_extract),
@@ -701,9 +706,13 @@ def _assemble(candidate, block, eh, expert_weights, rh, scale, shared_spec, shar
               flat_out):
     E = candidate.num_experts
     router_w = _router_weights(candidate, block, rh)
-    extra = "none"
+    extra, aux_spec = "none", None
     if aux is not None:
-        if aux.shape[-1] == E and aux.numel() == flat_x.shape[0] * E:
+        if aux.dim() == 0:  # a loss: its formula and coefficient are fitted once the routing is known (_fit_aux)
+            if rh["top_k"] is None:
+                return None, None
+            extra, aux_spec = "aux_loss", AuxLossSpec()
+        elif aux.shape[-1] == E and aux.numel() == flat_x.shape[0] * E:
             extra = "router_logits"
         elif rh["top_k"] is not None and aux.shape[-1] == rh["top_k"] and aux.numel() == flat_x.shape[0] * rh["top_k"]:
             extra = "topk_weights"
@@ -720,7 +729,7 @@ def _assemble(candidate, block, eh, expert_weights, rh, scale, shared_spec, shar
             group_fill=rh.get("group_fill", "-inf"), weight_on_input=rh["weight_on_input"], jitter_eps=rh.get("jitter_eps", 0.0),
             expert_capacity=rh["expert_capacity"])
         spec = MoESpec(router=router, experts=eh.spec, shared=shared_spec, extra_output=extra, flat_output=flat_out,
-                       has_output_bias=output_bias)
+                       has_output_bias=output_bias, aux_loss=aux_spec)
     except ValueError:
         return None, None
     weights = MoEWeights(**router_w, **expert_weights, **_rest_weights(candidate, block, spec, shared_extract))
@@ -743,7 +752,7 @@ def _rest_weights(candidate, block, spec, shared_extract) -> dict:
 
 def _fit_scale(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, y_target: torch.Tensor):
     """Least-squares scaling factor of the routed sum, rounded to 1.0 when it is within rounding of it."""
-    routing_spec = replace(spec, shared=None, extra_output="none", has_output_bias=False)
+    routing_spec = replace(spec, shared=None, extra_output="none", has_output_bias=False, aux_loss=None)
     y_routed, _ = moe_forward(routing_spec, weights, x)
     y_rest = y_target.reshape(y_routed.shape).float()
     if spec.shared is not None:
@@ -759,9 +768,32 @@ def _fit_scale(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, y_target: to
     return replace(spec, router=replace(spec.router, scaling_factor=c)), weights
 
 
+def _round_number(value: float, digits: int = 3) -> bool:
+    """Whether `value` is a number people write as a loss coefficient (0.01, 0.001, 1, 0.02, 1.25e-3: three
+    significant digits at most). A wrong loss formula fits the block's loss with an arbitrary ratio."""
+    if not math.isfinite(value) or value <= 0:
+        return False
+    rounded = float(f"{value:.{digits - 1}e}")
+    return abs(rounded - value) <= 1e-5 * value
+
+
+def _fit_aux(spec: MoESpec, logits: torch.Tensor, aux: torch.Tensor) -> MoESpec | None:
+    """`spec` with the load-balancing loss (which choices it counts, its coefficient) that gives the block's loss
+    `aux` on these logits, or None. Top-1 counting first (with k = 1 both read the same)."""
+    for counted in ("top1", "topk"):
+        trial = replace(spec, aux_loss=AuxLossSpec(counted=counted))
+        value = aux_loss(trial, logits).item()
+        ratio = aux.float().item() / value if value else math.nan
+        if _round_number(ratio):
+            return replace(trial, aux_loss=AuxLossSpec(counted=counted, coefficient=float(f"{ratio:.2e}")))
+    return None
+
+
 def _aux_err(spec: MoESpec, routing: Routing, aux: torch.Tensor | None) -> float:
     if aux is None:
         return 0.0
+    if spec.extra_output == "aux_loss":
+        return _rel_err(aux_loss(spec, routing.logits), aux.float())
     if spec.extra_output == "router_logits":
         got = routing.logits
     else:
