@@ -474,7 +474,12 @@ def _router_weights(candidate: Candidate, block: nn.Module, hyp: dict) -> dict:
     out = {"router_weight": w if w.shape[0] == E and w.shape[1] == candidate.hidden_size else w.t(),
            "router_bias": None, "correction_bias": None}
     owner_bias = getattr(ref.owner, "bias", None)
-    if isinstance(owner_bias, torch.Tensor) and owner_bias.numel() == E and ref.name == "weight":
+    # the router module's `bias` is a router bias (added to the logits) unless this hypothesis reads it as the
+    # correction bias (added for choice only: DeepSeek-V3's own Gate calls it `bias`): its role is what it does
+    corr = hyp["correction"]
+    bias_is_correction = corr is not None and corr.owner is ref.owner and corr.name == "bias"
+    if isinstance(owner_bias, torch.Tensor) and owner_bias.numel() == E and ref.name == "weight" \
+            and not bias_is_correction:
         out["router_bias"] = _get(block, (_rel(candidate, ref)[0], "bias"))
     if hyp["correction"] is not None:
         bias = _get(block, _rel(candidate, hyp["correction"]))
