@@ -96,7 +96,7 @@ def _same_structure(modules: list[nn.Module]) -> bool:
 
 def _expert_groups(module: nn.Module, path: str):
     """(kind, E, payload) for expert collections held directly by `module`."""
-    for name, child in module.named_children():
+    for name, child in _container_descendants(module):
         members = expert_members(child)
         if members and all(is_mlp_like(m) for m in members) and _same_structure(members):
             yield "list", len(members), (name, child)
@@ -110,6 +110,25 @@ def _expert_groups(module: nn.Module, path: str):
         if len(refs) >= 2:
             yield "stacked", E, refs
     yield from _flattened_experts(module, path)
+
+
+CONTAINER_DEPTH = 3  # an expert list may sit this many modules down, under modules that hold no tensors
+
+
+def _container_descendants(module: nn.Module):
+    """(relative path, module) for the children of `module`, and their descendants reached through modules that
+    hold no tensors of their own and are no expert list themselves (DeepSpeed's `Experts`, Megatron's local experts
+    container)."""
+    frontier = [("", module)]
+    for _ in range(CONTAINER_DEPTH):
+        next_frontier = []
+        for prefix, parent in frontier:
+            for name, child in parent.named_children():
+                path = f"{prefix}.{name}" if prefix else name
+                yield path, child
+                if not expert_members(child) and next(_own_tensors(child), None) is None:
+                    next_frontier.append((path, child))
+        frontier = next_frontier
 
 
 EXPERT_COUNT_ATTRS = ("num_experts", "moe_num_experts", "num_local_experts")
