@@ -553,8 +553,36 @@ def describe(candidate: Candidate, *, seed: int = 0) -> Description:
         raise DescribeError("descriptions reproduce the block on random inputs but not on inputs aimed at their "
                             f"differences: {'; '.join(refused[:3])}; the block's routing is not pinned down by any "
                             "description moecompile expresses")
+    chooser = _expert_choice(candidate, probe, x if input_rank == 3 else flat_x)
+    if chooser is not None:
+        raise DescribeError(chooser)
     raise DescribeError(f"no description reproduces the block (closest: {best[1] or 'none'}, "
                         f"rel err {best[0]:.2e}); its routing or experts use a form moecompile does not express")
+
+
+def _expert_choice(candidate: Candidate, probe: nn.Module, x: torch.Tensor) -> str | None:
+    """A reason naming expert-choice routing when every expert of a listed set took the same number of rows, other
+    than all tokens (each expert picked its top tokens: the selection runs along the token axis), else None."""
+    if candidate.experts_list is None:
+        return None
+    experts = expert_members(probe.get_submodule(_rel_module(candidate, candidate.experts_list_path)))
+    rows: list[int] = []
+    handles = [m.register_forward_hook(lambda m, args, out: rows.append(args[0].reshape(-1, args[0].shape[-1])
+                                                                       .shape[0])) for m in experts]
+    try:
+        with torch.no_grad():
+            call_block(probe, x)
+    except Exception:  # noqa: BLE001 - the user's block; the generic reason stands
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    T = x.reshape(-1, x.shape[-1]).shape[0]
+    if len(rows) == len(experts) and len(set(rows)) == 1 and 0 < rows[0] < T:
+        return (f"expert-choice routing: each of the {len(experts)} experts took exactly {rows[0]} of {T} tokens "
+                "(the experts pick their tokens, not the tokens their experts); moecompile fuses token-choice "
+                "blocks only")
+    return None
 
 
 def _run_probe(block: nn.Module, seed: int, x: torch.Tensor):
