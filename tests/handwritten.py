@@ -271,3 +271,21 @@ class FlooredChoiceMoE(ListMoE):
         _, idx = logits.clamp(min=-2.0).topk(self.k, dim=-1)
         w = logits.sigmoid().gather(1, idx)
         return loop_over_experts(self.experts, x, idx, w).reshape(shape)
+
+
+class HERouterEinsumMoE(EinsumMoE):
+    """EinsumMoE with its router stored [H, E] and applied as x @ W (Llama 4's reference keeps `router_DE`)."""
+
+    def __init__(self, H=32, I=40, E=4, k=2):
+        super().__init__(H, I, E, k)
+        del self.gate
+        self.router_DE = nn.Parameter(torch.randn(H, E) / H**0.5)
+
+    def forward(self, x):  # [T, H] only
+        logits = x @ self.router_DE
+        top, idx = logits.topk(self.k, dim=-1)
+        weights = torch.zeros_like(logits).scatter(1, idx, top.softmax(-1))
+        h = torch.einsum("th,ehf->etf", x, self.w_in)
+        g, u = h.chunk(2, dim=-1)
+        y = torch.einsum("eti,eih->eth", F.silu(g) * u, self.w_out)
+        return torch.einsum("eth,te->th", y, weights)

@@ -135,9 +135,13 @@ def _router_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, int]]:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in LINEAR_OPS:
             continue
-        weight = next((w for w in map(_through_casts, node.args) if w is not None), None)
+        position, weight = next(((i, w) for i, w in enumerate(map(_through_casts, node.args)) if w is not None),
+                                (None, None))
         value = _example(weight) if weight is not None else None
-        if value is None or value.dim() != 2 or value.shape[0] < 2:
+        if value is None or value.dim() != 2:
+            continue
+        E = _experts_of_router(node, position, value)
+        if E < 2:
             continue
         frontier, seen = [node], 0
         while frontier and seen < ROUTER_REACH:
@@ -145,9 +149,22 @@ def _router_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, int]]:
             seen += 1
             if any((u.op == "call_function" and u.target in SELECT_OPS) or
                    (u.op == "call_method" and u.target in SELECT_METHODS) for u in frontier):
-                found.append((node, value.shape[0]))
+                found.append((node, E))
                 break
     return found
+
+
+def _experts_of_router(node: fx.Node, position: int, value: torch.Tensor) -> int:
+    """E for a router parameter at argument `position` of a linear-like op: F.linear takes [E, H]; a matmul's right
+    operand (x @ W, mm(x, W), addmm(b, x, W)) is [H, E] (Llama 4's reference router) unless transposed on the way,
+    which _through_casts follows: then the op's own output width is E."""
+    if node.target is F.linear:
+        return value.shape[0]
+    out = _example(node)
+    if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[-1] in value.shape:
+        return int(out.shape[-1])
+    right = position == (2 if node.target is torch.addmm else 1)
+    return value.shape[1] if right else value.shape[0]
 
 
 def _regions(gm: fx.GraphModule) -> tuple[list[Region], dict[str, Region]]:
