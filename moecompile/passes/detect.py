@@ -19,8 +19,11 @@ from torch import nn
 
 
 def expert_view(tensor: torch.Tensor, split_experts: int) -> torch.Tensor:
-    """`tensor` itself, or its [E, X, Y] view when it stores E experts flattened as [E*X, Y]."""
-    return tensor.view(split_experts, -1, tensor.shape[-1]) if split_experts else tensor
+    """`tensor` itself, or its [E, X, Y] view when it stores E experts flattened as [E*X, Y], or its [E, H] view when
+    it is a router flattened to one dimension [E*H] (OLMo-core)."""
+    if not split_experts:
+        return tensor
+    return tensor.view(split_experts, -1) if tensor.dim() == 1 else tensor.view(split_experts, -1, tensor.shape[-1])
 
 
 @dataclass
@@ -31,6 +34,7 @@ class TensorRef:
     owner_path: str
     name: str
     split_experts: int = 0  # E when the source stores E experts flattened as [E*X, Y] (DBRX): seen as [E, X, Y]
+    # (or a router as [E*H]: seen as [E, H])
 
     @property
     def raw(self) -> torch.Tensor:
@@ -215,6 +219,8 @@ def _find_router(module: nn.Module, path: str, kind: str, E: int, payload) -> Ca
             ref = TensorRef(sub, sub_path, name)
             if tensor.numel() == E and max(tensor.shape) == E and tensor.dim() <= 2:
                 vectors.append(ref)  # [E] or [1, E] (Ernie 4.5 keeps its correction bias as [1, E])
+            elif tensor.dim() == 1 and tensor.numel() % E == 0 and tensor.numel() // E in expert_dims - {1}:
+                routers.append(TensorRef(sub, sub_path, name, split_experts=E))  # [E*H]: a flattened router
             elif tensor.dim() == 2 and "bias" in name.lower():
                 continue  # per-expert biases [E, X] sit beside the stacked weights; a router is a weight
             elif tensor.dim() == 2 and tensor.shape[0] == E and tensor.shape[1] in expert_dims:
