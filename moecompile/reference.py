@@ -7,6 +7,7 @@ It is differentiable (autograd flows to the input, the router and the expert wei
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -122,15 +123,32 @@ def _sparsemixer(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor,
     return torch.cat(picks, dim=1), torch.cat(picked_weights, dim=1)
 
 
+def capacity_of(router: RouterSpec, group_tokens: int) -> int:
+    """Choices an expert takes within a group of tokens (a sequence, or the batch)."""
+    if router.expert_capacity is not None:
+        return router.expert_capacity
+    # DeepSpeed's _capacity: ceil((tokens / E) * capacity_factor), the factor doubled for top-2
+    return max(math.ceil((group_tokens / router.num_experts) * (router.capacity_factor * router.top_k)),
+               router.min_capacity)
+
+
 def _within_capacity(idx: torch.Tensor, router: RouterSpec, seq_len: int) -> torch.Tensor:
-    """[T, k] mask: whether a choice is among the first expert_capacity choices of its expert in its sequence.
-    Dropped choices keep their slot with weight 0, so the pairs stay token-major."""
+    """[T, k] mask: whether a choice is among the first `capacity_of` choices of its expert in its group (sequence
+    or batch), queued token-major or slot-major. Dropped choices keep their slot with weight 0, so the pairs stay
+    token-major."""
     T, k = idx.shape
     if T == 0:
         return torch.ones_like(idx, dtype=torch.float32)
-    chosen = F.one_hot(idx, router.num_experts).sum(dim=1)  # [T, E]
-    priority = chosen.view(-1, seq_len, router.num_experts).cumsum(dim=1).view(T, -1)
-    return (priority.gather(1, idx) <= router.expert_capacity).to(torch.float32)
+    E = router.num_experts
+    group = T if router.capacity_scope == "batch" and router.capacity_factor is not None else seq_len
+    onehot = F.one_hot(idx, E)  # [T, k, E]
+    if router.capacity_order == "token_major":
+        priority = onehot.sum(dim=1).view(-1, group, E).cumsum(dim=1).view(T, E)
+        position = priority.gather(1, idx)
+    else:  # every token's slot 0 in order, then every slot 1, ...
+        queued = onehot.view(-1, group, k, E).transpose(1, 2).reshape(-1, k * group, E).cumsum(dim=1)
+        position = queued.view(-1, k, group, E).transpose(1, 2).reshape(T, k, E).gather(2, idx[..., None])[..., 0]
+    return (position <= capacity_of(router, group)).to(torch.float32)
 
 
 def _select(router: RouterSpec, values: torch.Tensor, correction: torch.Tensor | None) -> torch.Tensor:
@@ -173,11 +191,13 @@ def route(router: RouterSpec, weights: MoEWeights, x: torch.Tensor, seq_len: int
     else:
         idx = _select(router, logits, correction) if chosen is None else chosen
         topk_w = _score(router.scoring, logits.gather(1, idx))
-    if router.renormalize:
+    if router.renormalize and not router.renorm_after_drop:
+        topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True).clamp(min=router.renorm_min)
+    if router.has_capacity:
+        topk_w = topk_w * _within_capacity(idx, router, seq_len or max(T, 1))
+    if router.renorm_after_drop:
         topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True).clamp(min=router.renorm_min)
     topk_w = topk_w * router.scaling_factor
-    if router.expert_capacity is not None:
-        topk_w = topk_w * _within_capacity(idx, router, seq_len or max(T, 1))
     token_index = torch.arange(T, device=x.device).repeat_interleave(router.top_k)
     return Routing(logits, token_index, idx.reshape(-1), topk_w.reshape(-1), router.top_k)
 

@@ -16,6 +16,9 @@ What a block computes, in the canonical form every field below refers to (x: [T,
     w = w / max(sum(w), renorm_min) if renormalize;  w = w * scaling_factor
     expert_capacity (Switch Transformers): within one sequence (the input's second-to-last dim), only the first
                  expert_capacity tokens in order that chose expert e get it; for the others that choice weighs 0
+    capacity_factor (GShard, DeepSpeed): the same with capacity max(ceil(n / E * factor * k), min_capacity) for the
+                 n tokens of the batch or sequence, choices queued token-major or slot-major (all first choices
+                 first); renorm_after_drop renormalises over the kept choices
     sparsemixer (PhiMoE, eval): k = 2 rounds; round r picks the best remaining logit m_r and weighs it by a softmax
                  over the logits l with (m_r - l) / max(|l|, m_r) <= 2 * jitter_eps (earlier picks excluded)
     all_positive (ReMoE): chosen = the experts whose gate relu(logit) is > 0 or NaN (a NaN token stays NaN), w = gate
@@ -47,6 +50,8 @@ Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swig
 GateUpLayout = Literal["separate", "concat_gate_up", "concat_up_gate", "interleaved", "none"]
 ExtraOutput = Literal["none", "router_logits", "topk_weights", "aux_loss"]
 CountedChoices = Literal["top1", "topk"]
+CapacityScope = Literal["sequence", "batch"]
+CapacityOrder = Literal["token_major", "slot_major"]
 
 SCORINGS: tuple[str, ...] = ("softmax", "sigmoid", "sqrtsoftplus", "relu", "none")  # sqrtsoftplus: DeepSeek-V4
 SELECTIONS: tuple[str, ...] = ("topk", "grouped_topk", "all_positive", "sparsemixer")
@@ -75,6 +80,15 @@ class RouterSpec:
     weight_on_input: bool = False  # Llama 4: expert_e(w_e * x) instead of w_e * expert_e(x)
     jitter_eps: float = 0.0  # sparsemixer only: the relative logit gap that keeps an expert in a round's softmax
     expert_capacity: int | None = None  # per sequence and expert; later tokens' choice of that expert is dropped
+    # a capacity from the token count (GShard, DeepSpeed top1gating/top2gating): max(ceil(n / E * (factor * k)),
+    # min_capacity) per expert, n the tokens of the scope ("batch": the call's tokens; "sequence": one sequence)
+    capacity_factor: float | None = None
+    min_capacity: int = 0
+    capacity_scope: CapacityScope = "sequence"
+    # which choices queue first for a capacity: "token_major" (token t's k choices before token t+1's: Switch) or
+    # "slot_major" (every token's first choice, then every second choice: DeepSpeed top2gating)
+    capacity_order: CapacityOrder = "token_major"
+    renorm_after_drop: bool = False  # renormalise over the choices kept within capacity (DeepSpeed top2gating)
 
     def __post_init__(self) -> None:
         _check(self.num_experts >= 1, f"num_experts must be >= 1, got {self.num_experts}")
@@ -98,6 +112,14 @@ class RouterSpec:
         if self.expert_capacity is not None:
             _check(self.expert_capacity >= 1, f"expert_capacity must be >= 1, got {self.expert_capacity}")
             _check(self.selection in ("topk", "grouped_topk"), "expert_capacity applies to top-k selection only")
+        if self.capacity_factor is not None:
+            _check(self.capacity_factor > 0, f"capacity_factor must be > 0, got {self.capacity_factor}")
+            _check(self.expert_capacity is None, "give expert_capacity or capacity_factor, not both")
+            _check(self.selection in ("topk", "grouped_topk"), "capacity_factor applies to top-k selection only")
+        _check(self.capacity_scope in ("sequence", "batch") and self.capacity_order in ("token_major", "slot_major"),
+               "capacity_scope is 'sequence' or 'batch'; capacity_order is 'token_major' or 'slot_major'")
+        _check(not self.renorm_after_drop or (self.renormalize and self.has_capacity),
+               "renorm_after_drop needs renormalize and a capacity")
         if self.selection == "sparsemixer":
             _check(self.top_k == 2 and self.num_experts >= 2, "sparsemixer selection picks exactly 2 experts")
             _check(self.score_order == "select_then_score" and self.scoring == "softmax",
@@ -106,6 +128,10 @@ class RouterSpec:
     @property
     def is_variable_k(self) -> bool:
         return self.selection == "all_positive"
+
+    @property
+    def has_capacity(self) -> bool:
+        return self.expert_capacity is not None or self.capacity_factor is not None
 
 
 @dataclass(frozen=True)
@@ -214,6 +240,10 @@ class MoESpec:
             sel = f"sparsemixer eps={r.jitter_eps:g}"
         if r.expert_capacity is not None:
             sel += f" capacity {r.expert_capacity}"
+        if r.capacity_factor is not None:
+            sel += (f" capacity factor {r.capacity_factor:g}" + (f" min {r.min_capacity}" if r.min_capacity else "")
+                    + f" per {r.capacity_scope}" + (" slot-major" if r.capacity_order == "slot_major" else "")
+                    + (" renorm after drop" if r.renorm_after_drop else ""))
         tags = [sel]
         if r.renormalize:
             tags.append("renorm")

@@ -78,7 +78,7 @@ def ort_mismatch(spec: MoESpec, dtype: torch.dtype) -> str | None:
         return f"{r.scoring} scoring; the operator applies softmax to the router output"
     if r.has_correction_bias:
         return "a correction bias on the choice; the operator chooses on the softmax alone"
-    if r.expert_capacity is not None:
+    if r.has_capacity:
         return "expert capacity; the operator drops no tokens"
     if r.weight_on_input:
         return "weights applied to the expert input; the operator weighs the expert output"

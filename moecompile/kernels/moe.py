@@ -64,8 +64,8 @@ def gating_fallback_reason(spec: MoESpec) -> str | None:
     r = spec.router
     if r.selection == "sparsemixer":
         return "sparsemixer selection"
-    if r.expert_capacity is not None:
-        return "per-sequence expert capacity"
+    if r.has_capacity:
+        return "expert capacity"
     if r.num_experts > MAX_KERNEL_EXPERTS:
         return f"more than {MAX_KERNEL_EXPERTS} experts"
     if r.selection == "grouped_topk" and (r.num_experts != _pow2(r.num_experts) or r.n_group != _pow2(r.n_group)):

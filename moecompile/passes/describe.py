@@ -48,6 +48,9 @@ GROUP_ATTRS = ("n_group", "num_group", "num_expert_group", "n_groups")
 TOPK_GROUP_ATTRS = ("topk_group", "topk_groups", "num_limited_groups")
 JITTER_ATTRS = ("router_jitter_noise", "jitter_eps", "moe_jitter_eps")
 CAPACITY_ATTRS = ("expert_capacity",)
+# DeepSpeed's TopKGate: eval_capacity_factor applies in eval mode (what optimize reads), capacity_factor in training
+CAPACITY_FACTOR_ATTRS = ("eval_capacity_factor", "capacity_factor")
+MIN_CAPACITY_ATTRS = ("min_capacity",)
 GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu")
 
 
@@ -440,12 +443,32 @@ def _router_hypotheses(candidate: Candidate, census: set[str], k_values: list[in
                              group_score="top2_sum", scales=scales, selection="sparsemixer", jitter_eps=eps))
     for hyp in hyps:
         hyp["expert_capacity"] = capacity
+    factors = list(dict.fromkeys(float(v) for v in _attr(modules, CAPACITY_FACTOR_ATTRS) if float(v) > 0))
+    if factors and capacity is None:  # a capacity from the token count (GShard, DeepSpeed): tried first
+        min_capacity = next((int(v) for v in _attr(modules, MIN_CAPACITY_ATTRS) if int(v) >= 0), 0)
+        hyps = _capacity_hypotheses(hyps, factors, min_capacity) + hyps
     if "relu" in census or not k_values:
         hyps.insert(0 if "topk" not in census else len(hyps),
                     dict(top_k=None, scoring="relu", score_order="score_then_select", renormalize=False,
                          weight_on_input=False, correction=None, n_group=1, topk_group=1, group_score="top2_sum",
                          scales=scales, expert_capacity=capacity))
     return hyps
+
+
+def _capacity_hypotheses(hyps: list[dict], factors: list[float], min_capacity: int) -> list[dict]:
+    """The plain top-k hypotheses again with a capacity factor: each factor the block declares, choices queued
+    token-major or slot-major, renormalised before or after the drop, the capacity per batch or per sequence."""
+    out = []
+    for h in hyps:
+        if h["correction"] is not None or h["weight_on_input"] or h["n_group"] > 1 or "selection" in h:
+            continue
+        for factor in factors:
+            for order in ("token_major", "slot_major") if h["top_k"] > 1 else ("token_major",):
+                for after in (False, True) if h["renormalize"] else (False,):
+                    for scope in ("batch", "sequence"):
+                        out.append(dict(h, capacity_factor=factor, min_capacity=min_capacity, capacity_order=order,
+                                        renorm_after_drop=after, capacity_scope=scope))
+    return out
 
 
 def _k_values(candidate: Candidate) -> list[int]:
@@ -760,7 +783,10 @@ def _assemble(candidate, block, eh, expert_weights, rh, scale, shared_spec, shar
             has_bias=router_w["router_bias"] is not None, has_correction_bias=rh["correction"] is not None,
             n_group=rh["n_group"], topk_group=rh["topk_group"], group_score=rh["group_score"],
             group_fill=rh.get("group_fill", "-inf"), weight_on_input=rh["weight_on_input"], jitter_eps=rh.get("jitter_eps", 0.0),
-            expert_capacity=rh["expert_capacity"])
+            expert_capacity=rh["expert_capacity"], capacity_factor=rh.get("capacity_factor"),
+            min_capacity=rh.get("min_capacity", 0), capacity_scope=rh.get("capacity_scope", "sequence"),
+            capacity_order=rh.get("capacity_order", "token_major"),
+            renorm_after_drop=rh.get("renorm_after_drop", False))
         spec = MoESpec(router=router, experts=eh.spec, shared=shared_spec, extra_output=extra, flat_output=flat_out,
                        has_output_bias=output_bias, aux_loss=aux_spec)
     except ValueError:

@@ -171,7 +171,19 @@ def neighbours(spec: MoESpec) -> list[Neighbour]:
         if not r.has_bias:
             add("the correction bias added to the logits", ("correction_bias", "router_bias"), has_bias=True,
                 has_correction_bias=False)
-    if r.expert_capacity is None:
+    if r.capacity_factor is not None:
+        add("no expert capacity", capacity_factor=None, min_capacity=0, renorm_after_drop=False)
+        for factor in (r.capacity_factor / 2, r.capacity_factor * 2):
+            add(f"capacity factor {factor:g}", capacity_factor=factor)
+        if r.top_k > 1:
+            add("the other capacity order", capacity_order="slot_major" if r.capacity_order == "token_major"
+                else "token_major")
+        if r.renormalize:
+            add("renormalised before the drop" if r.renorm_after_drop else "renormalised after the drop",
+                renorm_after_drop=not r.renorm_after_drop)
+        add("the capacity per sequence" if r.capacity_scope == "batch" else "the capacity per batch",
+            capacity_scope="sequence" if r.capacity_scope == "batch" else "batch")
+    elif r.expert_capacity is None:
         add("an expert capacity of 1", expert_capacity=1)
     else:
         add("no expert capacity", expert_capacity=None)

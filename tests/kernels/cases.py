@@ -26,6 +26,10 @@ ROUTERS = {
     # routed by PyTorch, experts by the kernels
     "sparsemixer": dict(selection="sparsemixer", score_order="select_then_score", jitter_eps=0.01),
     "capacity": dict(expert_capacity=3),
+    # DeepSpeed top2gating: a capacity from the token count over the batch, second choices queued after all first
+    # choices, renormalised over the kept ones
+    "capacity_factor": dict(capacity_factor=0.5, min_capacity=1, capacity_scope="batch", capacity_order="slot_major",
+                            renormalize=True, renorm_after_drop=True, renorm_min=1.2e-7),
 }
 # expert MLP variants: name -> (MLPSpec kwargs, spec extras)
 MLPS = {
