@@ -7,6 +7,8 @@ kernels (kernels/moe.py, one PyTorch op); elsewhere, and for calls the kernels d
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -17,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .errors import MoECompileError
 from .kernels import moe as kernel_moe
-from .reference import aux_loss, moe_forward
+from .reference import aux_loss, input_norm, moe_forward
 from .spec import MoESpec, MoEWeights
 
 BACKENDS = ("auto", "triton", "reference")
@@ -88,6 +90,11 @@ def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *
             f"the block's hidden size is {H}; pass hidden states of shape [..., {H}]")
     lead_shape = hidden_states.shape[:-1]
     x = hidden_states.reshape(-1, H)
+    block_input, residual = x, spec.residual
+    if spec.input_norm is not None or residual:  # ops around the fused core (gpt-oss's MLPBlock)
+        if spec.input_norm is not None:
+            x = input_norm(spec, weights, x)
+        spec, spec_json = _core(spec)
     seq_len = hidden_states.shape[-2] if hidden_states.dim() >= 2 and x.shape[0] else None
     autocast_dtype = _autocast_dtype(x)
     if autocast_dtype is not None and lowering is None:
@@ -105,6 +112,8 @@ def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *
         y, routing = moe_forward(spec, weights, x, seq_len)
         logits = routing.logits
         slot_weights = None if spec.router.is_variable_k else routing.topk_weights()
+    if residual:
+        y = y + block_input.to(y.dtype)
     if router_tap is not None:
         router_tap(logits)
     for hook in logits_hooks:
@@ -119,6 +128,13 @@ def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *
     if extra == "aux_loss":
         return y, aux_loss(spec, logits)
     return y, slot_weights.to(hidden_states.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _core(spec: MoESpec) -> tuple[MoESpec, str]:
+    """The block without its input norm and residual (run_block applies those around it), and its JSON."""
+    core = dataclasses.replace(spec, input_norm=None, residual=False)
+    return core, core.to_json()
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:

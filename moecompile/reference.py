@@ -7,13 +7,14 @@ It is differentiable (autograd flows to the input, the router and the expert wei
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .spec import MLPSpec, MoESpec, MoEWeights, RouterSpec
+from .spec import MLPSpec, MoESpec, MoEWeights, NormSpec, RouterSpec
 
 
 @dataclass
@@ -252,10 +253,33 @@ def aux_loss(spec: MoESpec, logits: torch.Tensor) -> torch.Tensor:
     return aux.coefficient * E * (fraction * probs).sum()
 
 
+def input_norm(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> torch.Tensor:
+    """The block's input norm (spec.input_norm) of x."""
+    return apply_norm(spec.input_norm, weights.norm_weight, weights.norm_bias, x)
+
+
+def apply_norm(norm: NormSpec, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """`norm` of x over its last dimension, in fp32 (fp64 for fp64) and cast back to x's dtype."""
+    t = x.to(_acc_dtype(x))
+    if norm.kind == "rms":
+        t = t * torch.rsqrt(t.square().mean(dim=-1, keepdim=True) + norm.eps)
+    else:
+        t = (t - t.mean(dim=-1, keepdim=True)) * torch.rsqrt(t.var(dim=-1, keepdim=True, unbiased=False) + norm.eps)
+    t = t * weight.to(t.dtype)
+    if norm.has_bias:
+        t = t + bias.to(t.dtype)
+    return t.to(x.dtype)
+
+
 def moe_forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor,
                 seq_len: int | None = None) -> tuple[torch.Tensor, Routing]:
     """The block on x [T, H]: output [T, H] in x's dtype, and the routing it used. `seq_len` splits the T tokens
     into sequences for an expert capacity (None: one sequence)."""
+    if spec.input_norm is not None or spec.residual:
+        core = dataclasses.replace(spec, input_norm=None, residual=False)
+        x_in = input_norm(spec, weights, x) if spec.input_norm is not None else x
+        y, routing = moe_forward(core, weights, x_in, seq_len)
+        return (y + x if spec.residual else y), routing
     routing = route(spec.router, weights, x, seq_len)
     y = routed_experts(spec, weights, x, routing)
     if spec.shared is not None:

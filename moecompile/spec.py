@@ -26,6 +26,7 @@ What a block computes, in the canonical form every field below refers to (x: [T,
       + shared(x) (* sigmoid(x @ shared_gate.T) when the shared expert is gated)
       + output_bias                                   (one [H] vector for the whole block: JetMoE)
     returned: y, or (y, router logits | top-k weights | a load-balancing loss, AuxLossSpec)
+    input_norm / residual (gpt-oss's reference MLPBlock): everything above runs on norm(x), and x is added to y
     expert_e(x) = down_e(glu(gate_e(x), up_e(x))) + b2_e   (gated)   |   down_e(act(up_e(x))) + b2_e   (plain)
 
 Canonical expert weights: w1 [E, F, H] with F = 2*I (gate rows first, then up rows) for gated experts and F = I for
@@ -51,6 +52,7 @@ GateUpLayout = Literal["separate", "concat_gate_up", "concat_up_gate", "interlea
 ExtraOutput = Literal["none", "router_logits", "topk_weights", "aux_loss"]
 CountedChoices = Literal["top1", "topk"]
 CapacityScope = Literal["sequence", "batch"]
+NormKind = Literal["rms", "layer"]
 CapacityOrder = Literal["token_major", "slot_major"]
 
 SCORINGS: tuple[str, ...] = ("softmax", "sigmoid", "sqrtsoftplus", "relu", "none")  # sqrtsoftplus: DeepSeek-V4
@@ -183,6 +185,17 @@ class AuxLossSpec:
 
 
 @dataclass(frozen=True)
+class NormSpec:
+    """A norm the block applies to its input before routing and experts (gpt-oss's reference MLPBlock):
+    "rms": x * rsqrt(mean(x^2) + eps) * norm_weight;  "layer": (x - mean) * rsqrt(var + eps) * norm_weight + norm_bias;
+    computed in fp32 and cast back to the input's dtype."""
+
+    kind: NormKind = "rms"
+    eps: float = 1e-6
+    has_bias: bool = False
+
+
+@dataclass(frozen=True)
 class MoESpec:
     """The whole block: router, routed experts, shared experts, and what the block returns."""
 
@@ -193,6 +206,8 @@ class MoESpec:
     flat_output: bool = False  # the block returns [T, H] for [..., H] input (Llama 4)
     has_output_bias: bool = False  # one [H] bias added to the block's output (JetMoE)
     aux_loss: AuxLossSpec | None = None  # the loss returned when extra_output is "aux_loss"
+    input_norm: NormSpec | None = None  # applied to x first; router, experts and shared experts see norm(x)
+    residual: bool = False  # the block returns x + its output (the input before the norm)
 
     def __post_init__(self) -> None:
         if self.shared is not None:
@@ -227,6 +242,8 @@ class MoESpec:
             flat_output=data.get("flat_output", False),
             has_output_bias=data.get("has_output_bias", False),
             aux_loss=None if data.get("aux_loss") is None else AuxLossSpec(**data["aux_loss"]),
+            input_norm=None if data.get("input_norm") is None else NormSpec(**data["input_norm"]),
+            residual=data.get("residual", False),
         )
 
     def summary(self) -> str:
@@ -264,6 +281,10 @@ class MoESpec:
             parts.append("output bias")
         if self.aux_loss is not None:
             parts.append(f"aux loss {self.aux_loss.counted} x{self.aux_loss.coefficient:g}")
+        if self.input_norm is not None:
+            parts.insert(0, f"{self.input_norm.kind} norm in")
+        if self.residual:
+            parts.append("+ residual")
         return " | ".join(parts)
 
     def to_json(self) -> str:
@@ -287,6 +308,8 @@ class MoEWeights:
     shared_b2: torch.Tensor | None = None
     shared_gate: torch.Tensor | None = None  # [1, H]
     output_bias: torch.Tensor | None = None  # [H]
+    norm_weight: torch.Tensor | None = None  # [H], the input norm's
+    norm_bias: torch.Tensor | None = None  # [H]
 
     def check(self, spec: MoESpec) -> None:
         """Raise ValueError if a tensor's presence or shape disagrees with the spec."""
@@ -308,6 +331,8 @@ class MoEWeights:
             "shared_b2": (H,) if s and s.mlp.has_bias else None,
             "shared_gate": (1, H) if s and s.sigmoid_gate else None,
             "output_bias": (H,) if spec.has_output_bias else None,
+            "norm_weight": (H,) if spec.input_norm is not None else None,
+            "norm_bias": (H,) if spec.input_norm is not None and spec.input_norm.has_bias else None,
         })
         for name, shape in want.items():
             tensor = getattr(self, name)

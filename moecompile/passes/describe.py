@@ -29,8 +29,8 @@ from torch import nn
 
 from ..capture import call_block, op_census
 from ..fused import FusedMoE
-from ..reference import Routing, aux_loss, mlp, moe_forward, routed_experts, shared_experts
-from ..spec import ACTIVATIONS, AuxLossSpec, MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
+from ..reference import Routing, apply_norm, aux_loss, mlp, moe_forward, routed_experts, shared_experts
+from ..spec import ACTIVATIONS, AuxLossSpec, MLPSpec, MoESpec, MoEWeights, NormSpec, RouterSpec, SharedExpertSpec
 from .compare import output_error, output_pairs
 from .copies import redraw_vectors, working_copy
 from .detect import Candidate, TensorRef, expert_members, expert_view, is_mlp_like
@@ -546,6 +546,66 @@ def describe(candidate: Candidate, *, seed: int = 0) -> Description:
     best = (float("inf"), "")
     refused: list[str] = []  # hypotheses that matched random inputs and failed aimed ones, and where
     output_bias_options = (True, False) if candidate.output_bias is not None else (False,)
+    for peel in [None] + _peels(probe, H, flat_x):
+        found = _search(candidate, probe, peel, expert_hyps, output_bias_options, router_hyps, shared_spec,
+                        shared_extract, x, flat_x, y_target, aux, input_rank, method, seed, refused, best)
+        if isinstance(found, Description):
+            return found
+        best = found
+    if refused:
+        raise DescribeError("descriptions reproduce the block on random inputs but not on inputs aimed at their "
+                            f"differences: {'; '.join(refused[:3])}; the block's routing is not pinned down by any "
+                            "description moecompile expresses")
+    chooser = _expert_choice(candidate, probe, x if input_rank == 3 else flat_x)
+    if chooser is not None:
+        raise DescribeError(chooser)
+    raise DescribeError(f"no description reproduces the block (closest: {best[1] or 'none'}, "
+                        f"rel err {best[0]:.2e}); its routing or experts use a form moecompile does not express")
+
+
+@dataclass
+class Peel:
+    """Ops around the MoE core inside the block (gpt-oss's reference MLPBlock): an input norm (a child module,
+    read as NormSpec) and a residual add of the block's input."""
+
+    child: str
+    norm: NormSpec
+    weight_name: str
+    bias_name: str | None
+    residual: bool
+
+
+def _peels(probe: nn.Module, H: int, flat_x: torch.Tensor) -> list[Peel]:
+    """The ways to read a norm child of the block as its input norm, with and without a residual add."""
+    for name, child in probe.named_children():
+        params = dict(child.named_parameters())
+        if list(child.children()) or not 1 <= len(params) <= 2 \
+                or any(p.dim() != 1 or p.numel() != H for p in params.values()) \
+                or "norm" not in (name + type(child).__name__).lower():
+            continue
+        weight_name = next((n for n in params if n in ("weight", "scale", "gamma", "g")), next(iter(params)))
+        bias_name = next((n for n in params if n != weight_name), None)
+        eps_values = [v for v in (getattr(child, a, None) for a in ("eps", "variance_epsilon", "epsilon"))
+                      if isinstance(v, float)] or [torch.finfo(torch.float32).eps, 1e-5, 1e-6]
+        with torch.no_grad():
+            want = child(flat_x)
+            for kind, eps in itertools.product(("rms", "layer"), eps_values):
+                norm = NormSpec(kind=kind, eps=eps, has_bias=bias_name is not None)
+                got = apply_norm(norm, params[weight_name], params.get(bias_name), flat_x)
+                if isinstance(want, torch.Tensor) and want.shape == got.shape and _rel_err(got, want) <= MATCH_RTOL:
+                    return [Peel(name, norm, weight_name, bias_name, residual) for residual in (True, False)]
+    return []
+
+
+def _search(candidate, probe, peel: Peel | None, expert_hyps, output_bias_options, router_hyps, shared_spec,
+            shared_extract, x, flat_x, y_target, aux, input_rank, method, seed, refused, best):
+    """The hypotheses against the block's output; with a peel, the core's (norm(x) in, the residual taken off).
+    Returns the Description found, or the closest miss (error, summary)."""
+    if peel is not None:
+        with torch.no_grad():
+            flat_x = probe.get_submodule(peel.child)(flat_x)
+            if peel.residual:
+                y_target = y_target - x.reshape(y_target.shape)
     for eh, output_bias in itertools.product(expert_hyps, output_bias_options):
         expert_weights = eh.extract(probe)
         for rh in router_hyps:
@@ -565,22 +625,27 @@ def describe(candidate: Candidate, *, seed: int = 0) -> Description:
                         continue
                 err = max(_rel_err(y.reshape(y_target.shape), y_target), _aux_err(spec, routing, aux))
                 if err <= MATCH_RTOL:
-                    found = Description(spec, _weights_recipe(candidate, eh, rh, spec, shared_extract),
-                                        input_rank, method)
+                    recipe = _weights_recipe(candidate, eh, rh, spec, shared_extract)
+                    if peel is not None:
+                        spec, recipe = _peeled(spec, recipe, peel)
+                    found = Description(spec, recipe, input_rank, method)
                     refined = _refine(probe, found, seed, refused)
                     if refined is not None:
                         return refined
                 if err < best[0]:
                     best = (err, spec.summary())
-    if refused:
-        raise DescribeError("descriptions reproduce the block on random inputs but not on inputs aimed at their "
-                            f"differences: {'; '.join(refused[:3])}; the block's routing is not pinned down by any "
-                            "description moecompile expresses")
-    chooser = _expert_choice(candidate, probe, x if input_rank == 3 else flat_x)
-    if chooser is not None:
-        raise DescribeError(chooser)
-    raise DescribeError(f"no description reproduces the block (closest: {best[1] or 'none'}, "
-                        f"rel err {best[0]:.2e}); its routing or experts use a form moecompile does not express")
+    return best
+
+
+def _peeled(spec: MoESpec, recipe, peel: Peel):
+    """The description with the peeled ops around it, and a weights recipe that adds the norm's tensors."""
+    def extract(block: nn.Module) -> MoEWeights:
+        weights = recipe(block)
+        norm = block.get_submodule(peel.child)
+        weights.norm_weight = getattr(norm, peel.weight_name)
+        weights.norm_bias = getattr(norm, peel.bias_name) if peel.bias_name else None
+        return weights
+    return replace(spec, input_norm=peel.norm, residual=peel.residual), extract
 
 
 def _expert_choice(candidate: Candidate, probe: nn.Module, x: torch.Tensor) -> str | None:
