@@ -45,6 +45,8 @@ class FusedMoE(nn.Module):
         self.lowering: nn.Module | None = None  # export_onnx's copy: the ONNX form (backends/onnx_lowering.py)
         # an OrderedDict as nn.Module's hook dicts: RemovableHandle keeps a weak reference to it (a dict has none)
         self._logits_hooks: OrderedDict[int, Callable[[torch.Tensor], None]] = OrderedDict()
+        # set by the fuse pass when the original block computed otherwise in train mode (passes/train_mode.py)
+        self.eval_only_reason: str | None = None
         self._weight_names: list[str] = []
         for name, tensor in weights.items():
             if tensor is None:
@@ -67,6 +69,11 @@ class FusedMoE(nn.Module):
         return MoEWeights(**{name: getattr(self, name) for name in self._weight_names})
 
     def forward(self, hidden_states: torch.Tensor):
+        if self.training and self.eval_only_reason is not None:
+            raise MoECompileError(
+                f"FusedMoE {self.source_path or '<block>'} is fused for eval mode only: the original block "
+                f"{self.eval_only_reason}. Call model.eval() for inference; to train, train the original model (or "
+                "turn that training-only behaviour off, e.g. router_jitter_noise=0) and optimize afterwards")
         return run_block(self.spec, self.weights(), hidden_states, spec_json=self.spec_json, backend=self.backend,
                          router_tap=self.router_tap, source_path=self.source_path,
                          lowering=self.lowering, logits_hooks=tuple(self._logits_hooks.values()))

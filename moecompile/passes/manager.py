@@ -1,4 +1,4 @@
-"""The pass manager and the passes optimize() runs: detect -> hooks -> describe -> confirm -> fuse.
+"""The pass manager and the passes optimize() runs: detect -> hooks -> describe (+ train mode) -> confirm -> fuse.
 
 Place in the pipeline: the driver. Each pass is a small unit with a name, a docstring saying what it changes, and
 `run(context) -> bool` (did it modify the model). The manager knows nothing about any single pass; it times each and
@@ -20,6 +20,7 @@ from .confirm import confirm, neighbour_description
 from .describe import DescribeError, Description, describe
 from .detect import Candidate, already_fused, propose
 from .log import BlockRecord, PassRun, Report
+from .train_mode import train_mode_difference
 
 
 @dataclass
@@ -32,6 +33,7 @@ class PassContext:
     seed: int = 0
     candidates: dict[str, Candidate] = field(default_factory=dict)
     descriptions: dict[str, Description] = field(default_factory=dict)
+    eval_only: dict[str, str | None] = field(default_factory=dict)  # why a block's train mode differs (train_mode)
     confirmed_structures: dict[tuple, str] = field(default_factory=dict)  # structure key -> first block confirmed
 
     def record(self, path: str) -> BlockRecord:
@@ -92,6 +94,9 @@ class DescribePass:
                 ctx.descriptions[record.path] = description
                 record.spec, record.spec_summary = description.spec.to_dict(), description.spec.summary()
                 record.method = description.method
+                candidate = ctx.candidates[record.path]
+                ctx.eval_only[record.path] = train_mode_difference(candidate.module, candidate.hidden_size,
+                                                                   ctx.seed)
             record.seconds += time.perf_counter() - start
         return False
 
@@ -171,6 +176,10 @@ class FusePass:
             candidate = ctx.candidates[record.path]
             fused = FusedMoE(ctx.descriptions[record.path].spec,
                              ctx.descriptions[record.path].extract(candidate.module), source_path=record.path)
+            eval_only = ctx.eval_only.get(record.path)
+            if eval_only is not None:
+                fused.eval_only_reason = eval_only
+                record.reason = (f"fused for eval mode only: {eval_only}; the FusedMoE raises in train mode")
             fused.train(candidate.module.training)
             fused.router_tap = make_tap(ctx.model, candidate.module)
             hooks.carry_over(candidate.module, fused)
