@@ -139,3 +139,22 @@ def test_an_unreadable_loss_leaves_the_block_with_a_reason(quiet):
     out = moecompile.optimize(block)
     record = moecompile.report(out).blocks[0]
     assert record.decision == "left" and "no description reproduces the block" in record.reason
+
+
+class WithRouterLogits(AllChoicesLoss):
+    """(out, router_logits), as blocks that hand their logits to a loss computed elsewhere return them."""
+
+    def forward(self, x):
+        out, _ = super().forward(x)
+        return out, self.gate(x.reshape(-1, x.shape[-1]))
+
+
+def test_router_logits_returned_beside_the_output(quiet):
+    torch.manual_seed(3)
+    block = WithRouterLogits().eval()
+    fused = moecompile.optimize(block, strict=True)
+    assert fused.spec.extra_output == "router_logits"
+    x = torch.randn(4096, 32)
+    with torch.no_grad():
+        (y, logits), (y_want, logits_want) = fused(x), block(x)
+    assert (y - y_want).norm() / y_want.norm() < 1e-5 and (logits - logits_want).norm() / logits_want.norm() < 1e-5
