@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .errors import MoECompileError
 from .kernels import moe as kernel_moe
-from .reference import aux_loss, input_norm, moe_forward
+from .reference import aux_loss, expert_bias_term, input_norm, moe_forward, route
 from .spec import MoESpec, MoEWeights
 
 BACKENDS = ("auto", "triton", "reference")
@@ -134,6 +134,10 @@ def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *
         return y, logits.to(hidden_states.dtype)
     if extra == "aux_loss":
         return y, aux_loss(spec, logits)
+    if extra == "expert_bias":  # the routing again in PyTorch (a [T, E] computation) for the experts' bias sum
+        term = expert_bias_term(spec, weights, route(spec.router, weights, x, seq_len)).to(y.dtype)
+        term = term if spec.flat_output else term.reshape(y.shape)
+        return y - term, term
     return y, slot_weights.to(hidden_states.dtype)
 
 

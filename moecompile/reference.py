@@ -253,6 +253,16 @@ def aux_loss(spec: MoESpec, logits: torch.Tensor) -> torch.Tensor:
     return aux.coefficient * E * (fraction * probs).sum()
 
 
+def expert_bias_term(spec: MoESpec, weights: MoEWeights, routing: Routing) -> torch.Tensor:
+    """[T, H]: sum over each token's chosen experts of w_e * b2_e (the part of y a skip-bias-add block returns
+    apart), in at least fp32."""
+    T = routing.logits.shape[0]
+    acc = torch.promote_types(weights.b2.dtype, torch.float32)
+    dense = torch.zeros(T, spec.num_experts, dtype=acc, device=routing.logits.device)
+    dense = dense.index_put((routing.token_index, routing.expert_index), routing.weight.to(acc), accumulate=True)
+    return dense @ weights.b2.to(acc)
+
+
 def input_norm(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> torch.Tensor:
     """The block's input norm (spec.input_norm) of x."""
     return apply_norm(spec.input_norm, weights.norm_weight, weights.norm_bias, x)

@@ -25,7 +25,8 @@ What a block computes, in the canonical form every field below refers to (x: [T,
     y = sum over chosen e of  w_e * expert_e(x)       (or expert_e(w_e * x) when weight_on_input)
       + shared(x) (* sigmoid(x @ shared_gate.T) when the shared expert is gated)
       + output_bias                                   (one [H] vector for the whole block: JetMoE)
-    returned: y, or (y, router logits | top-k weights | a load-balancing loss, AuxLossSpec)
+    returned: y, or (y, router logits | top-k weights | a load-balancing loss, AuxLossSpec), or
+      (y - B, B) with B = sum over chosen e of w_e * b2_e ("expert_bias": Megatron's skip-bias-add SwitchMLP)
     input_norm / residual (gpt-oss's reference MLPBlock): everything above runs on norm(x), and x is added to y
     expert_e(x) = down_e(glu(gate_e(x), up_e(x))) + b2_e   (gated)   |   down_e(act(up_e(x))) + b2_e   (plain)
 
@@ -49,7 +50,7 @@ GroupScore = Literal["max", "top2_sum"]
 GroupFill = Literal["-inf", "zero"]
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu"]
 GateUpLayout = Literal["separate", "concat_gate_up", "concat_up_gate", "interleaved", "none"]
-ExtraOutput = Literal["none", "router_logits", "topk_weights", "aux_loss"]
+ExtraOutput = Literal["none", "router_logits", "topk_weights", "aux_loss", "expert_bias"]
 CountedChoices = Literal["top1", "topk"]
 CapacityScope = Literal["sequence", "batch"]
 NormKind = Literal["rms", "layer"]
@@ -218,6 +219,8 @@ class MoESpec:
                "an aux_loss description goes with extra_output 'aux_loss', and only with it")
         _check(self.aux_loss is None or not self.router.is_variable_k,
                "a load-balancing loss over top-k choices needs a top-k router")
+        _check(self.extra_output != "expert_bias" or (self.experts.has_bias and not self.router.weight_on_input),
+               "returning the experts' output biases apart needs expert biases weighted on the output")
 
     @property
     def num_experts(self) -> int:

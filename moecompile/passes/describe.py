@@ -29,7 +29,8 @@ from torch import nn
 
 from ..capture import call_block, op_census
 from ..fused import FusedMoE
-from ..reference import Routing, apply_norm, aux_loss, mlp, moe_forward, routed_experts, shared_experts
+from ..reference import (Routing, apply_norm, aux_loss, expert_bias_term, mlp, moe_forward, routed_experts,
+                         shared_experts)
 from ..spec import ACTIVATIONS, AuxLossSpec, MLPSpec, MoESpec, MoEWeights, NormSpec, RouterSpec, SharedExpertSpec
 from .compare import output_error, output_pairs
 from .copies import redraw_vectors, working_copy
@@ -333,7 +334,10 @@ def _match_mlp(module: nn.Module, H: int, x: torch.Tensor) -> tuple[MLPSpec, Cal
     with torch.no_grad():
         target = module(x)
         if isinstance(target, tuple):
-            target = target[0]
+            bias = target[1] if len(target) == 2 else None
+            # Megatron's skip-bias-add experts return (output without the down bias, that bias): the sum is the MLP
+            skip_bias = isinstance(bias, torch.Tensor) and bias.dim() == 1 and bias.shape[0] == target[0].shape[-1]
+            target = target[0] + bias if skip_bias else target[0]
         best = (float("inf"), None)
         for spec, extract in _mlp_hypotheses(module, H):
             try:
@@ -524,6 +528,8 @@ def describe(candidate: Candidate, *, seed: int = 0) -> Description:
     probe, target, input_rank, where = _run_probe(candidate.module, seed, x)
     x = x.to(next(probe.parameters()).device)
     y_target, aux = target
+    if aux is not None and aux.shape == y_target.shape and H != E:
+        y_target = y_target + aux  # (y without the experts' biases, their sum): read the whole output
     census = op_census(probe, x if input_rank == 3 else x[0])
     method = ("ops traced" if census else "ops not traced (search in default order)") + where
     flat_x = x.reshape(-1, H)
@@ -623,7 +629,7 @@ def _search(candidate, probe, peel: Peel | None, expert_hyps, output_bias_option
                     spec = _fit_aux(spec, routing.logits, aux)
                     if spec is None:
                         continue
-                err = max(_rel_err(y.reshape(y_target.shape), y_target), _aux_err(spec, routing, aux))
+                err = max(_rel_err(y.reshape(y_target.shape), y_target), _aux_err(spec, weights, routing, aux))
                 if err <= MATCH_RTOL:
                     recipe = _weights_recipe(candidate, eh, rh, spec, shared_extract)
                     if peel is not None:
@@ -833,6 +839,8 @@ def _assemble(candidate, block, eh, expert_weights, rh, scale, shared_spec, shar
             if rh["top_k"] is None:
                 return None, None
             extra, aux_spec = "aux_loss", AuxLossSpec()
+        elif aux.shape[-1] == flat_x.shape[-1] != E and aux.numel() == flat_x.numel():
+            extra = "expert_bias"
         elif aux.shape[-1] == E and aux.numel() == flat_x.shape[0] * E:
             extra = "router_logits"
         elif rh["top_k"] is not None and aux.shape[-1] == rh["top_k"] and aux.numel() == flat_x.shape[0] * rh["top_k"]:
@@ -913,9 +921,11 @@ def _fit_aux(spec: MoESpec, logits: torch.Tensor, aux: torch.Tensor) -> MoESpec 
     return None
 
 
-def _aux_err(spec: MoESpec, routing: Routing, aux: torch.Tensor | None) -> float:
+def _aux_err(spec: MoESpec, weights: MoEWeights, routing: Routing, aux: torch.Tensor | None) -> float:
     if aux is None:
         return 0.0
+    if spec.extra_output == "expert_bias":
+        return _rel_err(expert_bias_term(spec, weights, routing), aux.reshape(-1, aux.shape[-1]).float())
     if spec.extra_output == "aux_loss":
         return _rel_err(aux_loss(spec, routing.logits), aux.float())
     if spec.extra_output == "router_logits":

@@ -158,3 +158,59 @@ def test_router_logits_returned_beside_the_output(quiet):
     with torch.no_grad():
         (y, logits), (y_want, logits_want) = fused(x), block(x)
     assert (y - y_want).norm() / y_want.norm() < 1e-5 and (logits - logits_want).norm() / logits_want.norm() < 1e-5
+
+
+class ParallelMLP(nn.Module):
+    """Megatron's expert MLP with skip_bias_add: returns (output without the down projection's bias, that bias)."""
+
+    def __init__(self, H=32, I=40):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(H, I)
+        self.dense_4h_to_h = nn.Linear(I, H)
+
+    def forward(self, hidden_states):
+        intermediate = F.gelu(self.dense_h_to_4h(hidden_states))
+        return F.linear(intermediate, self.dense_4h_to_h.weight), self.dense_4h_to_h.bias
+
+
+class SwitchMLP(nn.Module):
+    """Megatron-LM's SwitchMLP (single device): top-1 of the softmax; returns (output, output bias) for the caller's
+    bias-dropout-add, each weighted by the token's probability."""
+
+    def __init__(self, H=32, E=8):
+        super().__init__()
+        self.router = nn.Linear(H, E)
+        self.experts = nn.ModuleList(ParallelMLP(H) for _ in range(E))
+
+    def forward(self, hidden_states):
+        s, b, h = hidden_states.size(0), hidden_states.size(1), hidden_states.size(2)
+        route = torch.nn.functional.softmax(self.router(hidden_states), dim=2)
+        max_prob, max_ind = torch.max(route, dim=2)
+        max_prob = torch.unsqueeze(max_prob, 2)
+        hidden_states = hidden_states.view(-1, hidden_states.size(2))
+        max_prob = max_prob.view(-1, max_prob.size(2))
+        max_ind = max_ind.view(-1)
+        output_total = torch.empty_like(hidden_states)
+        output_bias_total = torch.empty_like(hidden_states)
+        for expert_num, expert in enumerate(self.experts):
+            local_indices = (max_ind == expert_num).nonzero()
+            hidden = hidden_states[local_indices, :]
+            output, output_bias = expert(hidden)
+            output_bias = output_bias.expand_as(output)
+            output_total[local_indices, :] = output
+            output_bias_total[local_indices, :] = output_bias
+        output_total = (output_total * max_prob).view(s, b, h)
+        output_bias_total = (output_bias_total * max_prob).view(s, b, h)
+        return output_total, output_bias_total
+
+
+def test_output_and_bias_returned_apart(quiet):
+    torch.manual_seed(4)
+    block = SwitchMLP().eval()
+    fused = moecompile.optimize(block, strict=True)
+    assert fused.spec.extra_output == "expert_bias" and fused.spec.experts.has_bias
+    x = torch.randn(16, 256, 32)  # [sequence, batch, hidden], as Megatron lays it out
+    with torch.no_grad():
+        (y, bias), (y_want, bias_want) = fused(x), block(x)
+    assert y.shape == y_want.shape and bias.shape == bias_want.shape
+    assert (y - y_want).norm() / y_want.norm() < 1e-5 and (bias - bias_want).norm() / bias_want.norm() < 1e-5
