@@ -34,7 +34,7 @@ from ..reference import (Routing, apply_norm, aux_loss, expert_bias_term, mlp, m
 from ..spec import ACTIVATIONS, AuxLossSpec, MLPSpec, MoESpec, MoEWeights, NormSpec, RouterSpec, SharedExpertSpec
 from .compare import output_error, output_pairs
 from .copies import redraw_vectors, working_copy
-from .detect import Candidate, TensorRef, expert_members, expert_view, is_mlp_like
+from .detect import Candidate, TensorRef, effective_parameters, expert_members, expert_view, is_mlp_like
 from .probes import aimed_inputs, neighbours
 from .routing import float_weights
 
@@ -252,11 +252,13 @@ def _stacked_extract(candidate, fc1s, fc1_t, layout, down, down_t, inter, gated,
 def _linear_like(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
     """(relative name, weight, bias) for each weight matrix of an MLP-like module."""
     found = []
-    for name, sub in module.named_modules():
-        for pname, p in sub.named_parameters(recurse=False):
-            if p.dim() == 2:
-                bias = getattr(sub, "bias", None) if pname == "weight" else None
-                found.append((f"{name}.{pname}" if name else pname, p, bias if isinstance(bias, torch.Tensor) else None))
+    for qualified, p in effective_parameters(module):
+        if p.dim() != 2:
+            continue
+        name, _, pname = qualified.rpartition(".")
+        sub = module.get_submodule(name) if name else module
+        bias = getattr(sub, "bias", None) if pname == "weight" else None
+        found.append((qualified, p, bias if isinstance(bias, torch.Tensor) else None))
     return found
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 
 def expert_view(tensor: torch.Tensor, split_experts: int) -> torch.Tensor:
@@ -73,15 +74,33 @@ def _own_tensors(module: nn.Module):
     yield from ((n, b) for n, b in module.named_buffers(recurse=False) if b is not None)
 
 
+def effective_parameters(module: nn.Module):
+    """(qualified name, tensor) for the parameters of `module` and its submodules as forward sees them: a
+    parametrized tensor (weight norm, nn.utils.parametrize) by its own name, computed, instead of its originals."""
+    for name, sub in module.named_modules():
+        if "parametrizations" in name.split("."):
+            continue
+        own = dict(sub.named_parameters(recurse=False))
+        if parametrize.is_parametrized(sub):
+            own.update({pname: getattr(sub, pname) for pname in sub.parametrizations})
+        for pname, p in own.items():
+            yield (f"{name}.{pname}" if name else pname), p
+
+
+def has_parametrized_weights(module: nn.Module) -> bool:
+    return any(parametrize.is_parametrized(m) for m in module.modules())
+
+
 def _matrices(module: nn.Module) -> list[torch.Tensor]:
-    return [p for _, p in module.named_parameters() if p.dim() == 2]
+    return [p for _, p in effective_parameters(module) if p.dim() == 2]
 
 
 def is_mlp_like(module: nn.Module) -> bool:
     """Two or three weight matrices, only 1-D tensors besides, no nested module lists: an expert-shaped MLP."""
-    if any(isinstance(m, (nn.ModuleList, nn.ModuleDict)) for m in module.modules()):
+    if any(isinstance(m, (nn.ModuleList, nn.ModuleDict)) and "parametrizations" not in name.split(".")
+           for name, m in module.named_modules()):
         return False
-    tensors = [p for _, p in module.named_parameters()]
+    tensors = [p for _, p in effective_parameters(module)]
     mats = [p for p in tensors if p.dim() == 2]
     return 2 <= len(mats) <= 3 and all(p.dim() in (1, 2) for p in tensors) and min(min(m.shape) for m in mats) > 1
 
@@ -93,7 +112,7 @@ def serves_hidden_size(module: nn.Module, H: int) -> bool:
 
 def _same_structure(modules: list[nn.Module]) -> bool:
     def signature(m: nn.Module):
-        return [(n, tuple(p.shape)) for n, p in m.named_parameters()]
+        return [(n, tuple(p.shape)) for n, p in effective_parameters(m)]
     first = signature(modules[0])
     return all(signature(m) == first for m in modules[1:])
 

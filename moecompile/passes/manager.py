@@ -18,7 +18,7 @@ from ..router_tap import make_tap
 from . import hooks
 from .confirm import confirm, neighbour_description
 from .describe import DescribeError, Description, describe
-from .detect import Candidate, already_fused, propose
+from .detect import Candidate, already_fused, has_parametrized_weights, propose
 from .log import BlockRecord, PassRun, Report
 from .train_mode import train_mode_difference
 
@@ -95,8 +95,11 @@ class DescribePass:
                 record.spec, record.spec_summary = description.spec.to_dict(), description.spec.summary()
                 record.method = description.method
                 candidate = ctx.candidates[record.path]
-                ctx.eval_only[record.path] = train_mode_difference(candidate.module, candidate.hidden_size,
-                                                                   ctx.seed)
+                ctx.eval_only[record.path] = (
+                    "has parametrized weights (weight norm): the fused block holds them as computed when it was "
+                    "fused, so training would not reach their parametrization"
+                    if has_parametrized_weights(candidate.module)
+                    else train_mode_difference(candidate.module, candidate.hidden_size, ctx.seed))
             record.seconds += time.perf_counter() - start
         return False
 
