@@ -70,6 +70,17 @@ def _output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def _input(block, tokens: int) -> torch.Tensor:
+    """[tokens, H], or [8, tokens / 8, H] for a block that takes 3-D input only (Megatron's [s, b, h])."""
+    x = torch.randn(tokens, H)
+    try:
+        with torch.no_grad():
+            block(x[:16])
+        return x
+    except (IndexError, RuntimeError, ValueError):
+        return x.view(8, tokens // 8, H)
+
+
 def measure(build) -> dict:
     torch.manual_seed(0)
     block = build().eval()
@@ -81,7 +92,7 @@ def measure(build) -> dict:
         fused = [b for b in records if b.decision == "fused"]
         row["eager"] = "fused" if records and len(fused) == len(records) else "left"
         row["eager_note"] = fused[0].spec_summary if fused else (records[0].reason if records else "not proposed")
-        x = torch.randn(4096, H)
+        x = _input(block, 4096)
         with torch.no_grad():
             want, got = _output(block(x)), _output(optimized(x))
         row["rel_err"] = ((got - want).abs().max() / want.abs().max()).item()
@@ -90,7 +101,7 @@ def measure(build) -> dict:
         try:
             compiled = torch.compile(fresh, backend="moecompile", options={"inductor": False})
             with torch.no_grad():
-                compiled(torch.randn(64, H))
+                compiled(_input(fresh, 64))
             try:
                 report = moecompile.report(compiled)
             except moecompile.MoECompileError:  # dynamo handed the backend no graph of this module
