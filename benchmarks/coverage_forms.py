@@ -38,7 +38,7 @@ def forms() -> list[tuple[str, str, object]]:
     """(form, where it comes from, builder)."""
     import handwritten as hw
     outputs, roles, containers = _load("test_forms_outputs"), _load("test_forms_roles"), _load("test_forms_containers")
-    flat, capacity, peeled = _load("test_forms_flat"), _load("test_forms_capacity"), _load("test_forms_peeled")
+    flat, capacity = _load("test_forms_flat"), _load("test_forms_capacity")
     selection, wrappers = _load("test_forms_selection"), _load("test_forms_wrappers")
     return [
         ("(out, aux_loss): Switch top-1", "Switch Transformer router", outputs.SwitchTop1),
@@ -57,7 +57,7 @@ def forms() -> list[tuple[str, str, object]]:
          lambda: capacity.MOELayer(k=1, eval_capacity_factor=0.75, min_capacity=2)),
         ("top2gating with capacity factor, einsum dispatch", "DeepSpeed / GShard",
          lambda: capacity.MOELayer(k=2, eval_capacity_factor=0.5, min_capacity=2)),
-        ("norm inside, residual add, einsum on gathered weights", "gpt-oss reference MLPBlock", peeled.MLPBlock),
+        ("norm inside, residual add, einsum on gathered weights", "gpt-oss reference MLPBlock", hw.GptOssMLPBlock),
         ("experts under torch.utils.checkpoint", "training code", wrappers.CheckpointedExperts),
         ("torch.compile-decorated forward", "training code", wrappers.CompiledForward),
         ("its own autocast region (bf16 inside)", "mixed-precision code", wrappers.OwnAutocast),

@@ -587,7 +587,8 @@ def _peels(probe: nn.Module, H: int, flat_x: torch.Tensor) -> list[Peel]:
     """The ways to read a norm child of the block as its input norm, with and without a residual add."""
     for name, child in probe.named_children():
         params = dict(child.named_parameters())
-        if list(child.children()) or not 1 <= len(params) <= 2 \
+        # its own tensors only (a graph region's child holds parameter-free GraphModules)
+        if any("." in n for n in params) or not 1 <= len(params) <= 2 \
                 or any(p.dim() != 1 or p.numel() != H for p in params.values()) \
                 or "norm" not in (name + type(child).__name__).lower():
             continue

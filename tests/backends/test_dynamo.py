@@ -112,6 +112,7 @@ def test_training_gradients_match_eager(inductor, quiet):
     (lambda: handwritten.Block(handwritten.ReluRouterMoE(), 24), (2, 5, 24)),  # ReLU router, ModuleList experts
     (lambda: handwritten.EinsumMoE(), (7, 32)),  # the compiled module is the block
     (lambda: handwritten.Block(handwritten.HERouterEinsumMoE(), 32), (11, 32)),  # an [H, E] router, x @ W
+    (lambda: handwritten.GptOssMLPBlock(), (37, 32)),  # its own norm and residual add, einsum on gathered weights
 ])
 def test_handwritten_forms_without_graph_breaks_are_fused(build, shape, quiet):
     torch.manual_seed(0)
