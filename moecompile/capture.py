@@ -27,7 +27,8 @@ def split_output(out) -> tuple[torch.Tensor, torch.Tensor | None]:
         if len(out) == 2 and isinstance(out[1], torch.Tensor):
             return out[0], out[1]
     raise TypeError(f"the block returned {type(out).__name__} of an unsupported structure; moecompile reproduces a "
-                    "tensor or a (hidden_states, router_logits | topk_weights) pair")
+                    "tensor or a (hidden_states, router logits | top-k weights | load-balancing loss | output bias) "
+                    "pair, not nested tuples")
 
 
 def call_block(block: nn.Module, x: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor | None], int]:

@@ -214,3 +214,21 @@ def test_output_and_bias_returned_apart(quiet):
         (y, bias), (y_want, bias_want) = fused(x), block(x)
     assert y.shape == y_want.shape and bias.shape == bias_want.shape
     assert (y - y_want).norm() / y_want.norm() < 1e-5 and (bias - bias_want).norm() / bias_want.norm() < 1e-5
+
+
+def test_nested_tuple_outputs_are_left_with_the_structure_named(quiet):
+    """(out, (tokens_per_expert, loss)): not read yet; left, saying which structures are, and unchanged."""
+    class Nested(AllChoicesLoss):
+        def forward(self, x):
+            out, loss = super().forward(x)
+            index = self.gate(x.reshape(-1, x.shape[-1])).topk(self.k, dim=-1).indices
+            return out, (torch.bincount(index.flatten(), minlength=self.E), loss)
+
+    torch.manual_seed(5)
+    block = Nested().eval()
+    out = moecompile.optimize(block)
+    record = moecompile.report(out).blocks[0]
+    assert record.decision == "left" and "not nested tuples" in record.reason
+    x = torch.randn(50, 32)
+    with torch.no_grad():
+        assert torch.equal(out(x)[0], block(x)[0])
