@@ -44,6 +44,7 @@ def forms() -> list[tuple[str, str, object]]:
         ("(out, aux_loss): Switch top-1", "Switch Transformer router", outputs.SwitchTop1),
         ("(out, l_aux): top2gating", "DeepSpeed / GShard", outputs.DeepSpeedTop2),
         ("(out, aux_loss) over all k choices", "transformers load_balancing_loss_func", outputs.AllChoicesLoss),
+        ("(out, balance + router z-loss)", "ST-MoE (SwitchTransformers' losses)", outputs.STMoELosses),
         ("(out, router_logits)", "blocks feeding an outside loss", outputs.WithRouterLogits),
         ("(out, output bias) with skip-bias-add experts", "Megatron-LM SwitchMLP", outputs.SwitchMLP),
         ("selection-only bias named gate.bias", "DeepSeek-V3 inference code", roles.DeepSeekV3MoE),

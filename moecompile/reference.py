@@ -250,7 +250,10 @@ def aux_loss(spec: MoESpec, logits: torch.Tensor) -> torch.Tensor:
     counted = 1 if aux.counted == "top1" else spec.router.top_k
     chosen = logits.topk(min(counted, E), dim=-1).indices
     fraction = F.one_hot(chosen, E).float().sum(dim=1).mean(dim=0)
-    return aux.coefficient * E * (fraction * probs).sum()
+    loss = aux.coefficient * E * (fraction * probs).sum()
+    if aux.z_coefficient:
+        loss = loss + aux.z_coefficient * logits.logsumexp(dim=-1).square().mean()
+    return loss
 
 
 def expert_bias_term(spec: MoESpec, weights: MoEWeights, routing: Routing) -> torch.Tensor:

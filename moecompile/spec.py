@@ -179,10 +179,12 @@ class AuxLossSpec:
               GShard / DeepSpeed top1gating and top2gating (l_aux = mean(me * ce) * E * E is the same value)
             = (number of the tokens' top-k choices that are e) / tokens           counted "topk": transformers'
               load_balancing_loss_func (Mixtral, Qwen-MoE, ...)
+        (+ z_coefficient * mean_t logsumexp(logits_t)^2: ST-MoE's router z-loss, added to the same scalar)
     """
 
     counted: CountedChoices = "top1"
     coefficient: float = 1.0
+    z_coefficient: float = 0.0  # plus z_coefficient * mean over tokens of logsumexp(logits)^2 (ST-MoE's router z-loss)
 
 
 @dataclass(frozen=True)
@@ -283,7 +285,8 @@ class MoESpec:
         if self.has_output_bias:
             parts.append("output bias")
         if self.aux_loss is not None:
-            parts.append(f"aux loss {self.aux_loss.counted} x{self.aux_loss.coefficient:g}")
+            parts.append(f"aux loss {self.aux_loss.counted} x{self.aux_loss.coefficient:g}" + (
+                f" + z-loss x{self.aux_loss.z_coefficient:g}" if self.aux_loss.z_coefficient else ""))
         if self.input_norm is not None:
             parts.insert(0, f"{self.input_norm.kind} norm in")
         if self.residual:

@@ -912,15 +912,24 @@ def _round_number(value: float, digits: int = 3) -> bool:
     return abs(rounded - value) <= 1e-5 * value
 
 
+# router z-loss coefficients tried beside the load-balancing one (ST-MoE uses 1e-3; none first)
+Z_COEFFICIENTS = (0.0, 1e-3, 1e-4, 5e-4, 2e-3, 5e-3, 1e-2, 1e-1, 1.0)
+
+
 def _fit_aux(spec: MoESpec, logits: torch.Tensor, aux: torch.Tensor) -> MoESpec | None:
-    """`spec` with the load-balancing loss (which choices it counts, its coefficient) that gives the block's loss
-    `aux` on these logits, or None. Top-1 counting first (with k = 1 both read the same)."""
-    for counted in ("top1", "topk"):
-        trial = replace(spec, aux_loss=AuxLossSpec(counted=counted))
-        value = aux_loss(trial, logits).item()
-        ratio = aux.float().item() / value if value else math.nan
-        if _round_number(ratio):
-            return replace(trial, aux_loss=AuxLossSpec(counted=counted, coefficient=float(f"{ratio:.2e}")))
+    """`spec` with the load-balancing loss (which choices it counts, its coefficient, a router z-loss term) that
+    gives the block's loss `aux` on these logits, or None. Top-1 counting first (with k = 1 both read the same); a
+    z-loss coefficient from Z_COEFFICIENTS, the load-balancing coefficient then solved and accepted only as a round
+    number (aimed inputs and confirm check the pair on other inputs)."""
+    z = logits.float().logsumexp(dim=-1).square().mean().item()
+    for z_coefficient in Z_COEFFICIENTS:
+        for counted in ("top1", "topk"):
+            trial = replace(spec, aux_loss=AuxLossSpec(counted=counted))
+            value = aux_loss(trial, logits).item()
+            ratio = (aux.float().item() - z_coefficient * z) / value if value else math.nan
+            if _round_number(ratio):
+                return replace(trial, aux_loss=AuxLossSpec(counted=counted, coefficient=float(f"{ratio:.2e}"),
+                                                           z_coefficient=z_coefficient))
     return None
 
 

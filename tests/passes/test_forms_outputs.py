@@ -232,3 +232,26 @@ def test_nested_tuple_outputs_are_left_with_the_structure_named(quiet):
     x = torch.randn(50, 32)
     with torch.no_grad():
         assert torch.equal(out(x)[0], block(x)[0])
+
+
+class STMoELosses(SwitchTop1):
+    """ST-MoE: the Switch load-balancing loss plus the router z-loss (mean squared logsumexp of the logits), as
+    transformers' SwitchTransformers computes them, weighted 1e-2 and 1e-3 and returned as one scalar."""
+
+    def forward(self, x):
+        out, balance = super().forward(x)
+        logits = self.router(x.reshape(-1, x.shape[-1]))
+        z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+        return out, balance + 1e-3 * z_loss
+
+
+def test_load_balancing_plus_router_z_loss(quiet):
+    torch.manual_seed(6)
+    block = STMoELosses().eval()
+    fused = moecompile.optimize(block, strict=True)
+    assert "aux loss top1 x0.01 + z-loss x0.001" in moecompile.report(fused).blocks[0].spec_summary
+    x = torch.randn(4096, 32) * 3  # larger logits: the z-loss term is a good share of the loss
+    with torch.no_grad():
+        (y, aux), (y_want, aux_want) = fused(x), block(x)
+    assert (y - y_want).norm() / y_want.norm() < 1e-5
+    assert abs(aux.item() - aux_want.item()) <= 1e-5 * abs(aux_want.item())
