@@ -262,11 +262,13 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run_benchmark(description: str, name: str, shapes: dict, tokens, run_shape, markdown) -> None:
+    """The command line both layer benchmarks share: measure the ceilings, run each chosen shape with
+    run_shape(name, cfg, tokens, ceilings, quick, rows), and write <name>.json and <name>.md after each shape."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
-    parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
+    parser.add_argument("--shapes", nargs="*", default=list(shapes))
+    parser.add_argument("--tokens", nargs="*", type=int, default=list(tokens))
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     import transformers
@@ -276,11 +278,15 @@ def main():
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name in args.shapes:
-        run_shape(name, SHAPES[name], args.tokens, result["ceilings"], args.quick, result["rows"])
-        (out / "moe_layer.json").write_text(json.dumps(result, indent=1))
-        (out / "moe_layer.md").write_text(markdown(result))
+    for shape in args.shapes:
+        run_shape(shape, shapes[shape], args.tokens, result["ceilings"], args.quick, result["rows"])
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{name}.md").write_text(markdown(result))
     print(markdown(result))
+
+
+def main():
+    run_benchmark(__doc__.split("\n\n")[0], "moe_layer", SHAPES, TOKENS, run_shape, markdown)
 
 
 if __name__ == "__main__":

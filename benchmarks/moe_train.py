@@ -13,17 +13,14 @@ Run on the device: `python benchmarks/moe_train.py --out benchmarks/results` (mo
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
-from moe_layer import bench, hf_block, measure_ceilings, twin  # noqa: E402
+from moe_layer import bench, hf_block, run_benchmark, twin  # noqa: E402
 
 TOKENS = (1024, 4096, 16384)
 SHAPES = {
@@ -127,24 +124,7 @@ def markdown(result: dict) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
-    parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    import transformers
-    result = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
-                  transformers=transformers.__version__, date=datetime.date.today().isoformat(),
-                  ceilings=measure_ceilings(), rows=[])
-    print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in args.shapes:
-        run_shape(name, SHAPES[name], args.tokens, result["ceilings"], args.quick, result["rows"])
-        (out / "moe_train.json").write_text(json.dumps(result, indent=1))
-        (out / "moe_train.md").write_text(markdown(result))
-    print(markdown(result))
+    run_benchmark(__doc__.split("\n\n")[0], "moe_train", SHAPES, TOKENS, run_shape, markdown)
 
 
 if __name__ == "__main__":
