@@ -67,8 +67,11 @@ class EinsumMoE(nn.Module):
         self.w_out = nn.Parameter(torch.randn(E, I, H) / I**0.5)
         self.k = k
 
+    def router_logits(self, x):
+        return x @ self.gate.t()
+
     def forward(self, x):  # [T, H] only
-        logits = x @ self.gate.t()
+        logits = self.router_logits(x)
         top, idx = logits.topk(self.k, dim=-1)
         weights = torch.zeros_like(logits).scatter(1, idx, top.softmax(-1))
         h = torch.einsum("th,ehf->etf", x, self.w_in)
@@ -281,14 +284,8 @@ class HERouterEinsumMoE(EinsumMoE):
         del self.gate
         self.router_DE = nn.Parameter(torch.randn(H, E) / H**0.5)
 
-    def forward(self, x):  # [T, H] only
-        logits = x @ self.router_DE
-        top, idx = logits.topk(self.k, dim=-1)
-        weights = torch.zeros_like(logits).scatter(1, idx, top.softmax(-1))
-        h = torch.einsum("th,ehf->etf", x, self.w_in)
-        g, u = h.chunk(2, dim=-1)
-        y = torch.einsum("eti,eih->eth", F.silu(g) * u, self.w_out)
-        return torch.einsum("eth,te->th", y, weights)
+    def router_logits(self, x):
+        return x @ self.router_DE
 
 
 class RMSNorm(nn.Module):
