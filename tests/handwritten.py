@@ -28,6 +28,25 @@ class GeluMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+def fuse_and_compare(block: nn.Module, x: torch.Tensor, summary: str = "", tol: float = 1e-5):
+    """optimize(block, strict=True), its first record fused with `summary` in its description, and every output of
+    the fused block (a tensor, or each item of a tuple) within `tol` of the block's on x, normwise relative (for a
+    0-d loss: relative). Returns (fused, its outputs, the block's outputs), outputs as tuples."""
+    import moecompile
+
+    fused = moecompile.optimize(block, strict=True)
+    record = moecompile.report(fused).blocks[0]
+    assert record.decision == "fused" and summary in record.spec_summary, record.spec_summary
+    with torch.no_grad():
+        got, want = fused(x), block(x)
+    got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and (g.double() - w.double()).norm() <= tol * w.double().norm(), (
+            (g.double() - w.double()).norm() / w.double().norm())
+    return fused, got, want
+
+
 def loop_over_experts(experts, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """sum over each token's chosen experts (idx, w: [T, k]) of w * expert(x), one expert at a time with
     torch.where / index_add_, as most hand-written MoE code does."""

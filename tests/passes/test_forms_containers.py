@@ -112,14 +112,7 @@ FORMS = {"deepspeed_experts_container": DeepSpeedMOELayer, "megatron_local_exper
 @pytest.mark.parametrize("name", FORMS)
 def test_container_forms_fused(name, quiet):
     torch.manual_seed(0)
-    block = FORMS[name]().eval()
-    fused = moecompile.optimize(block, strict=True)
-    record = moecompile.report(fused).blocks[0]
-    assert record.decision == "fused" and "softmax>top2 renorm | gated silu E=8" in record.spec_summary
-    x = torch.randn(4, 1024, H)
-    with torch.no_grad():
-        want, got = block(x), fused(x)
-    assert (got - want).norm() / want.norm() < 1e-5
+    hw.fuse_and_compare(FORMS[name]().eval(), torch.randn(4, 1024, H), "softmax>top2 renorm | gated silu E=8")
 
 
 def test_container_inside_a_decoder_layer_is_found_at_the_block(quiet):

@@ -4,11 +4,10 @@ normwise relative error 1e-5). (Routers stored [H, E] and used as x @ W: tests/b
 test_detect.py.)"""
 from __future__ import annotations
 
+import handwritten as hw
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import moecompile
 
 H, I, E, K = 32, 40, 8, 2
 
@@ -60,10 +59,5 @@ class OLMoCoreMoE(nn.Module):
 
 def test_flat_router_and_experts_fused(quiet):
     torch.manual_seed(0)
-    block = OLMoCoreMoE().eval()
-    fused = moecompile.optimize(block, strict=True)
-    assert "softmax>top2 renorm | gated silu E=8 H=32 I=40" in moecompile.report(fused).blocks[0].spec_summary
-    x = torch.randn(4, 1024, H)
-    with torch.no_grad():
-        want, got = block(x), fused(x)
-    assert (got - want).norm() / want.norm() < 1e-5
+    hw.fuse_and_compare(OLMoCoreMoE().eval(), torch.randn(4, 1024, H),
+                        "softmax>top2 renorm | gated silu E=8 H=32 I=40")
