@@ -153,15 +153,22 @@ def test_frozen_experts_get_no_gradient_work_cpu(no_reference_backward, monkeypa
     assert cases.relative_error(x.grad, xr.grad) < 1e-5
 
 
-def _grads_twice(spec, weights, x, device):
-    out = []
-    for _ in range(2):
-        leaves = {n: t.detach().clone().requires_grad_(True) for n, t in weights.items() if t is not None}
-        xg = x.detach().clone().requires_grad_(True)
-        y, _, _ = kernel_moe.moe_forward(spec, MoEWeights(**leaves), xg)
-        y.float().square().sum().backward()
-        out.append({"x": xg.grad, **{n: t.grad for n, t in leaves.items()}})
-    return out
+def _grads_twice(spec, weights, x, deterministic: bool = False):
+    """The op's gradients of sum(y^2) twice on the same values, with torch.use_deterministic_algorithms on or off."""
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        return [_grads(spec, weights, x) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def _grads(spec, weights, x):
+    """The op's gradients of sum(y^2) in x and every weight, on fresh leaves."""
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in weights.items() if t is not None}
+    xg = x.detach().clone().requires_grad_(True)
+    y, _, _ = kernel_moe.moe_forward(spec, MoEWeights(**leaves), xg)
+    y.float().square().sum().backward()
+    return {"x": xg.grad, **{n: t.grad for n, t in leaves.items()}}
 
 
 @cpu_only
@@ -171,12 +178,8 @@ def test_deterministic_mode_cpu(no_reference_backward):
     spec = cases.make_spec("softmax_topk", 8, 4, 32, 24, "shared_gated")
     w = cases.make_weights(spec, torch.float32, "cpu", torch.Generator().manual_seed(2))
     x = torch.randn(27, 32)
-    plain = _grads_twice(spec, w, x, "cpu")[0]
-    torch.use_deterministic_algorithms(True)
-    try:
-        first, second = _grads_twice(spec, w, x, "cpu")
-    finally:
-        torch.use_deterministic_algorithms(False)
+    plain = _grads(spec, w, x)
+    first, second = _grads_twice(spec, w, x, deterministic=True)
     for name in first:
         assert torch.equal(first[name], second[name]), name
         assert cases.relative_error(first[name], plain[name]) < 1e-6, name
@@ -234,11 +237,7 @@ def test_deterministic_mode_cuda(no_reference_backward):
     spec = cases.make_spec("softmax_topk", 64, 8, 512, 256, "shared_gated")
     w = cases.make_weights(spec, torch.bfloat16, "cuda", torch.Generator().manual_seed(2))
     x = torch.randn(3000, 512, device="cuda", dtype=torch.bfloat16)
-    torch.use_deterministic_algorithms(True)
-    try:
-        first, second = _grads_twice(spec, w, x, "cuda")
-    finally:
-        torch.use_deterministic_algorithms(False)
+    first, second = _grads_twice(spec, w, x, deterministic=True)
     for name in first:
         assert torch.equal(first[name], second[name]), name
 
