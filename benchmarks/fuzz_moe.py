@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fuzz_oracle  # noqa: E402
 
 from moecompile import MoECompileError  # noqa: E402
-from moecompile.backends.topk_ties import topk_lower_index_first  # noqa: E402
+from moecompile.backends.topk_ties import onnx_topk_ties, topk_lower_index_first  # noqa: E402
 from moecompile.fused import run_block  # noqa: E402
 from moecompile.spec import MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec  # noqa: E402
 
@@ -199,15 +199,13 @@ def random_case(rng: random.Random, small: bool) -> Case:
 # ---------------------------------------------------------------------------------------------- one check
 
 
-class lower_index_ties(torch.overrides.TorchFunctionMode):
-    """torch.topk and max over a dim break exact ties by the lower index, as the kernels and the oracle do (torch
-    leaves the order among ties unspecified; the reference uses the ops the original blocks use, so it inherits
-    theirs)."""
+class lower_index_ties(onnx_topk_ties):
+    """torch.topk (as onnx_topk_ties) and also max over a dim break exact ties by the lower index, as the kernels
+    and the oracle do (torch leaves the order among ties unspecified; the reference uses the ops the original blocks
+    use, so it inherits theirs)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in (torch.topk, torch.Tensor.topk) and kwargs.get("out") is None:
-            return topk_lower_index_first(*args, **kwargs)
         if func in (torch.max, torch.Tensor.max) and (len(args) > 1 or "dim" in kwargs):
             x, dim = args[0], args[1] if len(args) > 1 else kwargs["dim"]
             keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
@@ -215,7 +213,7 @@ class lower_index_ties(torch.overrides.TorchFunctionMode):
             if not keepdim:
                 values, indices = values.squeeze(dim), indices.squeeze(dim)
             return torch.return_types.max((values, indices))
-        return func(*args, **kwargs)
+        return super().__torch_function__(func, types, args, kwargs)
 
 
 @dataclasses.dataclass

@@ -36,7 +36,7 @@ from torch import nn
 from ..capture import call_block
 from ..fused import FusedMoE
 from .compare import output_error, output_pairs, token_errors
-from .copies import HOOK_DICTS, redraw_vectors, working_copy
+from .copies import redraw_vectors, registered_hooks, working_copy
 from .describe import Description
 from .probes import Neighbour, Probe, aimed_inputs, neighbours, route_probe, routed_differently
 from .routing import float_weights
@@ -255,7 +255,7 @@ def _eval(block: nn.Module):
 @contextmanager
 def _hooks_off(block: nn.Module):
     """The block's own forward, without the hooks its user registered (they must not see confirm's inputs)."""
-    saved = [(m, name, getattr(m, name)) for m in block.modules() for name in HOOK_DICTS if getattr(m, name, None)]
+    saved = [(m, name, getattr(m, name)) for m, name in registered_hooks(block)]
     for module, name, _ in saved:
         setattr(module, name, type(getattr(module, name))())
     try:

@@ -35,11 +35,14 @@ def hooks_of(module: nn.Module) -> dict[str, int]:
     return {name.strip("_"): len(getattr(module, name)) for name in HOOK_KINDS if getattr(module, name, None)}
 
 
+def registered_hooks(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(submodule, hook dict name) for every non-empty hook dict in `module` and below."""
+    return [(sub, name) for sub in module.modules() for name in HOOK_DICTS if getattr(sub, name, None)]
+
+
 def _strip_hooks(module: nn.Module) -> None:
-    for sub in module.modules():
-        for name in HOOK_DICTS:
-            if getattr(sub, name, None):
-                setattr(sub, name, OrderedDict())
+    for sub, name in registered_hooks(module):
+        setattr(sub, name, OrderedDict())
 
 
 def working_copy(block: nn.Module, *, seed: int | None = None, device: torch.device | str = "cpu") -> nn.Module:
