@@ -59,6 +59,11 @@ def tiles_for(x: torch.Tensor, dot_fp32: bool) -> Tiles:
     return Tiles(64, 64, 32)
 
 
+def _persistent_programs(tiles: int, device: torch.device) -> int:
+    """Programs for a persistent launch over `tiles` tiles: a few per SM on a GPU, one per tile in the interpreter."""
+    return max(1, min(tiles, configs.sm_count_of(device) * 4) if device.type == "cuda" else tiles)
+
+
 @dataclass
 class PairTable:
     """Rows grouped by expert (dispatch.py's layout) plus each expert's first row and row count."""
@@ -147,8 +152,7 @@ def _expert_set_backward(mlp: MLPSpec, x, gy, gx, w1, w2, b1, b2, pair_weight, t
     one = torch.empty(1, device=x.device, dtype=torch.int32)
     table_args = (one, one, one, one) if dense else table.launch_args()
     b1s = 0 if b1 is None else (b1.stride(0) if b1.dim() == 2 else 0)
-    programs = max(1, min(max_blocks * num_n, configs.sm_count_of(x.device) * 4)) if x.is_cuda else \
-        max(1, max_blocks * num_n)
+    programs = _persistent_programs(max_blocks * num_n, x.device)
     _expert_grad_rows_kernel[(programs,)](
         x, gy, w1e, w2e, b1 if b1 is not None else x, pair_weight if has_pw else x, dpre, h,
         dw if dw is not None else x, *table_args,
@@ -186,8 +190,7 @@ def _input_grad(x, dpre, w1e, pair_weight, gx, table_args, T, H, F, S, max_block
     if deterministic:  # one row per pair (or token), summed in order below
         out = torch.zeros(T * (1 if dense else S), H, device=x.device, dtype=torch.float32)
     num_n = triton.cdiv(H, tiles.BN)
-    programs = max(1, min(max_blocks * num_n, configs.sm_count_of(x.device) * 4)) if x.is_cuda else \
-        max(1, max_blocks * num_n)
+    programs = _persistent_programs(max_blocks * num_n, x.device)
     apply_weight = weight_on_input and pair_weight is not None
     _expert_down_kernel[(programs,)](
         dpre, w1e, gx, out, pair_weight if apply_weight else gx, gx, *table_args,
