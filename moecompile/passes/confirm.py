@@ -206,7 +206,8 @@ def neighbour_description(description: Description, neighbour: Neighbour, why: s
     def extract(block):
         return neighbour.weights(description.extract(block))
     return Description(neighbour.spec, extract, description.input_rank,
-                       f"{description.method}; {why} chose {neighbour.label} over {description.spec.summary()}")
+                       f"{description.method}; {why} chose {neighbour.label} over {description.spec.summary()}",
+                       description.train_note)
 
 
 def _check_kernels(block: nn.Module, description: Description, kernel_x: torch.Tensor, exact,

@@ -37,6 +37,7 @@ from .copies import redraw_vectors, working_copy
 from .detect import Candidate, TensorRef, effective_parameters, expert_members, expert_view, is_mlp_like
 from .probes import aimed_inputs, neighbours
 from .routing import float_weights
+from .train_mode import eval_only_reason
 
 MATCH_RTOL = 1e-4  # fp32 max-abs error over max-abs output that counts as "computes the same thing"
 SEARCH_TOKENS = 24
@@ -71,6 +72,7 @@ class Description:
     extract: Callable[[nn.Module], MoEWeights]
     input_rank: int
     method: str
+    train_note: str | None = None  # why the block can be fused for eval mode only (passes/train_mode.py), or None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -558,7 +560,7 @@ def describe(candidate: Candidate, *, seed: int = 0) -> Description:
         found = _search(candidate, probe, peel, expert_hyps, output_bias_options, router_hyps, shared_spec,
                         shared_extract, x, flat_x, y_target, aux, input_rank, method, seed, refused, best)
         if isinstance(found, Description):
-            return found
+            return replace(found, train_note=eval_only_reason(candidate.module, probe, H, seed))
         best = found
     if refused:
         raise DescribeError("descriptions reproduce the block on random inputs but not on inputs aimed at their "

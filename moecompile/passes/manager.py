@@ -18,9 +18,8 @@ from ..router_tap import make_tap
 from . import hooks
 from .confirm import confirm, neighbour_description
 from .describe import DescribeError, Description, describe
-from .detect import Candidate, already_fused, has_parametrized_weights, propose
+from .detect import Candidate, already_fused, propose
 from .log import BlockRecord, PassRun, Report
-from .train_mode import train_mode_difference
 
 
 @dataclass
@@ -33,7 +32,6 @@ class PassContext:
     seed: int = 0
     candidates: dict[str, Candidate] = field(default_factory=dict)
     descriptions: dict[str, Description] = field(default_factory=dict)
-    eval_only: dict[str, str | None] = field(default_factory=dict)  # why a block's train mode differs (train_mode)
     confirmed_structures: dict[tuple, str] = field(default_factory=dict)  # structure key -> first block confirmed
 
     def record(self, path: str) -> BlockRecord:
@@ -94,12 +92,6 @@ class DescribePass:
                 ctx.descriptions[record.path] = description
                 record.spec, record.spec_summary = description.spec.to_dict(), description.spec.summary()
                 record.method = description.method
-                candidate = ctx.candidates[record.path]
-                ctx.eval_only[record.path] = (
-                    "has parametrized weights (weight norm): the fused block holds them as computed when it was "
-                    "fused, so training would not reach their parametrization"
-                    if has_parametrized_weights(candidate.module)
-                    else train_mode_difference(candidate.module, candidate.hidden_size, ctx.seed))
             record.seconds += time.perf_counter() - start
         return False
 
@@ -179,7 +171,7 @@ class FusePass:
             candidate = ctx.candidates[record.path]
             fused = FusedMoE(ctx.descriptions[record.path].spec,
                              ctx.descriptions[record.path].extract(candidate.module), source_path=record.path)
-            eval_only = ctx.eval_only.get(record.path)
+            eval_only = ctx.descriptions[record.path].train_note
             if eval_only is not None:
                 fused.eval_only_reason = eval_only
                 record.reason = (f"fused for eval mode only: {eval_only}; the FusedMoE raises in train mode")
