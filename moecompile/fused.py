@@ -106,6 +106,7 @@ def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *
     autocast_dtype = _autocast_dtype(x)
     if autocast_dtype is not None and lowering is None:
         x, weights = _cast_for_autocast(x, weights, autocast_dtype)
+    routing = None  # the reference's, when it computed the block
     if lowering is not None:
         y, logits, slot_weights = lowering(spec, weights, x, seq_len)
     elif through_op or _use_kernels(spec, weights, x, backend, source_path):
@@ -134,8 +135,9 @@ def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *
         return y, logits.to(hidden_states.dtype)
     if extra == "aux_loss":
         return y, aux_loss(spec, logits)
-    if extra == "expert_bias":  # the routing again in PyTorch (a [T, E] computation) for the experts' bias sum
-        term = expert_bias_term(spec, weights, route(spec.router, weights, x, seq_len)).to(y.dtype)
+    if extra == "expert_bias":  # from the routing, computed again in PyTorch (a [T, E] computation) if need be
+        routing = routing if routing is not None else route(spec.router, weights, x, seq_len)
+        term = expert_bias_term(spec, weights, routing).to(y.dtype)
         term = term if spec.flat_output else term.reshape(y.shape)
         return y - term, term
     return y, slot_weights.to(hidden_states.dtype)
