@@ -556,7 +556,11 @@ def describe(candidate: Candidate, *, seed: int = 0) -> Description:
     best = (float("inf"), "")
     refused: list[str] = []  # hypotheses that matched random inputs and failed aimed ones, and where
     output_bias_options = (True, False) if candidate.output_bias is not None else (False,)
-    for peel in [None] + _peels(probe, H, flat_x):
+    def readings():  # the block as it is first; a peeled reading only if that finds nothing
+        yield None
+        yield from _peels(probe, H, flat_x)
+
+    for peel in readings():
         found = _search(candidate, probe, peel, expert_hyps, output_bias_options, router_hyps, shared_spec,
                         shared_extract, x, flat_x, y_target, aux, input_rank, method, seed, refused, best)
         if isinstance(found, Description):
