@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from moe_layer import bench, hf_block, run_benchmark, twin  # noqa: E402
+from moe_layer import bench, hf_block, peak_extra_mb, run_benchmark, twin  # noqa: E402
 
 TOKENS = (1024, 4096, 16384)
 SHAPES = {
@@ -59,15 +59,6 @@ def step_fn(module, x: torch.Tensor, gy: torch.Tensor):
     return step
 
 
-def peak_mb(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-
-
 def run_shape(name: str, cfg: dict, tokens, ceilings: dict, quick: bool, rows: list) -> None:
     H, I, E, k = cfg["H"], cfg["I"], cfg["E"], cfg["k"]
     block, _ = hf_block(cfg["family"], H, I, E, k)
@@ -88,7 +79,7 @@ def run_shape(name: str, cfg: dict, tokens, ceilings: dict, quick: bool, rows: l
             try:
                 fn()
                 ms = bench(fn, quick)
-                row = dict(shape=name, tokens=T, impl=impl, ms=ms, peak_mb=peak_mb(fn), floor_ms=floor, **info)
+                row = dict(shape=name, tokens=T, impl=impl, ms=ms, peak_mb=peak_extra_mb(fn), floor_ms=floor, **info)
             except Exception as exc:  # a baseline that fails at a size is recorded, not fatal
                 row = dict(shape=name, tokens=T, impl=impl, ms=None, peak_mb=None, floor_ms=floor,
                            error=f"{type(exc).__name__}: {exc}"[:300])
