@@ -105,8 +105,8 @@ def measure(build) -> dict:
                 compiled(_input(fresh, 64))
             try:
                 report = moecompile.report(compiled)
-            except moecompile.MoECompileError:  # dynamo handed the backend no graph of this module
-                row["compile"], row["compile_note"] = "left", "the backend was given no graph of the block"
+            except moecompile.MoECompileError as exc:  # dynamo handed the backend no graph of this module
+                row["compile"], row["compile_note"] = "left", str(exc).removeprefix("report: ")
                 torch.compiler.reset()
                 return row
             decisions = [b.decision for b in report.blocks]

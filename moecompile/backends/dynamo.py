@@ -63,7 +63,7 @@ def moecompile_backend(gm: fx.GraphModule, example_inputs: list, *, mode: str | 
     fused = rewrite_graph(gm, blocks) if blocks else 0
     report.passes.append(PassRun("graph fuse", time.perf_counter() - start, bool(fused),
                                  f"{fused} of {len(report.blocks)} blocks"))
-    if not report.blocks:
+    if not report.blocks and not report.message:
         report.message = ("no MoE block in this graph. A block split by graph breaks (a per-expert loop over "
                           "data-dependent expert ids, HF's eager experts) is not found at graph level: run "
                           "moecompile.optimize(model) before torch.compile to fuse it")
@@ -100,8 +100,9 @@ def graph_report(model: torch.nn.Module) -> Report | None:
         return None
     with_blocks = [rep for rep in found if rep.blocks]
     message = f"torch.compile backend 'moecompile': {len(found)} graph(s), {len(with_blocks)} with MoE blocks"
-    if not with_blocks:
-        message += ". " + found[-1].message
+    if not with_blocks:  # the graphs that name a router whose experts are elsewhere say the most
+        named = [rep.message for rep in found if rep.message.startswith("router ")]
+        message += ". " + ("; ".join(dict.fromkeys(named)) or found[-1].message)
     merged = Report(model_type=type(root).__name__, options=found[-1].options, message=message)
     for rep in found:
         merged.blocks.extend(rep.blocks)

@@ -179,5 +179,12 @@ def report(model: nn.Module) -> Report:
     compiled = graph_report(model)
     if compiled is not None:
         return compiled
+    if hasattr(model, "_orig_mod"):  # a torch.compile wrapper: the backend saw no graph holding its parameters
+        raise MoECompileError(
+            f"report: torch.compile handed the moecompile backend no graph holding {type(model._orig_mod).__name__}'s "
+            "parameters: either the compiled model has not run yet, or dynamo traced none of its blocks (it skips a "
+            "frame it cannot trace, e.g. experts under torch.utils.checkpoint, a nested torch.compile, parametrized "
+            "weights; torch._dynamo.explain(model)(x) lists why). Fix: run moecompile.optimize(model) before "
+            "torch.compile")
     raise MoECompileError(f"report: {type(model).__name__} has not been through moecompile.optimize() or "
                           "torch.compile(backend='moecompile'); call optimize(model) first, or run the compiled model once")

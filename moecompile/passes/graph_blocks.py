@@ -113,16 +113,17 @@ def _symbolic_sizes(region: Region) -> SymbolicSizes | None:
     return SymbolicSizes(dims, exprs)
 
 
-CAST_METHODS = {"to", "type", "float", "half", "bfloat16", "t", "contiguous"}
+CAST_METHODS = {"to", "type", "float", "half", "bfloat16", "t", "contiguous", "view", "reshape"}
 
 
 def _through_casts(arg) -> fx.Node | None:
-    """The parameter input behind `arg`, through dtype casts and transposes (DeepSeek computes its router in fp32)."""
+    """The parameter input behind `arg`, through dtype casts, transposes and views (DeepSeek computes its router in
+    fp32; OLMo-core keeps it flat, [E*H], and views it [E, H])."""
     while isinstance(arg, fx.Node):
         if arg.op == "placeholder":
             return arg if _param_path(arg) is not None else None
         if arg.op == "call_method" and arg.target in CAST_METHODS or (
-                arg.op == "call_function" and arg.target in (torch.t, torch.Tensor.to)):
+                arg.op == "call_function" and arg.target in (torch.t, torch.Tensor.to, torch.reshape)):
             arg = arg.args[0]
             continue
         return None
@@ -137,7 +138,7 @@ def _router_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, int]]:
             continue
         position, weight = next(((i, w) for i, w in enumerate(map(_through_casts, node.args)) if w is not None),
                                 (None, None))
-        value = _example(weight) if weight is not None else None
+        value = _example(node.args[position]) if weight is not None else None  # as used: after any view
         if value is None or value.dim() != 2:
             continue
         E = _experts_of_router(node, position, value)
@@ -167,12 +168,13 @@ def _experts_of_router(node: fx.Node, position: int, value: torch.Tensor) -> int
     return value.shape[1] if right else value.shape[0]
 
 
-def _regions(gm: fx.GraphModule) -> tuple[list[Region], dict[str, Region]]:
-    """The MoE block regions, and the regions of their submodules that map one tensor to one tensor (by path).
-    A graph without a router op costs one pass over its nodes."""
+def _regions(gm: fx.GraphModule) -> tuple[list[Region], dict[str, Region], list[str]]:
+    """The MoE block regions, the regions of their submodules that map one tensor to one tensor (by path), and the
+    routers found without experts in this graph ("path (Type), E experts"). A graph without a router op costs one
+    pass over its nodes. Paths are relative to the frame dynamo traced (a block's own forward, after a break)."""
     routers = _router_nodes(gm)
     if not routers:
-        return [], {}
+        return [], {}, []
     by_module: dict[str, list[fx.Node]] = {}
     types: dict[str, str] = {}
     for node in gm.graph.nodes:
@@ -184,7 +186,7 @@ def _regions(gm: fx.GraphModule) -> tuple[list[Region], dict[str, Region]]:
     # the compiled module's own forward has no stack entry: the whole graph is its region
     by_module[""] = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     types[""] = "compiled module"
-    regions, used = [], set()
+    regions, used, lone = [], set(), []
     for router, E in routers:
         stack = list(router.meta.get("nn_module_stack", {}).values())
         for stack_path in [p for p, _ in reversed(stack)] + [""]:  # innermost first
@@ -197,6 +199,10 @@ def _regions(gm: fx.GraphModule) -> tuple[list[Region], dict[str, Region]]:
                     regions.append(region)
                     used.add(stack_path)
                 break
+        else:
+            owner = stack[-1][0] if stack else ""
+            lone.append(f"`{_module_path(owner) or '(the compiled module)'}` ({types.get(owner, 'module')}), "
+                        f"{E} experts")
     inside = {r.path: r for r in regions}
     for stack_path, nodes in by_module.items():  # submodules of the blocks, which the core may call alone
         path = _module_path(stack_path)
@@ -204,7 +210,7 @@ def _regions(gm: fx.GraphModule) -> tuple[list[Region], dict[str, Region]]:
             sub = _make_region(gm, path, types[stack_path], nodes, _region_params(nodes))
             if sub is not None:
                 inside[path] = sub
-    return regions, inside
+    return regions, inside, lone
 
 
 def _region_params(nodes: list[fx.Node]) -> dict[str, fx.Node]:
@@ -545,7 +551,12 @@ def find_blocks(gm: fx.GraphModule, example_inputs: list, report: Report, verify
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     value_of = dict(zip(placeholders, example_inputs))
     blocks = []
-    regions, all_regions = _regions(gm)
+    regions, all_regions, lone_routers = _regions(gm)
+    if lone_routers:
+        report.message = (f"router {'; '.join(dict.fromkeys(lone_routers))}: its experts are not in this graph (a "
+                          "graph break splits the block, e.g. a per-expert loop over data-dependent expert ids; "
+                          "torch._dynamo.explain(model)(x) lists the breaks). Fix: run moecompile.optimize(model) "
+                          "before torch.compile, which fuses the block before dynamo traces it")
     for region in regions:
         record = BlockRecord(path=region.path, module_type=region.module_type)
         if region.extra_inputs and _symbolic_sizes(region) is None:

@@ -13,6 +13,7 @@ import moecompile
 from moecompile import MoECompileError, hf_zoo
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
+sys.path.insert(1, str(Path(__file__).parent.parent / "passes"))  # the hand-written form modules
 import handwritten  # noqa: E402
 
 FAMILY_CASES = [("mixtral", "grouped_mm"), ("mixtral", "batched_mm"), ("qwen3_moe", "grouped_mm"),
@@ -164,7 +165,37 @@ def test_blocks_split_by_graph_breaks_are_left_and_the_log_says_what_to_do(quiet
     want = hf_zoo.model_output(model, inputs)
     compiled = torch.compile(model, backend="moecompile", options={"inductor": False})
     assert close(hf_zoo.model_output(compiled, inputs), want)
-    assert "run moecompile.optimize(model) before torch.compile" in moecompile.report(compiled).message
+    message = moecompile.report(compiled).message
+    assert "run moecompile.optimize(model) before torch.compile" in message
+    # the log names the router whose experts the break moved to another graph (its path within the frame dynamo
+    # traced: the block's forward, resumed after the break)
+    assert "router `gate` (MixtralTopKRouter), 8 experts" in message and "experts are not in this graph" in message, message
+
+
+def test_a_flat_router_split_from_its_experts_is_named(quiet):
+    """OLMo-core keeps its router flat, [E*H], viewed [E, H] in forward: still read as the router (the log names
+    it), while its experts' loop over torch.where breaks the graph."""
+    import test_forms_flat
+
+    compiled = torch.compile(test_forms_flat.OLMoCoreMoE().eval(), backend="moecompile", options={"inductor": False})
+    with torch.no_grad():
+        compiled(torch.randn(2, 16, test_forms_flat.H))
+    message = moecompile.report(compiled).message
+    assert "router `router` (MoELinearRouter), 8 experts" in message, message
+
+
+def test_a_block_dynamo_skips_whole_is_explained(quiet):
+    """Experts under torch.utils.checkpoint in a data-dependent loop: dynamo skips the block's frame and hands the
+    backend no graph of it; report() says so and what to do instead of 'not optimized'."""
+    import test_forms_wrappers
+
+    compiled = torch.compile(test_forms_wrappers.CheckpointedExperts().eval(), backend="moecompile",
+                             options={"inductor": False})
+    with torch.no_grad():
+        compiled(torch.randn(2, 16, test_forms_wrappers.H))
+    with pytest.raises(moecompile.MoECompileError, match="no graph holding CheckpointedExperts's parameters.*"
+                       "run moecompile.optimize"):
+        moecompile.report(compiled)
 
 
 def test_a_graph_without_moe_is_exactly_inductor(quiet):
