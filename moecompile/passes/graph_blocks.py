@@ -366,6 +366,23 @@ def _selection_constants(region: Region) -> dict[str, int]:
     return out
 
 
+COMPARE_OPS = {torch.lt, torch.le, operator.lt, operator.le}
+
+
+def _baked_capacity(region: Region) -> int | None:
+    """The expert capacity a capacity-factor block's graph holds as a constant (GShard/DeepSpeed gating:
+    `cumsum(mask) - 1 < capacity`), or None."""
+    if not any(n.op == "call_function" and n.target is torch.cumsum or n.op == "call_method" and n.target == "cumsum"
+               for n in region.nodes):
+        return None
+    for node in region.nodes:
+        compares = node.op == "call_function" and node.target in COMPARE_OPS or (
+            node.op == "call_method" and node.target in ("lt", "le"))
+        if compares and len(node.args) == 2 and isinstance(node.args[1], int):
+            return node.args[1]
+    return None
+
+
 def _listify(module: nn.Module) -> None:
     """Plain containers whose children are named 0..n-1 become ModuleLists, as the eager block had them."""
     for name, child in list(module.named_children()):
@@ -594,6 +611,13 @@ def find_blocks(gm: fx.GraphModule, example_inputs: list, report: Report, verify
         else:
             inner.path, inner.module_type = region.path, region.module_type
             record = inner
+        capacity = _baked_capacity(region) if record.decision == "left" else None
+        if capacity is not None:
+            record.reason = (
+                f"its expert capacity is a constant in this graph ({capacity} at {signature.tokens} tokens): dynamo "
+                "computed it from the token count and the block's capacity factor, which the graph does not keep, "
+                "so the factor cannot be read here (the core reads it from the block's attributes). Fix: run "
+                f"moecompile.optimize(model) before torch.compile. ({record.reason})")
         description = ctx.descriptions.get("")
         if described is None and description is not None and record.decision == "pending" and verify:
             described = _Described(description, region.path, signature)  # confirmed with re-randomised weights too

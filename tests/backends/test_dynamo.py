@@ -248,3 +248,20 @@ def test_generate_with_a_compiled_forward_gives_the_same_tokens(quiet):
     assert torch.equal(got, want)
     rep = moecompile.report(model)
     assert rep.blocks and all(b.decision == "fused" for b in rep.blocks)  # prefill and decode graphs
+
+
+def test_a_capacity_baked_into_the_graph_is_left_with_the_reason_and_the_fix(quiet):
+    """GShard/DeepSpeed top2gating under torch.compile: the capacity ceil(128 / 8 * 0.5 * 2) = 16 is a constant in
+    the graph, the factor behind it is gone; the block is left (computing as before) and the log says so."""
+    import test_forms_capacity
+
+    torch.manual_seed(0)
+    block = test_forms_capacity.MOELayer(k=2, eval_capacity_factor=0.5, min_capacity=2).eval()
+    x = torch.randn(2, 64, test_forms_capacity.H)
+    compiled = torch.compile(block, backend="moecompile", options={"inductor": False})
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), block(x), atol=1e-6)  # fp32, the same ops: rounding only
+    record = moecompile.report(compiled).blocks[0]
+    assert record.decision == "left"
+    assert "expert capacity is a constant in this graph (16 at 128 tokens)" in record.reason, record.reason
+    assert "moecompile.optimize(model) before torch.compile" in record.reason
