@@ -90,6 +90,9 @@ def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *
     registered op (kernels where they run, the reference elsewhere), which Inductor can trace on any device.
     lowering: the ONNX form (backends/onnx_lowering.py) to compute with while torch.onnx exports, or None.
     logits_hooks: callables given the router logits (FusedMoE.register_logits_hook)."""
+    if spec.autocast is not None and lowering is None:
+        return _in_own_autocast(spec, weights, hidden_states, backend=backend, router_tap=router_tap,
+                                source_path=source_path, through_op=through_op, logits_hooks=logits_hooks)
     H = spec.hidden_size
     if hidden_states.shape[-1] != H:
         raise MoECompileError(
@@ -141,6 +144,25 @@ def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *
         term = term if spec.flat_output else term.reshape(y.shape)
         return y - term, term
     return y, slot_weights.to(hidden_states.dtype)
+
+
+def _in_own_autocast(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, **options):
+    """run_block for a block that opens its own autocast region: the same region around the block (on its device
+    type only, as autocast would), the output cast back to the input's dtype."""
+    device_type, dtype = spec.autocast
+    inner, inner_json = _without_autocast(spec)
+    with torch.autocast(device_type, dtype=getattr(torch, dtype)):
+        out = run_block(inner, weights, hidden_states, spec_json=inner_json, **options)
+    if isinstance(out, tuple):
+        return (out[0].to(hidden_states.dtype),) + tuple(
+            t.to(hidden_states.dtype) if spec.extra_output == "expert_bias" else t for t in out[1:])
+    return out.to(hidden_states.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _without_autocast(spec: MoESpec) -> tuple[MoESpec, str]:
+    inner = dataclasses.replace(spec, autocast=None)
+    return inner, inner.to_json()
 
 
 @functools.lru_cache(maxsize=256)

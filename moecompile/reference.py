@@ -169,7 +169,9 @@ def route(router: RouterSpec, weights: MoEWeights, x: torch.Tensor, seq_len: int
     combine weights are then computed for those, differentiably, without selecting again."""
     acc = _acc_dtype(x)
     bias = None if weights.router_bias is None else weights.router_bias.to(acc)
-    logits = F.linear(x.to(acc), weights.router_weight.to(acc), bias)
+    # .to(acc): under autocast the GEMM gives bf16/fp16 logits; scores and selection stay in float32 (as the kernels,
+    # and HF's softmax(..., dtype=float), compute them)
+    logits = F.linear(x.to(acc), weights.router_weight.to(acc), bias).to(acc)
     T = x.shape[0]
     if router.selection == "all_positive":
         gates = logits.relu()

@@ -211,6 +211,9 @@ class MoESpec:
     aux_loss: AuxLossSpec | None = None  # the loss returned when extra_output is "aux_loss"
     input_norm: NormSpec | None = None  # applied to x first; router, experts and shared experts see norm(x)
     residual: bool = False  # the block returns x + its output (the input before the norm)
+    # the autocast region the block opens itself, (device type, dtype name), e.g. ("cpu", "bfloat16"): on that
+    # device its matmuls compute in that dtype, as autocast does; its output is cast back to the input's dtype
+    autocast: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.shared is not None:
@@ -221,6 +224,8 @@ class MoESpec:
                "an aux_loss description goes with extra_output 'aux_loss', and only with it")
         _check(self.aux_loss is None or not self.router.is_variable_k,
                "a load-balancing loss over top-k choices needs a top-k router")
+        _check(self.autocast is None or (len(self.autocast) == 2 and self.autocast[1] in ("bfloat16", "float16")),
+               f"autocast must be (device type, 'bfloat16' or 'float16'), got {self.autocast}")
         _check(self.extra_output != "expert_bias" or (self.experts.has_bias and not self.router.weight_on_input),
                "returning the experts' output biases apart needs expert biases weighted on the output")
 
@@ -249,6 +254,7 @@ class MoESpec:
             aux_loss=None if data.get("aux_loss") is None else AuxLossSpec(**data["aux_loss"]),
             input_norm=None if data.get("input_norm") is None else NormSpec(**data["input_norm"]),
             residual=data.get("residual", False),
+            autocast=None if data.get("autocast") is None else tuple(data["autocast"]),
         )
 
     def summary(self) -> str:
@@ -291,6 +297,8 @@ class MoESpec:
             parts.insert(0, f"{self.input_norm.kind} norm in")
         if self.residual:
             parts.append("+ residual")
+        if self.autocast is not None:
+            parts.append(f"in its {self.autocast[0]} autocast {self.autocast[1]}")
         return " | ".join(parts)
 
     def to_json(self) -> str:

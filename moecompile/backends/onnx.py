@@ -100,6 +100,12 @@ def _choose_lowerings(model: nn.Module, moe_op: str, rep: Report) -> dict[str, s
     for path, module in model.named_modules():
         if not isinstance(module, FusedMoE):
             continue
+        if module.spec.autocast is not None:
+            raise MoECompileError(
+                f"export_onnx: block {path or '<root>'} computes in its own {module.spec.autocast[0]} autocast region "
+                f"({module.spec.autocast[1]}), which the ONNX lowering does not reproduce (it would compute in the "
+                "weights' dtype). Nothing was written. Remove the region from the block's forward and export the "
+                "model cast to that dtype (model.to(torch.bfloat16)) instead")
         dtype = module.weights().w1.dtype
         ort_why = onnx_lowering.ort_mismatch(module.spec, dtype)
         if moe_op == "ort" and ort_why is not None:

@@ -16,7 +16,8 @@ Place in the pipeline: detect -> describe -> **confirm** -> fuse. Two questions,
    GPU, in the block's dtype and on its device, sharing its weights) against the float32 copy's output, at 3x7
    tokens: in float32 within FP32_RTOL like (1); in bf16/fp16 its mean relative error must stay within
    NATIVE_MEAN_RTOL, or within twice the original block's own error in that dtype, whichever is larger (the
-   original routes near-ties in its dtype, FusedMoE in fp32, so the mean is judged, not the maximum).
+   original routes near-ties in its dtype, FusedMoE in fp32, so the mean is judged, not the maximum). A block that
+   opens its own autocast region (autocast_regions.py) is judged so too, FusedMoE opening the same region.
 
 A block whose working copy cannot run on the CPU (code that needs its device) is checked on a float32 copy on its
 own device instead, and the result says so. (1) runs no kernel, so confirming compiles no Triton kernel besides the
@@ -28,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -95,14 +96,17 @@ def confirm(block: nn.Module, description: Description, *, seed: int = 0, rerand
     param = next(block.parameters())
     result = Confirmation(True, 0.0, 0.0, None, None, "", [])
     kernel_x = torch.randn(3, 7, description.spec.hidden_size, generator=torch.Generator().manual_seed(seed + 11))
+    # (1) is a float32 question: the working copies compute without the block's own autocast region, and so does the
+    # description (autocast_regions.py); (2) runs the region
+    as_float32 = replace(description, spec=replace(description.spec, autocast=None))
     try:
         try:
-            exact = _check_description(block, description, seed, rerandomized, shapes, result, "cpu", kernel_x)
+            exact = _check_description(block, as_float32, seed, rerandomized, shapes, result, "cpu", kernel_x)
         except _BlockFailed:
             if param.device.type == "cpu":
                 raise
             result.checked_on, result.told_apart, result.tokens = str(param.device), {}, []
-            exact = _check_description(block, description, seed, rerandomized, shapes, result, param.device,
+            exact = _check_description(block, as_float32, seed, rerandomized, shapes, result, param.device,
                                        kernel_x)
         if kernels:
             _check_kernels(block, description, kernel_x, exact, result)
@@ -218,9 +222,10 @@ def _check_kernels(block: nn.Module, description: Description, kernel_x: torch.T
     exact = tuple(None if t is None else t.to(param.device) for t in exact)
     x = kernel_x.to(device=param.device, dtype=dtype)
     fused = FusedMoE(spec, description.extract(block))
-    errors = [output_error(g, w) for g, w in output_pairs(_outputs(fused, x, rank), exact, spec.num_experts)]
+    got = _outputs(fused, x, rank)
+    errors = [output_error(g, w) for g, w in output_pairs(got, exact, spec.num_experts)]
     native = max(errors, key=lambda e: e.rel)
-    if dtype == torch.float32:
+    if dtype == torch.float32 and spec.autocast is None:
         if not native.within(FP32_RTOL):
             raise _Mismatch(f"the kernels disagree with the float32 block at 3x7 tokens: {native.describe()} > "
                             f"{FP32_RTOL:.0e}")
@@ -230,6 +235,10 @@ def _check_kernels(block: nn.Module, description: Description, kernel_x: torch.T
     result.native_mean_rel_error = native_mean
     with _hooks_off(block):
         own = _outputs(block, x, rank)
+    if own[0].dtype != got[0].dtype:
+        raise _Mismatch(f"the block returns {own[0].dtype} for {dtype} input, FusedMoE {got[0].dtype}")
+    if spec.autocast is not None:
+        dtype = f"{dtype} (in its autocast {spec.autocast[1]})"
     original_mean = max(_mean_rel(output_error(g, w)) for g, w in output_pairs(own, exact, spec.num_experts))
     bar = max(NATIVE_MEAN_RTOL, 2 * original_mean) if math.isfinite(original_mean) else NATIVE_MEAN_RTOL
     if not native_mean <= bar:

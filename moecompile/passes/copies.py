@@ -5,6 +5,7 @@ Place in the pipeline: describe and confirm run the user's block only through th
   copies on the GPU would raise a model's memory by more than a layer while it is optimized. The copy is built by
   deepcopy with a memo that maps each of the block's tensors straight to its CPU float32 copy, so nothing is
   duplicated on the block's device first. A block already float32 on the CPU shares its tensors with the copy.
+- Float32 inside: a block's own autocast region is a no-op in the copy, recorded (passes/autocast_regions.py).
 - Hooks stripped: the copy computes the block's own forward (a hook's effect is not part of the description, and a
   profiler's hook must not record moecompile's random calls); the fuse pass carries the block's hooks over.
 - Redrawn (`seed`): floating tensors drawn N(0, 1/fan_in) for matrices (per expert for 3-D ones), N(0, 0.5) for
@@ -20,6 +21,8 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
+
+from .autocast_regions import compute_in_float32
 
 HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
@@ -65,6 +68,7 @@ def working_copy(block: nn.Module, *, seed: int | None = None, device: torch.dev
             tensor, nn.Parameter) else value
     dup = copy.deepcopy(block, memo)
     _strip_hooks(dup)
+    compute_in_float32(dup)  # a block's own autocast region does nothing in the copy (autocast_regions.py)
     return dup.eval()
 
 

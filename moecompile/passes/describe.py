@@ -34,6 +34,7 @@ from ..reference import (Routing, apply_norm, aux_loss, expert_bias_term, mlp, m
 from ..spec import ACTIVATIONS, AuxLossSpec, MLPSpec, MoESpec, MoEWeights, NormSpec, RouterSpec, SharedExpertSpec
 from .compare import output_error, output_pairs
 from .copies import redraw_vectors, working_copy
+from .autocast_regions import asked_region
 from .detect import Candidate, TensorRef, effective_parameters, expert_members, expert_view, is_mlp_like
 from .probes import aimed_inputs, neighbours
 from .routing import float_weights
@@ -564,7 +565,8 @@ def describe(candidate: Candidate, *, seed: int = 0) -> Description:
         found = _search(candidate, probe, peel, expert_hyps, output_bias_options, router_hyps, shared_spec,
                         shared_extract, x, flat_x, y_target, aux, input_rank, method, seed, refused, best)
         if isinstance(found, Description):
-            return replace(found, train_note=eval_only_reason(candidate.module, probe, H, seed))
+            return replace(found, spec=_with_autocast(found.spec, probe),
+                           train_note=eval_only_reason(candidate.module, probe, H, seed))
         best = found
     if refused:
         raise DescribeError("descriptions reproduce the block on random inputs but not on inputs aimed at their "
@@ -575,6 +577,15 @@ def describe(candidate: Candidate, *, seed: int = 0) -> Description:
         raise DescribeError(chooser)
     raise DescribeError(f"no description reproduces the block (closest: {best[1] or 'none'}, "
                         f"rel err {best[0]:.2e}); its routing or experts use a form moecompile does not express")
+
+
+def _with_autocast(spec: MoESpec, probe: nn.Module) -> MoESpec:
+    """`spec` with the autocast region the block opened (its working copy ran without it: autocast_regions.py)."""
+    try:
+        region = asked_region(probe)
+    except ValueError as exc:
+        raise DescribeError(f"{exc}; moecompile describes a block that computes in one") from None
+    return spec if region is None else replace(spec, autocast=region)
 
 
 @dataclass
