@@ -17,21 +17,56 @@ from torch.utils._python_dispatch import TorchDispatchMode
 _CENSUS_OPS = ("softmax", "sigmoid", "topk", "relu", "sort", "argmax")
 
 
-def split_output(out) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(hidden_states, auxiliary) from what a block returned: a tensor, or a (tensor, tensor) pair."""
+class Leaves(tuple):
+    """The tensors a block returns besides its hidden states, when it returns more than a (hidden_states, aux) pair:
+    `(out, (counts, loss))`, `(out, loss, counts)`. `tree` is the structure with "y" for the hidden states and each
+    other leaf's index in this tuple: ("y", (0, 1))."""
+
+    tree: tuple
+
+    def __new__(cls, leaves, tree):
+        made = super().__new__(cls, leaves)
+        made.tree = tree
+        return made
+
+
+def _flatten(out, leaves: list) -> object:
+    if isinstance(out, torch.Tensor):
+        leaves.append(out)
+        return len(leaves) - 1
+    if isinstance(out, (tuple, list)) and out:
+        return tuple(_flatten(item, leaves) for item in out)
+    raise TypeError(f"the block returned {type(out).__name__} inside its output; moecompile reproduces tensors and "
+                    "(nested) tuples of tensors")
+
+
+def split_output(out) -> tuple[torch.Tensor, torch.Tensor | Leaves | None]:
+    """(hidden_states, auxiliary) from what a block returned: a tensor, a (tensor, tensor) pair (auxiliary: that
+    tensor), or a tuple whose first item is the hidden states and whose others are tensors or tuples of them
+    (auxiliary: Leaves)."""
     if isinstance(out, torch.Tensor):
         return out, None
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         if len(out) == 1:
             return out[0], None
-        if len(out) == 2 and isinstance(out[1], torch.Tensor):
+        if len(out) == 2 and isinstance(out[1], torch.Tensor) and out[1].is_floating_point():
             return out[0], out[1]
+        leaves: list[torch.Tensor] = []
+        tree = ("y",) + tuple(_flatten(item, leaves) for item in out[1:])
+        return out[0], Leaves(leaves, tree)
     raise TypeError(f"the block returned {type(out).__name__} of an unsupported structure; moecompile reproduces a "
-                    "tensor or a (hidden_states, router logits | top-k weights | load-balancing loss | output bias) "
-                    "pair, not nested tuples")
+                    "tensor, or a tuple of the hidden states first and tensors (or tuples of them) after")
 
 
-def call_block(block: nn.Module, x: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor | None], int]:
+def outputs_to(outputs: tuple, device) -> tuple:
+    """(hidden_states, auxiliary) as split_output gives them, moved to `device`."""
+    y, aux = outputs
+    if isinstance(aux, Leaves):
+        return y.to(device), Leaves([leaf.to(device) for leaf in aux], aux.tree)
+    return y.to(device), None if aux is None else aux.to(device)
+
+
+def call_block(block: nn.Module, x: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor | Leaves | None], int]:
     """Call `block` on x [B, S, H], or on x flattened to [T, H] if it only takes 2-D input.
     Returns ((hidden_states, auxiliary), input rank used)."""
     try:

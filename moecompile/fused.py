@@ -19,7 +19,8 @@ from torch.utils.hooks import RemovableHandle
 
 from .errors import MoECompileError
 from .kernels import moe as kernel_moe
-from .reference import aux_loss, expert_bias_term, input_norm, moe_forward, route
+from .outputs import block_outputs
+from .reference import input_norm, moe_forward
 from .spec import MoESpec, MoEWeights
 
 BACKENDS = ("auto", "triton", "reference")
@@ -113,7 +114,8 @@ def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *
     if lowering is not None:
         y, logits, slot_weights = lowering(spec, weights, x, seq_len)
     elif through_op or _use_kernels(spec, weights, x, backend, source_path):
-        need_routing = router_tap is not None or spec.extra_output != "none" or bool(logits_hooks)
+        need_routing = router_tap is not None or spec.extra_output != "none" or spec.outputs is not None \
+            or bool(logits_hooks)
         # autocast off inside (the inputs are cast above); entered only under autocast, so that traced graphs
         # (torch.export, dynamo) of the usual case hold the op itself, not an autocast region around it
         with torch.autocast(x.device.type, enabled=False) if autocast_dtype is not None else nullcontext():
@@ -131,19 +133,7 @@ def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *
         hook(logits)
     if not spec.flat_output:
         y = y.reshape(*lead_shape, H)
-    extra = spec.extra_output
-    if extra == "none":
-        return y
-    if extra == "router_logits":
-        return y, logits.to(hidden_states.dtype)
-    if extra == "aux_loss":
-        return y, aux_loss(spec, logits)
-    if extra == "expert_bias":  # from the routing, computed again in PyTorch (a [T, E] computation) if need be
-        routing = routing if routing is not None else route(spec.router, weights, x, seq_len)
-        term = expert_bias_term(spec, weights, routing).to(y.dtype)
-        term = term if spec.flat_output else term.reshape(y.shape)
-        return y - term, term
-    return y, slot_weights.to(hidden_states.dtype)
+    return block_outputs(spec, weights, x, seq_len, y, logits, slot_weights, routing, hidden_states.dtype)
 
 
 def _in_own_autocast(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, **options):
@@ -153,7 +143,7 @@ def _in_own_autocast(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Te
     inner, inner_json = _without_autocast(spec)
     with torch.autocast(device_type, dtype=getattr(torch, dtype)):
         out = run_block(inner, weights, hidden_states, spec_json=inner_json, **options)
-    if isinstance(out, tuple):
+    if isinstance(out, tuple):  # the hidden states (and the output biases returned apart) in the input's dtype
         return (out[0].to(hidden_states.dtype),) + tuple(
             t.to(hidden_states.dtype) if spec.extra_output == "expert_bias" else t for t in out[1:])
     return out.to(hidden_states.dtype)

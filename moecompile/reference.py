@@ -258,6 +258,14 @@ def aux_loss(spec: MoESpec, logits: torch.Tensor) -> torch.Tensor:
     return loss
 
 
+def expert_counts(spec: MoESpec, routing: Routing) -> torch.Tensor:
+    """[E] int64: tokens per expert, counting each token's first choice (spec.expert_counts "top1") or all its k
+    choices ("topk"), before any capacity drop (a dropped choice keeps its pair, weighted 0)."""
+    chosen = routing.expert_index.view(-1, routing.top_k)
+    chosen = chosen[:, :1] if spec.expert_counts == "top1" else chosen
+    return torch.bincount(chosen.reshape(-1), minlength=spec.num_experts)
+
+
 def expert_bias_term(spec: MoESpec, weights: MoEWeights, routing: Routing) -> torch.Tensor:
     """[T, H]: sum over each token's chosen experts of w_e * b2_e (the part of y a skip-bias-add block returns
     apart), in at least fp32."""

@@ -52,6 +52,8 @@ Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swig
 GateUpLayout = Literal["separate", "concat_gate_up", "concat_up_gate", "interleaved", "none"]
 ExtraOutput = Literal["none", "router_logits", "topk_weights", "aux_loss", "expert_bias"]
 CountedChoices = Literal["top1", "topk"]
+# what a block may return besides its hidden states ("y"), by name: MoESpec.outputs
+OUTPUT_LEAVES = ("y", "router_logits", "topk_weights", "aux_loss", "expert_counts")
 CapacityScope = Literal["sequence", "batch"]
 NormKind = Literal["rms", "layer"]
 CapacityOrder = Literal["token_major", "slot_major"]
@@ -198,6 +200,19 @@ class NormSpec:
     has_bias: bool = False
 
 
+def _leaves(tree):
+    for item in tree:
+        if isinstance(item, tuple):
+            yield from _leaves(item)
+        else:
+            yield item
+
+
+def _as_tuples(tree):
+    """A structure read back from JSON (lists) as the tuples MoESpec holds (a spec is hashable)."""
+    return tuple(_as_tuples(item) if isinstance(item, list) else item for item in tree)
+
+
 @dataclass(frozen=True)
 class MoESpec:
     """The whole block: router, routed experts, shared experts, and what the block returns."""
@@ -214,14 +229,29 @@ class MoESpec:
     # the autocast region the block opens itself, (device type, dtype name), e.g. ("cpu", "bfloat16"): on that
     # device its matmuls compute in that dtype, as autocast does; its output is cast back to the input's dtype
     autocast: tuple[str, str] | None = None
+    # the block's return structure when it is more than y or (y, one extra): nested tuples of OUTPUT_LEAVES names,
+    # "y" first, e.g. ("y", ("expert_counts", "aux_loss")) for `return out, (counts, loss)`; extra_output is then
+    # "none". expert_counts: tokens per expert (int64 [E], choices before any capacity drop), counting each token's
+    # first choice ("top1": DeepSpeed's exp_counts) or all its k choices ("topk": Megatron's tokens_per_expert)
+    outputs: tuple | None = None
+    expert_counts: CountedChoices | None = None
 
     def __post_init__(self) -> None:
         if self.shared is not None:
             _check(self.shared.mlp.hidden_size == self.experts.hidden_size, "shared expert hidden size differs")
         _check(not (self.extra_output == "topk_weights" and self.router.is_variable_k),
                "a variable-k router has no [T, k] weights to return")
-        _check((self.extra_output == "aux_loss") == (self.aux_loss is not None),
-               "an aux_loss description goes with extra_output 'aux_loss', and only with it")
+        leaves = list(_leaves(self.outputs)) if self.outputs is not None else ["y", self.extra_output]
+        if self.outputs is not None:
+            _check(self.extra_output == "none", "outputs replaces extra_output: give one of them")
+            _check(self.outputs[0] == "y" and leaves.count("y") == 1 and set(leaves) <= set(OUTPUT_LEAVES),
+                   f"outputs must be nested tuples of {OUTPUT_LEAVES}, 'y' first and once, got {self.outputs}")
+            _check(not self.router.is_variable_k or not {"topk_weights", "expert_counts"} & set(leaves),
+                   "a variable-k router has no [T, k] weights or k choices to count")
+        _check(("aux_loss" in leaves) == (self.aux_loss is not None),
+               "an aux_loss description goes with an aux_loss output, and only with it")
+        _check(("expert_counts" in leaves) == (self.expert_counts is not None),
+               "expert_counts (which choices are counted) goes with an expert_counts output, and only with it")
         _check(self.aux_loss is None or not self.router.is_variable_k,
                "a load-balancing loss over top-k choices needs a top-k router")
         _check(self.autocast is None or (len(self.autocast) == 2 and self.autocast[1] in ("bfloat16", "float16")),
@@ -255,6 +285,8 @@ class MoESpec:
             input_norm=None if data.get("input_norm") is None else NormSpec(**data["input_norm"]),
             residual=data.get("residual", False),
             autocast=None if data.get("autocast") is None else tuple(data["autocast"]),
+            outputs=None if data.get("outputs") is None else _as_tuples(data["outputs"]),
+            expert_counts=data.get("expert_counts"),
         )
 
     def summary(self) -> str:
@@ -299,6 +331,9 @@ class MoESpec:
             parts.append("+ residual")
         if self.autocast is not None:
             parts.append(f"in its {self.autocast[0]} autocast {self.autocast[1]}")
+        if self.outputs is not None:
+            parts.append("returns " + repr(self.outputs).replace("'", "").replace(",)", ")")
+                         + (f" counting {self.expert_counts}" if self.expert_counts else ""))
         return " | ".join(parts)
 
     def to_json(self) -> str:

@@ -40,11 +40,19 @@ def fuse_and_compare(block: nn.Module, x: torch.Tensor, summary: str = "", tol: 
     with torch.no_grad():
         got, want = fused(x), block(x)
     got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
+    assert _structure(got) == _structure(want)
+    for g, w in zip(_flat(got), _flat(want)):
         assert g.shape == w.shape and (g.double() - w.double()).norm() <= tol * w.double().norm(), (
             (g.double() - w.double()).norm() / w.double().norm())
     return fused, got, want
+
+
+def _flat(out) -> list:
+    return [leaf for item in out for leaf in (_flat(item) if isinstance(item, tuple) else [item])]
+
+
+def _structure(out):
+    return tuple(_structure(item) if isinstance(item, tuple) else "tensor" for item in out)
 
 
 def loop_over_experts(experts, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

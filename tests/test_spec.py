@@ -1,4 +1,6 @@
 """MoESpec validation and serialisation."""
+import json
+
 import pytest
 import torch
 
@@ -29,3 +31,22 @@ def test_round_trip_and_weight_shapes():
     w = MoEWeights(router_weight=torch.zeros(8, 16), w1=torch.zeros(8, 16, 16), w2=torch.zeros(8, 16, 8))
     with pytest.raises(ValueError, match="correction_bias"):
         w.check(spec)
+
+
+def test_output_structure_and_autocast_round_trip_through_json():
+    """A structure and an autocast region survive JSON (lists back to tuples: the spec stays hashable, the kernels
+    cache by it); an inconsistent structure is refused."""
+    from moecompile.spec import AuxLossSpec
+
+    spec = MoESpec(RouterSpec(8, 2), MLPSpec(hidden_size=16, intermediate_size=8),
+                   outputs=("y", ("expert_counts", "aux_loss")), expert_counts="topk",
+                   aux_loss=AuxLossSpec(counted="topk", coefficient=0.02), autocast=("cuda", "bfloat16"))
+    back = MoESpec.from_dict(json.loads(spec.to_json()))
+    assert back == spec and hash(back) == hash(spec)
+    assert "returns (y, (expert_counts, aux_loss)) counting topk" in spec.summary()
+    with pytest.raises(ValueError, match="expert_counts"):
+        MoESpec(RouterSpec(8, 2), MLPSpec(hidden_size=16, intermediate_size=8), outputs=("y", "expert_counts"))
+    with pytest.raises(ValueError, match="'y' first"):
+        MoESpec(RouterSpec(8, 2), MLPSpec(hidden_size=16, intermediate_size=8), outputs=("router_logits", "y"))
+    with pytest.raises(ValueError, match="autocast"):
+        MoESpec(RouterSpec(8, 2), MLPSpec(hidden_size=16, intermediate_size=8), autocast=("cuda", "float64"))

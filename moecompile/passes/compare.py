@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..capture import Leaves
+
 
 @dataclass(frozen=True)
 class OutputError:
@@ -50,7 +52,7 @@ def output_error(got: torch.Tensor | None, want: torch.Tensor) -> OutputError:
         return SHAPE_MISMATCH
     if want.numel() == 0:
         return OutputError(0.0, 0.0, 0.0, 0)
-    got, want = got.detach().double(), want.detach().double()
+    got, want = got.detach().double().to(want.device), want.detach().double()  # a leaf may live on the CPU
     got_ok, want_ok = got.isfinite(), want.isfinite()
     mismatch = int((got_ok != want_ok).sum().item())
     both = got_ok & want_ok
@@ -78,9 +80,17 @@ def output_pairs(got_outputs, want_outputs, num_experts: int):
     output whose last size is not E) are compared as sorted sets, since their order is free."""
     (got, got_aux), (want, want_aux) = got_outputs, want_outputs
     pairs = [(got, want)]
+    if isinstance(want_aux, Leaves):  # a structure: leaf by leaf, where the structures agree
+        same = isinstance(got_aux, Leaves) and got_aux.tree == want_aux.tree
+        return pairs + [_aux_pair(g if same else None, w, num_experts)
+                        for g, w in zip(got_aux if same else [None] * len(want_aux), want_aux)]
     if want_aux is not None:
-        if got_aux is not None and got_aux.shape == want_aux.shape and want_aux.dim() \
-                and want_aux.shape[-1] != num_experts:
-            got_aux, want_aux = got_aux.float().sort(-1).values, want_aux.float().sort(-1).values
-        pairs.append((got_aux, want_aux))
+        pairs.append(_aux_pair(None if isinstance(got_aux, Leaves) else got_aux, want_aux, num_experts))
     return pairs
+
+
+def _aux_pair(got_aux, want_aux, num_experts: int):
+    if got_aux is not None and got_aux.shape == want_aux.shape and want_aux.dim() and want_aux.is_floating_point() \
+            and want_aux.shape[-1] != num_experts:
+        got_aux, want_aux = got_aux.float().sort(-1).values, want_aux.float().sort(-1).values
+    return got_aux, want_aux

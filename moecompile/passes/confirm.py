@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from ..capture import call_block
+from ..capture import call_block, outputs_to
 from ..fused import FusedMoE
 from .compare import output_error, output_pairs, token_errors
 from .copies import redraw_vectors, registered_hooks, working_copy
@@ -140,7 +140,7 @@ def _check_description(block, description: Description, seed: int, rerandomized:
     exact = None
     for label, copy in _variants(block, spec.num_experts, seed, rerandomized, device):
         if exact is None:  # the real weights' copy
-            exact = tuple(None if t is None else t.cpu() for t in _outputs(copy, kernel_x.to(device), rank))
+            exact = outputs_to(_outputs(copy, kernel_x.to(device), rank), "cpu")
         weights = description.extract(copy)
         if shapes is not None:
             probes = [Probe(f"{b}x{s}", torch.randn(b, s, H, generator=gen)) for b, s in shapes]
@@ -219,7 +219,7 @@ def _check_kernels(block: nn.Module, description: Description, kernel_x: torch.T
     """Check (2): FusedMoE on the block's own weights, device and dtype against the float32 copy's `exact` outputs."""
     param = next(block.parameters())
     dtype, rank, spec = param.dtype, description.input_rank, description.spec
-    exact = tuple(None if t is None else t.to(param.device) for t in exact)
+    exact = outputs_to(exact, param.device)
     x = kernel_x.to(device=param.device, dtype=dtype)
     fused = FusedMoE(spec, description.extract(block))
     got = _outputs(fused, x, rank)

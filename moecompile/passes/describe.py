@@ -27,10 +27,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..capture import call_block, op_census
+from ..capture import Leaves, call_block, op_census
 from ..fused import FusedMoE
-from ..reference import (Routing, apply_norm, aux_loss, expert_bias_term, mlp, moe_forward, routed_experts,
-                         shared_experts)
+from ..reference import (Routing, apply_norm, aux_loss, expert_bias_term, expert_counts, mlp, moe_forward,
+                         routed_experts, shared_experts)
 from ..spec import ACTIVATIONS, AuxLossSpec, MLPSpec, MoESpec, MoEWeights, NormSpec, RouterSpec, SharedExpertSpec
 from .compare import output_error, output_pairs
 from .copies import redraw_vectors, working_copy
@@ -533,7 +533,7 @@ def describe(candidate: Candidate, *, seed: int = 0) -> Description:
     probe, target, input_rank, where = _run_probe(candidate.module, seed, x)
     x = x.to(next(probe.parameters()).device)
     y_target, aux = target
-    if aux is not None and aux.shape == y_target.shape and H != E:
+    if isinstance(aux, torch.Tensor) and aux.shape == y_target.shape and H != E:
         y_target = y_target + aux  # (y without the experts' biases, their sum): read the whole output
     census = op_census(probe, x if input_rank == 3 else x[0])
     method = ("ops traced" if census else "ops not traced (search in default order)") + where
@@ -632,6 +632,7 @@ def _search(candidate, probe, peel: Peel | None, expert_hyps, output_bias_option
             flat_x = probe.get_submodule(peel.child)(flat_x)
             if peel.residual:
                 y_target = y_target - x.reshape(y_target.shape)
+    leaves, aux = (aux, None) if isinstance(aux, Leaves) else (None, aux)  # a structure: read after the routing
     for eh, output_bias in itertools.product(expert_hyps, output_bias_options):
         expert_weights = eh.extract(probe)
         for rh in router_hyps:
@@ -650,6 +651,11 @@ def _search(candidate, probe, peel: Peel | None, expert_hyps, output_bias_option
                     if spec is None:
                         continue
                 err = max(_rel_err(y.reshape(y_target.shape), y_target), _aux_err(spec, weights, routing, aux))
+                if leaves is not None and err <= MATCH_RTOL:
+                    spec, leaves_err = _read_leaves(spec, routing, leaves)
+                    if spec is None:
+                        continue
+                    err = max(err, leaves_err)
                 if err <= MATCH_RTOL:
                     recipe = _weights_recipe(candidate, eh, rh, spec, shared_extract)
                     if peel is not None:
@@ -948,6 +954,60 @@ def _fit_aux(spec: MoESpec, logits: torch.Tensor, aux: torch.Tensor) -> MoESpec 
                 return replace(trial, aux_loss=AuxLossSpec(counted=counted, coefficient=float(f"{ratio:.2e}"),
                                                            z_coefficient=z_coefficient))
     return None
+
+
+def _leaf_kind(leaf: torch.Tensor, T: int, E: int, k: int | None) -> str | None:
+    """Which of the outputs a fused block computes `leaf` can be, by its shape and dtype."""
+    if leaf.dim() == 0 and leaf.is_floating_point():
+        return "aux_loss"
+    if leaf.dim() == 1 and leaf.numel() == E and (not leaf.is_floating_point() or bool((leaf == leaf.round()).all())):
+        return "expert_counts"  # int64 (bincount, DeepSpeed's exp_counts) or whole floats (torch.histc)
+    if leaf.dim() and leaf.shape[-1] == E and leaf.numel() == T * E:
+        return "router_logits"
+    if k is not None and leaf.dim() and leaf.shape[-1] == k and leaf.numel() == T * k:
+        return "topk_weights"
+    return None
+
+
+def _read_leaves(spec: MoESpec, routing: Routing, leaves: Leaves) -> tuple[MoESpec | None, float]:
+    """`spec` returning the block's structure (MoESpec.outputs), each leaf read by its shape and checked against
+    what the description computes on this routing, and the largest leaf error; (None, inf) where a leaf is none of
+    the outputs moecompile computes, or fits no loss formula or counting."""
+    T, E, k = routing.logits.shape[0], spec.num_experts, spec.router.top_k
+    kinds = [_leaf_kind(leaf, T, E, k) for leaf in leaves]
+    if None in kinds or kinds.count("aux_loss") > 1 or kinds.count("expert_counts") > 1:
+        return None, math.inf
+
+    def named(tree):
+        return tuple(named(item) if isinstance(item, tuple) else item if item == "y" else kinds[item]
+                     for item in tree)
+    try:
+        spec = replace(spec, extra_output="none", outputs=named(leaves.tree),
+                       aux_loss=AuxLossSpec() if "aux_loss" in kinds else None,
+                       expert_counts="top1" if "expert_counts" in kinds else None)
+    except ValueError:
+        return None, math.inf
+    if "aux_loss" in kinds:
+        spec = _fit_aux(spec, routing.logits, leaves[kinds.index("aux_loss")])
+        if spec is None:
+            return None, math.inf
+    if "expert_counts" in kinds:
+        want = leaves[kinds.index("expert_counts")].to(routing.logits.device)
+        counted = next((c for c in ("top1", "topk") if torch.equal(
+            expert_counts(replace(spec, expert_counts=c), routing), want.long())), None)
+        if counted is None:
+            return None, math.inf
+        spec = replace(spec, expert_counts=counted)
+    worst = 0.0
+    for kind, leaf in zip(kinds, leaves):
+        if kind == "aux_loss":
+            worst = max(worst, _rel_err(aux_loss(spec, routing.logits), leaf.float()))
+        elif kind == "router_logits":
+            worst = max(worst, _rel_err(routing.logits, leaf.reshape(routing.logits.shape).float()))
+        elif kind == "topk_weights":  # in any order, as for a (y, weights) pair
+            got = routing.topk_weights()
+            worst = max(worst, _rel_err(got.sort(-1).values, leaf.reshape(got.shape).float().sort(-1).values))
+    return spec, worst
 
 
 def _aux_err(spec: MoESpec, weights: MoEWeights, routing: Routing, aux: torch.Tensor | None) -> float:
