@@ -141,7 +141,7 @@ def _within_capacity(idx: torch.Tensor, router: RouterSpec, seq_len: int) -> tor
     if T == 0:
         return torch.ones_like(idx, dtype=torch.float32)
     E = router.num_experts
-    group = T if router.capacity_scope == "batch" and router.capacity_factor is not None else seq_len
+    group = T if router.capacity_scope == "batch" else seq_len
     onehot = F.one_hot(idx, E)  # [T, k, E]
     if router.capacity_order == "token_major":
         priority = onehot.sum(dim=1).view(-1, group, E).cumsum(dim=1).view(T, E)

@@ -14,8 +14,9 @@ What a block computes, in the canonical form every field below refers to (x: [T,
                  DeepSeek-V3's original code: with a negative correction bias an unchosen group's expert, at 0.0,
                  can beat a chosen one, and it then weighs its own score)
     w = w / max(sum(w), renorm_min) if renormalize;  w = w * scaling_factor
-    expert_capacity (Switch Transformers): within one sequence (the input's second-to-last dim), only the first
-                 expert_capacity tokens in order that chose expert e get it; for the others that choice weighs 0
+    expert_capacity (Switch Transformers): within one sequence (the input's second-to-last dim; with
+                 capacity_scope "batch", within the call), only the first expert_capacity tokens in order that chose
+                 expert e get it; for the others that choice weighs 0
     capacity_factor (GShard, DeepSpeed): the same with capacity max(ceil(n / E * factor * k), min_capacity) for the
                  n tokens of the batch or sequence, choices queued token-major or slot-major (all first choices
                  first); renorm_after_drop renormalises over the kept choices
@@ -84,7 +85,8 @@ class RouterSpec:
     group_fill: GroupFill = "-inf"  # what unchosen groups' experts score in the final top-k
     weight_on_input: bool = False  # Llama 4: expert_e(w_e * x) instead of w_e * expert_e(x)
     jitter_eps: float = 0.0  # sparsemixer only: the relative logit gap that keeps an expert in a round's softmax
-    expert_capacity: int | None = None  # per sequence and expert; later tokens' choice of that expert is dropped
+    # per sequence (capacity_scope "batch": per call) and expert; later tokens' choice of that expert is dropped
+    expert_capacity: int | None = None
     # a capacity from the token count (GShard, DeepSpeed top1gating/top2gating): max(ceil(n / E * (factor * k)),
     # min_capacity) per expert, n the tokens of the scope ("batch": the call's tokens; "sequence": one sequence)
     capacity_factor: float | None = None

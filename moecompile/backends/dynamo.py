@@ -101,7 +101,7 @@ def graph_report(model: torch.nn.Module) -> Report | None:
     with_blocks = [rep for rep in found if rep.blocks]
     message = f"torch.compile backend 'moecompile': {len(found)} graph(s), {len(with_blocks)} with MoE blocks"
     if not with_blocks:  # the graphs that name a router whose experts are elsewhere say the most
-        named = [rep.message for rep in found if rep.message.startswith("router ")]
+        named = [rep.message for rep in found if rep.message.startswith(("router ", "`"))]
         message += ". " + ("; ".join(dict.fromkeys(named)) or found[-1].message)
     merged = Report(model_type=type(root).__name__, options=found[-1].options, message=message)
     for rep in found:

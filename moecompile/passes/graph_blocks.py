@@ -32,6 +32,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from ..fused import run_block
 from .describe import KEEP_AUTOGRAD, Description
+from .graph_capacity import baked_capacity, lift, with_capacity
 from .log import BlockRecord, Report
 from .manager import ANALYSIS_PASSES, ConfirmPass, DetectPass, PassContext, PassManager
 
@@ -50,6 +51,7 @@ class Region:
     params: dict[str, fx.Node]  # relative parameter path -> placeholder
     outputs: list[fx.Node]  # region nodes used after it
     extra_inputs: list[fx.Node] = field(default_factory=list)
+    num_experts: int = 0  # the router's output width
 
 
 def _param_path(placeholder: fx.Node) -> str | None:
@@ -169,9 +171,9 @@ def _experts_of_router(node: fx.Node, position: int, value: torch.Tensor) -> int
 
 
 def _regions(gm: fx.GraphModule) -> tuple[list[Region], dict[str, Region], list[str]]:
-    """The MoE block regions, the regions of their submodules that map one tensor to one tensor (by path), and the
-    routers found without experts in this graph ("path (Type), E experts"). A graph without a router op costs one
-    pass over its nodes. Paths are relative to the frame dynamo traced (a block's own forward, after a break)."""
+    """The MoE block regions, the regions of their submodules that map one tensor to one tensor (by path), and why
+    each other router found was not read (its experts not in this graph, or its block not a one-tensor map). A graph
+    without a router op costs one pass over its nodes. Paths are relative to the frame dynamo traced (a block's own forward, after a break)."""
     routers = _router_nodes(gm)
     if not routers:
         return [], {}, []
@@ -196,13 +198,24 @@ def _regions(gm: fx.GraphModule) -> tuple[list[Region], dict[str, Region], list[
                 region = None if stack_path in used else _make_region(
                     gm, _module_path(stack_path), types[stack_path], nodes, params)
                 if region is not None:
+                    region.num_experts = E
                     regions.append(region)
+                    used.add(stack_path)
+                elif stack_path not in used:
+                    tensors, _, outputs = _boundary(nodes, params)
+                    lone.append(f"`{_module_path(stack_path) or '(the compiled module)'}` ({types[stack_path]}), {E} "
+                                f"experts: in this graph the block maps {len(tensors)} tensor input(s) to "
+                                f"{len(outputs)} tensor output(s), not its hidden states to one tensor (with dynamic "
+                                "shapes, a size it computes may be used after it: torch.compile(..., dynamic=False) "
+                                "may read it)")
                     used.add(stack_path)
                 break
         else:
             owner = stack[-1][0] if stack else ""
-            lone.append(f"`{_module_path(owner) or '(the compiled module)'}` ({types.get(owner, 'module')}), "
-                        f"{E} experts")
+            lone.append(f"router `{_module_path(owner) or '(the compiled module)'}` ({types.get(owner, 'module')}), "
+                        f"{E} experts: its experts are not in this graph (a graph break splits the block, e.g. a "
+                        "per-expert loop over data-dependent expert ids; torch._dynamo.explain(model)(x) lists the "
+                        "breaks)")
     inside = {r.path: r for r in regions}
     for stack_path, nodes in by_module.items():  # submodules of the blocks, which the core may call alone
         path = _module_path(stack_path)
@@ -235,7 +248,8 @@ def _has_experts(params: dict[str, fx.Node], E: int) -> bool:
     return stacked or listed
 
 
-def _make_region(gm, path, module_type, nodes, params) -> Region | None:
+def _boundary(nodes, params) -> tuple[list[fx.Node], list[fx.Node], list[fx.Node]]:
+    """(tensor inputs besides parameters, other inputs, tensor outputs) of a module's nodes."""
     members = set(nodes)
     inputs = {a for n in nodes for a in n.all_input_nodes if a not in members}
     param_nodes = set(params.values())
@@ -243,6 +257,11 @@ def _make_region(gm, path, module_type, nodes, params) -> Region | None:
     tensors = [a for a in others if isinstance(_example(a), torch.Tensor)]
     # tensor outputs; a size the region computes and later code reuses (dynamo shares them) stays in the graph
     outputs = [n for n in nodes if any(u not in members for u in n.users) and isinstance(_example(n), torch.Tensor)]
+    return tensors, others, outputs
+
+
+def _make_region(gm, path, module_type, nodes, params) -> Region | None:
+    tensors, others, outputs = _boundary(nodes, params)
     if len(tensors) != 1 or len(outputs) != 1:
         return None  # a block that is not one hidden-states -> one tensor map (e.g. its router logits are kept)
     prefix = path + "." if path else ""
@@ -364,23 +383,6 @@ def _selection_constants(region: Region) -> dict[str, int]:
         elif "n_group" in out and shape[-1] == out["n_group"]:
             out["topk_group"] = k
     return out
-
-
-COMPARE_OPS = {torch.lt, torch.le, operator.lt, operator.le}
-
-
-def _baked_capacity(region: Region) -> int | None:
-    """The expert capacity a capacity-factor block's graph holds as a constant (GShard/DeepSpeed gating:
-    `cumsum(mask) - 1 < capacity`), or None."""
-    if not any(n.op == "call_function" and n.target is torch.cumsum or n.op == "call_method" and n.target == "cumsum"
-               for n in region.nodes):
-        return None
-    for node in region.nodes:
-        compares = node.op == "call_function" and node.target in COMPARE_OPS or (
-            node.op == "call_method" and node.target in ("lt", "le"))
-        if compares and len(node.args) == 2 and isinstance(node.args[1], int):
-            return node.args[1]
-    return None
 
 
 def _listify(module: nn.Module) -> None:
@@ -568,12 +570,10 @@ def find_blocks(gm: fx.GraphModule, example_inputs: list, report: Report, verify
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     value_of = dict(zip(placeholders, example_inputs))
     blocks = []
-    regions, all_regions, lone_routers = _regions(gm)
-    if lone_routers:
-        report.message = (f"router {'; '.join(dict.fromkeys(lone_routers))}: its experts are not in this graph (a "
-                          "graph break splits the block, e.g. a per-expert loop over data-dependent expert ids; "
-                          "torch._dynamo.explain(model)(x) lists the breaks). Fix: run moecompile.optimize(model) "
-                          "before torch.compile, which fuses the block before dynamo traces it")
+    regions, all_regions, unread = _regions(gm)
+    if unread:
+        report.message = ("; ".join(dict.fromkeys(unread)) + ". Fix: run moecompile.optimize(model) before "
+                          "torch.compile, which fuses the block before dynamo traces it")
     for region in regions:
         record = BlockRecord(path=region.path, module_type=region.module_type)
         if region.extra_inputs and _symbolic_sizes(region) is None:
@@ -583,8 +583,15 @@ def find_blocks(gm: fx.GraphModule, example_inputs: list, report: Report, verify
             continue
         signature = _signature(region, value_of)
         weights_key = _weights_key(region, value_of)
-        described, exact = _lookup(signature) if verify else (None, False)
+        # a capacity baked in for this token count (graph_capacity.py): read afresh at each token count
+        capacity = baked_capacity(region.nodes)
+        described, exact = _lookup(signature) if verify and capacity is None else (None, False)
         block = RegionBlock(region, value_of, gm, all_regions)
+        reading = block
+        if capacity is not None:
+            reading = RegionBlock(region, value_of, gm, all_regions)
+            if not lift(reading, capacity, signature.tokens, region.num_experts):
+                reading = block  # too large to lift: read as it is (and left, saying why)
         earlier = described.confirmed.get(weights_key) if described is not None else None
         if earlier is not None and exact:
             record = replace(earlier, path=region.path, seconds=0.0, confirm_tokens=list(earlier.confirm_tokens))
@@ -592,7 +599,7 @@ def find_blocks(gm: fx.GraphModule, example_inputs: list, report: Report, verify
             report.blocks.append(record)
             blocks.append(GraphBlock(record, region, block, described.description, described))
             continue
-        ctx = PassContext(model=block, report=Report(model_type=region.module_type), verify=verify, seed=seed)
+        ctx = PassContext(model=reading, report=Report(model_type=region.module_type), verify=verify, seed=seed)
         if described is None:
             passes = ANALYSIS_PASSES
         else:
@@ -611,15 +618,22 @@ def find_blocks(gm: fx.GraphModule, example_inputs: list, report: Report, verify
         else:
             inner.path, inner.module_type = region.path, region.module_type
             record = inner
-        capacity = _baked_capacity(region) if record.decision == "left" else None
-        if capacity is not None:
+        if capacity is not None and record.decision == "pending":
+            capped, note = with_capacity(block, ctx.descriptions[""], capacity, _shape(region.activation), seed)
+            if capped is not None:
+                ctx.descriptions[""] = capped
+                record.spec, record.spec_summary, record.method = (capped.spec.to_dict(), capped.spec.summary(),
+                                                                   record.method + note)
+            else:
+                record.leave(note)
+        if capacity is not None and record.decision == "left":
             record.reason = (
-                f"its expert capacity is a constant in this graph ({capacity} at {signature.tokens} tokens): dynamo "
-                "computed it from the token count and the block's capacity factor, which the graph does not keep, "
-                "so the factor cannot be read here (the core reads it from the block's attributes). Fix: run "
-                f"moecompile.optimize(model) before torch.compile. ({record.reason})")
+                f"its expert capacity is a constant in this graph ({capacity} at {signature.tokens} tokens), read "
+                f"apart from the rest of the block, which failed: {record.reason}. Fix: run moecompile.optimize(model) "
+                "before torch.compile (the eager block keeps its capacity factor)")
         description = ctx.descriptions.get("")
-        if described is None and description is not None and record.decision == "pending" and verify:
+        if described is None and description is not None and record.decision == "pending" and verify \
+                and capacity is None:
             described = _Described(description, region.path, signature)  # confirmed with re-randomised weights too
             _DESCRIBED[signature.key] = described
         if described is not None and record.decision == "pending" and earlier is None:

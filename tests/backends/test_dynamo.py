@@ -1,6 +1,7 @@
 """torch.compile(model, backend="moecompile") (backends/dynamo.py, passes/graph_blocks.py) on the CPU: compiled
 against eager outputs and gradients, for HF families (grouped_mm, batched_mm) and hand-written forms.
 Tolerances: fp32, max abs error <= 1e-4 of max |output| (the fused path sums in another order)."""
+import math
 import subprocess
 import sys
 import textwrap
@@ -250,18 +251,48 @@ def test_generate_with_a_compiled_forward_gives_the_same_tokens(quiet):
     assert rep.blocks and all(b.decision == "fused" for b in rep.blocks)  # prefill and decode graphs
 
 
-def test_a_capacity_baked_into_the_graph_is_left_with_the_reason_and_the_fix(quiet):
-    """GShard/DeepSpeed top2gating under torch.compile: the capacity ceil(128 / 8 * 0.5 * 2) = 16 is a constant in
-    the graph, the factor behind it is gone; the block is left (computing as before) and the log says so."""
+@pytest.mark.parametrize("k, factor, capacity", [(1, 0.75, 12), (2, 0.5, 16)], ids=["top1gating", "top2gating"])
+def test_a_capacity_baked_into_the_graph_is_read_at_its_token_count(k, factor, capacity, quiet):
+    """GShard/DeepSpeed gating under torch.compile: dynamo leaves only the capacity (ceil(128 / 8 * factor * k))
+    in the graph. The region is read without it, then capped at that number; fused, it drops what the original
+    drops: within 1e-5 normwise (fp32) on fresh inputs of the compiled shape, skewed ones included (most choices
+    of the hot expert over capacity), and a second token count compiles and is read on its own."""
+    import test_forms_capacity
+
+    torch.manual_seed(0)
+    block = test_forms_capacity.MOELayer(k=k, eval_capacity_factor=factor, min_capacity=2).eval()
+    compiled = torch.compile(block, backend="moecompile", options={"inductor": False}, dynamic=False)
+    H = test_forms_capacity.H
+    hot = torch.zeros(H)
+    hot[:4] = 3.0  # pushes most tokens toward the same experts: over capacity
+    inputs = [torch.randn(2, 64, H), torch.randn(2, 64, H) + hot, torch.randn(2, 64, H)]
+    with torch.no_grad():
+        for x in inputs:
+            got, want = compiled(x), block(x)
+            assert (got - want).norm() <= 1e-5 * want.norm(), ((got - want).norm() / want.norm()).item()
+        x = torch.randn(3, 40, H)  # another token count: its own graph, its own capacity
+        got, want = compiled(x), block(x)
+        assert (got - want).norm() <= 1e-5 * want.norm()
+    records = moecompile.report(compiled).blocks
+    assert [r.decision for r in records] == ["fused", "fused"], [r.reason for r in records]
+    assert f"capacity {capacity} at 128 tokens read from the graph" in records[0].method
+    assert records[0].spec["router"]["expert_capacity"] == capacity
+    assert records[0].spec["router"]["capacity_scope"] == "batch"
+    assert records[1].spec["router"]["expert_capacity"] == math.ceil(120 / 8 * factor * k)
+
+
+def test_a_capacity_computed_from_a_dynamic_token_count_is_left_with_the_fix(quiet):
+    """Compiled with dynamic shapes, the graph computes the capacity from a symbolic token count and the block's
+    region is not a hidden-states -> one-tensor map: left (as the original computes), the log naming the block and
+    both fixes."""
     import test_forms_capacity
 
     torch.manual_seed(0)
     block = test_forms_capacity.MOELayer(k=2, eval_capacity_factor=0.5, min_capacity=2).eval()
+    compiled = torch.compile(block, backend="moecompile", options={"inductor": False}, dynamic=True)
     x = torch.randn(2, 64, test_forms_capacity.H)
-    compiled = torch.compile(block, backend="moecompile", options={"inductor": False})
     with torch.no_grad():
-        assert torch.allclose(compiled(x), block(x), atol=1e-6)  # fp32, the same ops: rounding only
-    record = moecompile.report(compiled).blocks[0]
-    assert record.decision == "left"
-    assert "expert capacity is a constant in this graph (16 at 128 tokens)" in record.reason, record.reason
-    assert "moecompile.optimize(model) before torch.compile" in record.reason
+        assert torch.allclose(compiled(x), block(x), atol=1e-6)
+    message = moecompile.report(compiled).message
+    assert "8 experts: in this graph the block maps" in message and "dynamic=False" in message, message
+    assert "run moecompile.optimize(model) before torch.compile" in message
