@@ -590,8 +590,13 @@ def find_blocks(gm: fx.GraphModule, example_inputs: list, report: Report, verify
         reading = block
         if capacity is not None:
             reading = RegionBlock(region, value_of, gm, all_regions)
-            if not lift(reading, capacity, signature.tokens, region.num_experts):
-                reading = block  # too large to lift: read as it is (and left, saying why)
+            too_large = lift(reading, capacity, signature.tokens, region.num_experts)
+            if too_large:
+                record.leave(f"its expert capacity is a constant in this graph ({capacity} at {signature.tokens} "
+                             f"tokens); {too_large}. Fix: run moecompile.optimize(model) before torch.compile (the "
+                             "eager block keeps its capacity factor)")
+                report.blocks.append(record)
+                continue
         earlier = described.confirmed.get(weights_key) if described is not None else None
         if earlier is not None and exact:
             record = replace(earlier, path=region.path, seconds=0.0, confirm_tokens=list(earlier.confirm_tokens))

@@ -59,12 +59,14 @@ def baked_capacity(nodes: list[fx.Node]) -> int | None:
     return next((n.args[1] for n in nodes if _compares_with(n) and _after_cumsum(n)), None)
 
 
-def lift(block: nn.Module, capacity: int, tokens: int, num_experts: int) -> bool:
+def lift(block: nn.Module, capacity: int, tokens: int, num_experts: int) -> str:
     """Raise `capacity` past any queue position (2 x tokens: a second choice queues after every first) in the
-    region's graphs (RegionBlock._native / _fp32), in place; False when the lifted dispatch would not fit."""
+    region's graphs (RegionBlock._native / _fp32), in place; "" when done, else why not."""
     lifted = 2 * tokens
-    if tokens * num_experts * lifted * 4 > LIFT_BYTES:
-        return False
+    size = tokens * num_experts * lifted * 4
+    if size > LIFT_BYTES:
+        return (f"reading it needs the region without its capacity, whose [tokens, E, 2 x tokens] dispatch tensor "
+                f"would take {size / 2**20:.0f} MB (over {LIFT_BYTES / 2**20:.0f} MB): not read at this token count")
     for graph_module in (block._native, block._fp32):
         for node in graph_module.graph.nodes:
             if _compares_with(node, capacity) and _after_cumsum(node):
@@ -75,7 +77,7 @@ def lift(block: nn.Module, capacity: int, tokens: int, num_experts: int) -> bool
                 elif len(node.args) > 1 and node.args[1] == capacity:
                     node.args = (node.args[0], lifted)
         graph_module.recompile()
-    return True
+    return ""
 
 
 def _readings(description: Description, capacity: int):

@@ -296,3 +296,24 @@ def test_a_capacity_computed_from_a_dynamic_token_count_is_left_with_the_fix(qui
     message = moecompile.report(compiled).message
     assert "8 experts: in this graph the block maps" in message and "dynamic=False" in message, message
     assert "run moecompile.optimize(model) before torch.compile" in message
+
+
+def test_a_capacity_region_too_large_to_lift_is_left_saying_so(quiet, monkeypatch):
+    """Reading a baked capacity lifts it, which takes a [T, E, 2T] dispatch tensor; past the bound (lowered here
+    to 1 MB; 256 tokens x 8 experts x 512 x 4 B = 4 MB) the block is left,
+    computing as before, and the log says why and what to do."""
+    import test_forms_capacity
+
+    from moecompile.passes import graph_capacity
+
+    monkeypatch.setattr(graph_capacity, "LIFT_BYTES", 1 << 20)
+    torch.manual_seed(0)
+    block = test_forms_capacity.MOELayer(k=2, eval_capacity_factor=0.5, min_capacity=2).eval()
+    compiled = torch.compile(block, backend="moecompile", options={"inductor": False}, dynamic=False)
+    x = torch.randn(2, 128, test_forms_capacity.H)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), block(x), atol=1e-6)
+    record = moecompile.report(compiled).blocks[0]
+    assert record.decision == "left"
+    assert "capacity is a constant in this graph (32 at 256 tokens)" in record.reason
+    assert "would take 4 MB (over 1 MB)" in record.reason and "optimize(model) before torch.compile" in record.reason
