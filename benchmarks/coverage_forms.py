@@ -124,7 +124,8 @@ def measure(build) -> dict:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [SECTION, "", f"torch {meta['torch']}, CPU, {meta['date']}. Command: `python benchmarks/coverage_forms.py`. "
+    lines = [SECTION, "", f"torch {meta['torch']}, CPU, {meta['date']}. Command: `python "
+                          f"benchmarks/coverage_forms.py`. "
              "The test blocks live in tests/passes/test_forms_*.py; `err` is the eager optimized block's max abs "
              "error over max |output| on 4,096 fresh tokens (fp32).", "",
              f"{sum(r['eager'] == 'fused' for r in rows)} of {len(rows)} forms fused by `optimize`, "

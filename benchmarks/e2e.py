@@ -25,7 +25,8 @@ process, so the second reuses kernels the first compiled, and a machine that ran
 (profile_compile.py), which is what a first compile on a fresh machine costs.
 
 Run on the device, one model a call (each fits the device's 10-minute limit): `python benchmarks/e2e.py --models
-qwen3_moe --cold-compile`, then `--models mixtral --cold-compile`. Each run replaces its model's rows in results/e2e.json and rewrites
+qwen3_moe --cold-compile`, then `--models mixtral --cold-compile`. Each run replaces its model's rows in
+results/e2e.json and rewrites
 results/e2e.md from all rows. `--small` runs tiny shapes, on the CPU too, to check the script itself.
 """
 
@@ -43,9 +44,9 @@ import warnings
 from pathlib import Path
 
 import torch
+from moe_layer import measure_ceilings  # benchmarks/ is the script's directory
 
 import moecompile
-from moe_layer import measure_ceilings  # benchmarks/ is the script's directory
 
 RESULTS = Path(__file__).parent / "results"
 FULL = {
@@ -258,7 +259,8 @@ def passes_seconds(compiled) -> float:
 def markdown(result: dict) -> str:
     lines = ["# End to end under torch.compile", "",
              "Inductor alone against backend='moecompile' (fused MoE blocks, then Inductor); bf16, grouped_mm. "
-             "Commands: `python benchmarks/e2e.py --models qwen3_moe --cold-compile`, `python benchmarks/e2e.py --models "
+             "Commands: `python benchmarks/e2e.py --models qwen3_moe --cold-compile`, `python benchmarks/e2e.py "
+             "--models "
              "mixtral --cold-compile` (one device call each).", ""]
     for name, run in result["runs"].items():
         ceil = run.get("ceilings") or {}
@@ -275,7 +277,8 @@ def markdown(result: dict) -> str:
               "(what a first compile on a fresh machine costs; `--cold-compile`); `passes`: the part of moecompile's "
               "first call spent in its own passes.", "",
               "| model | phase | inductor ms | moecompile ms | speedup | floor ms | % floor | rest ms | bound | "
-              "first call s (ind / moe) | cold first call s (ind / moe) | passes s | fused | rel err vs eager (ind / moe) |",
+              "first call s (ind / moe) | cold first call s (ind / moe) | passes s | fused | rel err vs eager "
+              "(ind / moe) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = result["rows"]
     for r in [r for r in rows if r["backend"] == "moecompile"]:

@@ -408,7 +408,8 @@ def write_markdown(out: Path) -> None:
                   f"torch {env['torch']}, triton {env['triton']}, transformers {env.get('transformers', '-')}, "
                   f"moecompile {env['moecompile']}; `{data['command']}`", "",
                   "| part | cases | ok | silent mismatches | crashes | refused (clear error) | tokens | "
-                  "ambiguous tokens left out | through kernels | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "ambiguous tokens left out | through kernels | seconds "
+                  "|", "|---|---|---|---|---|---|---|---|---|---|"]
         for part in ("descriptions", "interpreter_kernels", "blocks"):
             if part not in data:
                 continue

@@ -15,7 +15,8 @@ import moecompile
 from moecompile import hf_zoo
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "llama4", "glm4_moe",
-            "granitemoeshared", "qwen3_next", "phimoe", "dbrx", "jamba", "switch_transformers", "ernie4_5_moe", "jetmoe"]
+            "granitemoeshared", "qwen3_next", "phimoe", "dbrx", "jamba", "switch_transformers", "ernie4_5_moe",
+            "jetmoe"]
 
 
 def main():

@@ -7,7 +7,8 @@ Both ceilings are measured at the start of the run: a 2 GiB device-to-device cop
 8192^3 bf16 matmul, on random data. Every moecompile row also records its output error against the HF block on the
 same input against the reference (reference.py: routing in fp32, experts in bf16), beside the HF block's own
 error against it (normwise relative). `peak_mb` is the peak memory one call adds; `held_mb` is what an
-implementation keeps allocated between calls (moecompile eager at <= 64 tokens: the pool of its decode graphs). The HF block scores in bf16, so near-tied experts flip; the reference does not.
+implementation keeps allocated between calls (moecompile eager at <= 64 tokens: the pool of its decode graphs). The
+HF block scores in bf16, so near-tied experts flip; the reference does not.
 
 Run on the device: `python benchmarks/moe_layer.py --out benchmarks/results` (writes moe_layer.json and moe_layer.md).
 `--shapes` / `--tokens` pick a subset; `--quick` times fewer repeats.

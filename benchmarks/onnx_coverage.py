@@ -121,7 +121,8 @@ def markdown(result: dict) -> str:
              + (f"; {len(static)} ({', '.join(static)}) only with static axes, its own code fixing the sequence "
                 "axis (one length verified)" if static else "")
              + ". Where the model's own top-k meets exact ties (the sparse-attention indexers), verify compares with "
-             "PyTorch breaking them as ONNX TopK does, and the row gives both errors. Constant weight matrices of the tiny random models (zero-initialised "
+             "PyTorch breaking them as ONNX TopK does, and the row gives both errors. Constant weight matrices of "
+             "the tiny random models (zero-initialised "
              "routers, where every expert ties and PyTorch and onnxruntime break the tie differently) are redrawn at "
              "random first. Command: `python benchmarks/onnx_coverage.py`.", "",
              "| family | impl | status | blocks (com.microsoft.MoE / all) | verify or error |", "|---|---|---|---|---|"]

@@ -28,9 +28,9 @@ import time
 import warnings
 from pathlib import Path
 
+import e2e  # benchmarks/ is the script's directory: the same HF model builder
 import torch
 
-import e2e  # benchmarks/ is the script's directory: the same HF model builder
 import moecompile
 
 RESULTS = Path(__file__).parent / "results"
@@ -150,7 +150,8 @@ def markdown(r: dict) -> str:
     m = r["model"]
     lines = [f"# ONNX export, onnxruntime CPU vs PyTorch eager ({r['date']}; {r['cores']} CPU cores, 2 threads used; "
              f"torch {r['torch']}, transformers {r['transformers']}, onnxruntime {r['onnxruntime']})", "",
-             f"Qwen3-MoE-shaped model, {m['layers']} layers, H {m['H']}, I {m['I']}, E {m['E']}, k {m['k']}, vocabulary "
+             f"Qwen3-MoE-shaped model, {m['layers']} layers, H {m['H']}, I {m['I']}, E {m['E']}, k {m['k']}, "
+             f"vocabulary "
              f"{m['vocab']}, fp16 weights, no cache. Command: `python benchmarks/onnx_export.py`"
              + (" in runs of one lowering each (`--moe-ops ort`, then `--moe-ops standard --append`: both exceed one "
                 "device call), each beside PyTorch eager measured in the same run." if any(

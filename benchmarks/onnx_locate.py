@@ -22,6 +22,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 import torch
+from onnx_coverage import untie_constant_weights  # benchmarks/ is the script's directory
 from torch.export.graph_signature import InputKind
 
 import moecompile
@@ -29,7 +30,6 @@ from moecompile import hf_zoo
 from moecompile.backends import onnx as onnx_backend
 from moecompile.backends import onnx_lowering
 from moecompile.fused import FusedMoE
-from onnx_coverage import untie_constant_weights  # benchmarks/ is the script's directory
 
 SHOWN = 12
 

@@ -27,9 +27,9 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="induct
 os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="triton_"))
 
 import torch  # noqa: E402
+from e2e import FULL, build, passes_seconds, phases  # noqa: E402
 
 import moecompile  # noqa: E402
-from e2e import FULL, build, passes_seconds, phases  # noqa: E402
 
 
 def count_calls(*owners, name: str) -> dict:

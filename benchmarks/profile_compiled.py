@@ -7,10 +7,10 @@ import warnings
 
 import torch
 import triton.testing
+from e2e import FULL, build, phases
 from torch.profiler import ProfilerActivity, profile
 
 import moecompile
-from e2e import FULL, build, phases
 
 warnings.filterwarnings("ignore")
 

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-
 from moe_layer import SHAPES, hf_block, twin
 
 from moecompile.kernels import moe
@@ -196,7 +195,8 @@ def expert_paths(out: Path) -> None:
             for T in tokens:
                 x = torch.randn(1, T, cfg["H"], device="cuda", dtype=torch.bfloat16)
                 rows_each = configs.rows_per_expert(T, cfg["k"], cfg["E"])
-                row = dict(shape=shape, tokens=T, rows_per_expert=rows_each, expert_macs=rows_each * cfg["H"] * cfg["I"])
+                row = dict(shape=shape, tokens=T, rows_per_expert=rows_each,
+                           expert_macs=rows_each * cfg["H"] * cfg["I"])
                 with torch.no_grad():
                     ref, _ = reference(fused.spec, fused.weights(), x[0])
                     for path, threshold in (("triton", None), ("grouped_mm", 0.0)):

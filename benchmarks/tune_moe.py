@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 import triton.testing
+from moe_layer import SHAPES, hf_block, twin
 
 from moecompile.kernels import configs
-from moe_layer import SHAPES, hf_block, twin
 
 G = configs.GemmConfig
 CANDIDATES = [

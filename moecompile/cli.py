@@ -181,7 +181,8 @@ def _cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moecompile", description="Find, describe and fuse the MoE blocks of a model.")
+    parser = argparse.ArgumentParser(prog="moecompile",
+                                     description="Find, describe and fuse the MoE blocks of a model.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("optimize", help="optimize a model and print its pass log")
     p.add_argument("model", help="a saved HF model directory, or a .py file defining build_model(); the file is "

@@ -26,11 +26,13 @@ SMALL_SIZES: dict[str, object] = {
     "moe_num_experts": 8, "num_experts_per_tok": 2, "moe_k": 2, "moe_topk": 2, "n_shared_experts": 1,
     "n_group": 2, "topk_group": 1, "first_k_dense_replace": 0, "decoder_sparse_step": 1, "moe_layer_freq": 1,
     "kv_lora_rank": 16, "q_lora_rank": 24, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
-    "qk_head_dim": 16, "d_model": 64, "d_ff": 96, "d_kv": 16, "num_heads": 4, "expert_capacity": 3, "num_decoder_layers": 2,
+    "qk_head_dim": 16, "d_model": 64, "d_ff": 96, "d_kv": 16, "num_heads": 4, "expert_capacity": 3,
+    "num_decoder_layers": 2,
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
-    "mamba_d_state": 8, "mamba_d_conv": 4, "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_expand": 2, "mamba_dt_rank": 8, "sliding_window": 64,
+    "mamba_d_state": 8, "mamba_d_conv": 4, "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_expand": 2,
+    "mamba_dt_rank": 8, "sliding_window": 64,
     "global_attn_every_n_layers": 2, "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 1,
-    "expert_layer_offset": 0, "moe_top_k": 2, "n_layers": 2, "n_heads": 4, "d_model": 64,
+    "expert_layer_offset": 0, "moe_top_k": 2, "n_layers": 2, "n_heads": 4,
     "index_n_heads": 2, "index_head_dim": 16, "index_topk": 8,
 }
 
@@ -79,7 +81,7 @@ def _shrink(config) -> None:
             _shrink(sub)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reads_mrope(family: str) -> bool:
     return any("mrope_section" in f.read_text(errors="ignore") for f in (_models_dir() / family).glob("modeling_*.py"))
 

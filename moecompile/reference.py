@@ -1,6 +1,7 @@
 """Plain PyTorch reference of an `MoESpec`: what every kernel, rewrite and export is checked against.
 
-Place in the pipeline: depends on spec.py only. Routing runs in fp32 (fp64 for fp64 input); each expert runs in the input's dtype on just
+Place in the pipeline: depends on spec.py only. Routing runs in fp32 (fp64 for fp64 input); each expert runs in the
+input's dtype on just
 the tokens that chose it (grouped by expert, no work for unchosen pairs); the weighted sum accumulates in fp32.
 It is differentiable (autograd flows to the input, the router and the expert weights) and handles zero tokens.
 """

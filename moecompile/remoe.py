@@ -63,7 +63,7 @@ class ReMoERegularizer:
     def __call__(self) -> torch.Tensor:
         """lambda * L_reg over the gates recorded since the last step()."""
         terms = []
-        for path, module in self.blocks:
+        for path, _module in self.blocks:
             for gates in self._gates[path]:
                 T, E = gates.shape
                 if T == 0:
@@ -82,7 +82,7 @@ class ReMoERegularizer:
         """Measure this step's sparsity, move the coefficient toward the target, and forget the step's gates."""
         zeros = total = 0
         error = 0.0
-        for path, module in self.blocks:
+        for path, _module in self.blocks:
             recorded = self._gates[path]
             if not recorded:
                 continue

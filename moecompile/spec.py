@@ -318,10 +318,12 @@ class MoESpec:
         if r.weight_on_input:
             tags.append("weight_on_input")
         e = self.experts
-        mlp = f"{'gated' if e.gated else 'plain'} {e.activation} E={r.num_experts} H={e.hidden_size} I={e.intermediate_size}"
+        mlp = (f"{'gated' if e.gated else 'plain'} {e.activation} E={r.num_experts} H={e.hidden_size} "
+               f"I={e.intermediate_size}")
         parts = [" ".join(tags), mlp]
         if self.shared is not None:
-            parts.append(f"shared I={self.shared.mlp.intermediate_size}" + (" gated" if self.shared.sigmoid_gate else ""))
+            gate = " gated" if self.shared.sigmoid_gate else ""
+            parts.append(f"shared I={self.shared.mlp.intermediate_size}{gate}")
         if self.has_output_bias:
             parts.append("output bias")
         if self.aux_loss is not None:

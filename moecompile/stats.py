@@ -59,7 +59,8 @@ def routing_stats(model: nn.Module, batches: Iterable, max_tokens: int = MAX_CAL
 
 
 def format_stats(stats: list[LayerStats]) -> str:
-    lines = [f"{'layer':<28} {'tokens':>7} {'mean':>6} {'p5':>4} {'p50':>4} {'p95':>4}  load min/max (x uniform)  routing"]
+    lines = [f"{'layer':<28} {'tokens':>7} {'mean':>6} {'p5':>4} {'p50':>4} {'p95':>4}  load min/max (x uniform)  "
+             "routing"]
     for s in stats:
         E = len(s.expert_load)
         lo, hi = min(s.expert_load) * E, max(s.expert_load) * E

@@ -2,22 +2,20 @@
 let two writers replace each other's output, leave full-size leftovers after a kill, load a damaged file silently,
 or answer the OS's refusals with a traceback. Real HF classes saved with save_pretrained, real processes killed."""
 import errno
-import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from test_checkpoint import corpus, nothing_written, saved  # noqa: F401  (corpus is a fixture)
 
 import moecompile
 from moecompile import MoECompileError
 from moecompile.cli import main
-from test_checkpoint import corpus, nothing_written, saved  # noqa: F401  (corpus is a fixture)
 
 FAST = ["--seq-len", "64", "--batches", "2"]
 

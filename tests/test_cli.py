@@ -29,8 +29,9 @@ def test_optimize_hf_dir_writes_report_and_inspect_reads_it(tmp_path):
 
 def test_optimize_script(tmp_path, capsys):
     script = tmp_path / "model.py"
-    script.write_text("import sys\nsys.path.insert(0, %r)\nimport handwritten\n"
-                      "def build_model():\n    return handwritten.DeepModel()\n" % str(__import__("pathlib").Path(__file__).parent))
+    script.write_text("import sys\nsys.path.insert(0, {!r})\nimport handwritten\n"
+                      "def build_model():\n    return handwritten.DeepModel()\n".format(
+                          str(__import__("pathlib").Path(__file__).parent)))
     assert main(["optimize", str(script)]) == 0
     assert "2 of 2 MoE blocks fused" in capsys.readouterr().out
 
@@ -131,8 +132,8 @@ def test_optimize_help_says_a_script_is_executed():
 
 def test_meta_device_model_says_load_the_weights_first(tmp_path, capsys):
     script = tmp_path / "model.py"
-    script.write_text("import torch, sys\nsys.path.insert(0, %r)\nimport handwritten\n"
+    script.write_text("import torch, sys\nsys.path.insert(0, {!r})\nimport handwritten\n"
                       "def build_model():\n    with torch.device('meta'):\n        return handwritten.DeepModel()\n"
-                      % str(__import__("pathlib").Path(__file__).parent))
+                      .format(str(__import__("pathlib").Path(__file__).parent)))
     assert main(["optimize", str(script)]) == 2
     assert "on the meta device" in capsys.readouterr().err

@@ -4,9 +4,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from moecompile.reference import glu, moe_forward, route
+from moecompile.reference import moe_forward, route
 from moecompile.spec import MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
 
 H, I, E = 6, 5, 4
@@ -66,7 +65,8 @@ def naive_block(spec: MoESpec, w: MoEWeights, x):
                 c = s + (w.correction_bias if w.correction_bias is not None else 0)
                 if r.selection == "grouped_topk":
                     groups = c.view(r.n_group, -1)
-                    gs = groups.sort(descending=True).values[:, :2].sum(-1) if r.group_score == "top2_sum" else groups.max(-1).values
+                    gs = (groups.sort(descending=True).values[:, :2].sum(-1) if r.group_score == "top2_sum"
+                          else groups.max(-1).values)
                     keep = gs.argsort(descending=True)[:r.topk_group]
                     mask = torch.full((r.n_group, E // r.n_group), float("-inf"))
                     mask[keep] = 0
@@ -99,8 +99,9 @@ ROUTERS = {
     "softmax_topk_renorm": RouterSpec(E, 2, renormalize=True),
     "softmax_topk": RouterSpec(E, 2),
     "topk_then_softmax_bias": RouterSpec(E, 2, score_order="select_then_score", has_bias=True),
-    "sigmoid_grouped_corr_scaled": RouterSpec(E, 2, scoring="sigmoid", selection="grouped_topk", n_group=2, topk_group=1,
-                                              renormalize=True, scaling_factor=2.5, has_correction_bias=True),
+    "sigmoid_grouped_corr_scaled": RouterSpec(E, 2, scoring="sigmoid", selection="grouped_topk", n_group=2,
+                                              topk_group=1, renormalize=True, scaling_factor=2.5,
+                                              has_correction_bias=True),
     "softmax_grouped_max": RouterSpec(E, 2, selection="grouped_topk", n_group=2, topk_group=1, group_score="max"),
     "top1": RouterSpec(E, 1),
     "sqrtsoftplus_corr_renorm": RouterSpec(E, 2, scoring="sqrtsoftplus", renormalize=True, has_correction_bias=True),

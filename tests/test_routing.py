@@ -10,7 +10,6 @@ import torch
 import moecompile
 from moecompile import MoECompileError, hf_zoo
 from moecompile.passes.routing import pick_k
-from moecompile.reference import moe_forward as reference_forward
 
 sys.path.insert(0, str(Path(__file__).parent / "kernels"))
 import cases  # noqa: E402  (the kernels' spec and weight builders)

@@ -26,7 +26,7 @@ from ..passes.routing import DEFAULT_COVERAGE, RoutingChange
 from ..passes.routing import check_options as check_routing_options
 from ..passes.routing import rewrite_routing as passes_rewrite_routing
 
-_REPORTS: "weakref.WeakKeyDictionary[nn.Module, Report]" = weakref.WeakKeyDictionary()
+_REPORTS: weakref.WeakKeyDictionary[nn.Module, Report] = weakref.WeakKeyDictionary()
 _OPTIONS = {"seed": int, "routing": str, "k": (int, str), "calibration": object, "coverage": float,
             "progress": object}
 
@@ -187,4 +187,5 @@ def report(model: nn.Module) -> Report:
             "weights; torch._dynamo.explain(model)(x) lists why). Fix: run moecompile.optimize(model) before "
             "torch.compile")
     raise MoECompileError(f"report: {type(model).__name__} has not been through moecompile.optimize() or "
-                          "torch.compile(backend='moecompile'); call optimize(model) first, or run the compiled model once")
+                          "torch.compile(backend='moecompile'); call optimize(model) first, or run the compiled "
+                          "model once")

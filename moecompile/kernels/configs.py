@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import torch
@@ -116,7 +116,7 @@ def for_fp32(cfg: GemmConfig) -> GemmConfig:
     return GemmConfig(**{**cfg.to_dict(), "BK": min(cfg.BK, 32), "num_stages": 2})
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tuned_tokens(hidden: int, inter: int, num_experts: int, slots: int) -> tuple[int, ...]:
     """Token counts the table has entries for at this layer shape."""
     pattern = re.compile(r"T(\d+)" + re.escape(table_key(0, hidden, inter, num_experts, slots)[len("T0"):]))
@@ -146,7 +146,7 @@ def choose(tokens: int, hidden: int, inter: int, num_experts: int, slots: int, d
     return heuristic(tokens, hidden, inter, num_experts, slots, sm_count_of(device))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

@@ -18,23 +18,32 @@ from __future__ import annotations
 
 import contextvars
 import inspect
-import math
 import itertools
+import math
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 from torch import nn
 
 from ..capture import Leaves, call_block, op_census
 from ..fused import FusedMoE
-from ..reference import (Routing, apply_norm, aux_loss, expert_bias_term, expert_counts, mlp, moe_forward,
-                         routed_experts, shared_experts)
+from ..reference import (
+    Routing,
+    apply_norm,
+    aux_loss,
+    expert_bias_term,
+    expert_counts,
+    mlp,
+    moe_forward,
+    routed_experts,
+    shared_experts,
+)
 from ..spec import ACTIVATIONS, AuxLossSpec, MLPSpec, MoESpec, MoEWeights, NormSpec, RouterSpec, SharedExpertSpec
+from .autocast_regions import asked_region
 from .compare import output_error, output_pairs
 from .copies import redraw_vectors, working_copy
-from .autocast_regions import asked_region
 from .detect import Candidate, TensorRef, effective_parameters, expert_members, expert_view, is_mlp_like
 from .probes import aimed_inputs, neighbours
 from .routing import float_weights
@@ -281,8 +290,9 @@ def _mlp_hypotheses(module: nn.Module, H: int) -> list[tuple[MLPSpec, Callable[[
         return opts
 
     for di, (dname, dw, db) in enumerate(mats):
-        down_orients = ((False, dw.shape[0]),) if id(dw) in linear_weights else ((False, dw.shape[0]), (True, dw.shape[1]))
-        for d_t, d_out in [(t, o) for t, o in down_orients if o == H]:
+        down_orients = ((False, dw.shape[0]),) if id(dw) in linear_weights else ((False, dw.shape[0]),
+                                                                                 (True, dw.shape[1]))
+        for d_t, _d_out in [(t, o) for t, o in down_orients if o == H]:
             inter = dw.shape[1] if not d_t else dw.shape[0]
             rest = [m for i, m in enumerate(mats) if i != di]
             options = []
@@ -881,7 +891,8 @@ def _assemble(candidate, block, eh, expert_weights, rh, scale, shared_spec, shar
             renorm_min=1e-20 if rh["renormalize"] else 0.0, scaling_factor=1.0 if scale is None else scale,
             has_bias=router_w["router_bias"] is not None, has_correction_bias=rh["correction"] is not None,
             n_group=rh["n_group"], topk_group=rh["topk_group"], group_score=rh["group_score"],
-            group_fill=rh.get("group_fill", "-inf"), weight_on_input=rh["weight_on_input"], jitter_eps=rh.get("jitter_eps", 0.0),
+            group_fill=rh.get("group_fill", "-inf"), weight_on_input=rh["weight_on_input"],
+            jitter_eps=rh.get("jitter_eps", 0.0),
             expert_capacity=rh["expert_capacity"], capacity_factor=rh.get("capacity_factor"),
             min_capacity=rh.get("min_capacity", 0), capacity_scope=rh.get("capacity_scope", "sequence"),
             capacity_order=rh.get("capacity_order", "token_major"),

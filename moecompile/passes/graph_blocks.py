@@ -173,7 +173,8 @@ def _experts_of_router(node: fx.Node, position: int, value: torch.Tensor) -> int
 def _regions(gm: fx.GraphModule) -> tuple[list[Region], dict[str, Region], list[str]]:
     """The MoE block regions, the regions of their submodules that map one tensor to one tensor (by path), and why
     each other router found was not read (its experts not in this graph, or its block not a one-tensor map). A graph
-    without a router op costs one pass over its nodes. Paths are relative to the frame dynamo traced (a block's own forward, after a break)."""
+    without a router op costs one pass over its nodes. Paths are relative to the frame dynamo traced (a block's own
+    forward, after a break)."""
     routers = _router_nodes(gm)
     if not routers:
         return [], {}, []
@@ -182,7 +183,7 @@ def _regions(gm: fx.GraphModule) -> tuple[list[Region], dict[str, Region], list[
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method", "call_module"):
             continue
-        for key, (stack_path, cls) in node.meta.get("nn_module_stack", {}).items():
+        for _key, (stack_path, cls) in node.meta.get("nn_module_stack", {}).items():
             by_module.setdefault(stack_path, []).append(node)
             types[stack_path] = getattr(cls, "__name__", str(cls))
     # the compiled module's own forward has no stack entry: the whole graph is its region
@@ -553,7 +554,8 @@ class _ReuseDescription:
         for record in ctx.pending():
             ctx.descriptions[record.path] = description
             record.spec, record.spec_summary = description.spec.to_dict(), description.spec.summary()
-            record.method = f"{description.method}; same ops as {self.described.first_path} (described there){self.note}"
+            record.method = (f"{description.method}; same ops as {self.described.first_path} (described "
+                             f"there){self.note}")
         return False
 
 
@@ -684,7 +686,8 @@ def rewrite_graph(gm: fx.GraphModule, blocks: list[GraphBlock]) -> int:
         call.meta = dict(out.meta)
         replaced[out] = call
         members = set(region.nodes)
-        out.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call and user not in members)
+        out.replace_all_uses_with(call, delete_user_cb=lambda user, call=call, members=members:
+                                  user is not call and user not in members)
         for node in reversed(region.nodes):
             if not node.users:
                 gm.graph.erase_node(node)

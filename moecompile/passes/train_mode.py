@@ -1,9 +1,11 @@
 """Describe, last step: whether a block computes the same in train mode as in eval mode.
 
-Place in the pipeline: detect -> describe (-> **train mode**, on describe's working copy) -> confirm -> fuse. optimize reads a block as it runs
+Place in the pipeline: detect -> describe (-> **train mode**, on describe's working copy) -> confirm -> fuse.
+optimize reads a block as it runs
 in eval mode. Some blocks compute otherwise in train mode: router jitter (Switch, Mixtral with
 `router_jitter_noise`), random token selection, dropout inside the experts, a training capacity factor (DeepSpeed's
-`capacity_factor` against `eval_capacity_factor`), or weights computed by a parametrization. A fused block computes the eval form only, so such a block is
+`capacity_factor` against `eval_capacity_factor`), or weights computed by a parametrization. A fused block computes
+the eval form only, so such a block is
 fused for eval and its FusedMoE raises in train mode, naming the reason (never a silent other computation).
 """
 

@@ -5,7 +5,8 @@ graphs). Skipped without a GPU; run on the device with `python -m pytest -q test
 Tolerance: bf16 eager is itself far from exact, so the compiled and the eager bf16 models are both measured against
 the same weights run in fp32. Logits, per token (a near-tied router choice flips in either model for a token or
 two, which dominates a normwise error): the compiled model's median error at most 1.5 x eager's + 1e-3, and at most
-5% more of its tokens than eager's own over 10 x eager's median. Gradients, normwise: at most max(2 x eager's error, 2e-2)."""
+5% more of its tokens than eager's own over 10 x eager's median. Gradients, normwise: at most max(2 x eager's error,
+2e-2)."""
 import copy
 
 import pytest

@@ -1,8 +1,8 @@
 """optimize(): inplace, strict, failure half-way, dtypes, token counts, autograd, bad input, report round trip."""
+import handwritten as hw
 import pytest
 import torch
 
-import handwritten as hw
 import moecompile
 from moecompile import hf_zoo
 from moecompile.passes import manager

@@ -258,7 +258,8 @@ def test_expert_capacity_exports_and_matches(tmp_path, quiet):
 
 def test_relu_routed_model_exports_and_matches(tmp_path, quiet):
     model = hf_zoo.build("mixtral", "grouped_mm")
-    relu = moecompile.optimize(model, routing="relu", calibration=[hf_zoo.example_inputs(model, seed=s) for s in (1, 2)])
+    calibration = [hf_zoo.example_inputs(model, seed=s) for s in (1, 2)]
+    relu = moecompile.optimize(model, routing="relu", calibration=calibration)
     path = moecompile.export_onnx(relu, tmp_path / "relu.onnx", hf_zoo.example_inputs(model), verify=True)
     assert all("ReLU routing" in b.export for b in moecompile.export_report(path).blocks)
     check_hf_lengths(relu, path)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import itertools
 
+import cases
 import pytest
 import torch
 
-import cases
 import moecompile
 from moecompile import MoECompileError
 from moecompile.kernels import graphs
@@ -255,7 +255,7 @@ def test_gradients_match_reference():
     """Backward (the reference, recomputed) gives the reference's gradients for input and weights."""
     spec = cases.make_spec("softmax_topk_renorm", 8, 2, 24, 16, "shared_gated")
     w = cases.make_weights(spec, torch.float32, "cpu", torch.Generator().manual_seed(3))
-    for name, t in w.items():
+    for _name, t in w.items():
         if t is not None:
             t.requires_grad_(True)
     x = torch.randn(11, 24, requires_grad=True)

@@ -6,10 +6,10 @@ fp32, max |fused - original| per token <= 1e-4 of the original's largest |value|
 import copy
 import math
 
+import handwritten as hw
 import pytest
 import torch
 
-import handwritten as hw
 import moecompile
 from moecompile import hf_zoo
 from moecompile.passes.compare import output_error, token_errors

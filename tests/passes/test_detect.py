@@ -1,8 +1,8 @@
 """Detection of hand-written MoE forms (at any depth) and leaving look-alikes alone. fp32 tolerance 1e-5 abs."""
+import handwritten as hw
 import pytest
 import torch
 
-import handwritten as hw
 import moecompile
 from moecompile.passes.describe import DescribeError, describe
 from moecompile.passes.detect import propose
@@ -11,7 +11,8 @@ FORMS = {
     "module_list_where_index_add": (hw.ListMoE, (3, 7, 32), "softmax>top2 renorm | gated silu E=6"),
     "einsum_dense_mask_topk_softmax": (hw.EinsumMoE, (21, 32), "gated silu E=4 H=32 I=40"),
     "relu_router": (hw.ReluRouterMoE, (3, 7, 24), "relu>all_positive | plain gelu E=8"),
-    "top1_sigmoid_shared_gated": (hw.Top1SharedMoE, (3, 7, 32), "sigmoid>top1 bias | gated silu E=5 H=32 I=24 | shared I=48 gated"),
+    "top1_sigmoid_shared_gated": (hw.Top1SharedMoE, (3, 7, 32),
+                                  "sigmoid>top1 bias | gated silu E=5 H=32 I=24 | shared I=48 gated"),
 }
 
 

@@ -5,12 +5,11 @@ adds the input back. The norm and the residual are peeled off as ops around the 
 residual."""
 from __future__ import annotations
 
+import handwritten as hw
 import pytest
 import torch
-from torch import nn
-
-import handwritten as hw
 from handwritten import GptOssMLPBlock as MLPBlock
+from torch import nn
 
 H = 32
 

@@ -88,7 +88,8 @@ def test_weight_norm_experts_fused_for_eval_only(quiet):
 def test_own_autocast_region_fused_computing_in_that_dtype(quiet, tmp_path):
     """bf16 inside the block: read in float32 (the region a no-op in describe's copy), fused with the same region
     opened around the fused block. Tolerance: the fused block is as far from the float32 computation as the
-    original is (within 2x: both round to bf16), and within 1e-2 normwise of the original (about one bf16 rounding, 2^-7:
+    original is (within 2x: both round to bf16), and within 1e-2 normwise of the original (about one bf16 rounding,
+    2^-7:
     the routing is the same, only the order of the bf16 sums differs)."""
     from moecompile.passes.autocast_regions import regions_off
 

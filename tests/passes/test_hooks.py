@@ -1,9 +1,9 @@
 """Hooks on MoE blocks: the block's own hooks fire on the FusedMoE after optimize (not on optimize's own inputs);
 a block with hooks inside it, or a forward replaced on the instance, is left with the reason. fp32, 1e-5 abs."""
+import handwritten as hw
 import pytest
 import torch
 
-import handwritten as hw
 import moecompile
 
 
