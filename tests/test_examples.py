@@ -1,4 +1,4 @@
-"""The examples run end to end (few steps; the full runs and their figures are in the README)."""
+"""The examples run end to end (few steps; the full runs and their figures are in docs/routing.md)."""
 import math
 import re
 import subprocess
