@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import re
 import shutil
 import tempfile
@@ -178,7 +177,7 @@ def export_onnx(model: nn.Module, path, example_inputs, *, dynamic: bool = True,
         rep.passes.append(PassRun(name="export_onnx", seconds=export_s, modified=True,
                                   note=f"opset {opset}, moe_op={moe_op}, dynamic={dynamic}"
                                        + (_static_axes_note(inputs, names) if dynamic else "")))
-        program.model.metadata_props["moecompile.pass_log"] = json.dumps(_log_summary(rep))
+        program.model.metadata_props[REPORT_KEY] = rep.to_json(indent=None)
         program.save(str(tmp_file), external_data=external_data)
         if onnx_if.has_placeholders(program):  # the standard form's decode-size Ifs
             onnx_if.splice_file(tmp_file, opset, _torch_onnx_export)
@@ -195,18 +194,42 @@ def export_onnx(model: nn.Module, path, example_inputs, *, dynamic: bool = True,
                                       modified=False, note=f"max error {err:.1e} of max |output| at lengths "
                                                            f"{'/'.join(map(str, lengths))}"
                                                            + (f" ({ties})" if ties else "")))
+            _write_report(tmp_file, rep)  # the file's log gets its verify line
         for produced in Path(tmp).iterdir():  # the model and its external data, if any
             shutil.move(str(produced), str(path.parent / produced.name))
-    _EXPORT_REPORTS[str(path.resolve())] = rep
     return path
 
 
-_EXPORT_REPORTS: dict[str, Report] = {}
+REPORT_KEY = "moecompile.pass_log"  # the file's metadata entry holding export_onnx's Report as JSON
+
+
+def _write_report(path: Path, rep: Report) -> None:
+    """Rewrite the file's pass log in place (its external data, if any, is left as it is)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    entry = next(p for p in model.metadata_props if p.key == REPORT_KEY)
+    entry.value = rep.to_json(indent=None)
+    onnx.save(model, str(path))
 
 
 def export_report(path) -> Report:
-    """The pass log of the last export_onnx to `path` in this process (lowering per block, export and verify)."""
-    return _EXPORT_REPORTS[str(Path(path).resolve())]
+    """The pass log export_onnx wrote into the file at `path` (lowering per block, export and verify)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoECompileError(f"export_report: {path} is not a file; pass the .onnx file export_onnx wrote")
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same way out
+        raise MoECompileError(f"export_report: {path} is not an ONNX file onnx can read ({type(exc).__name__}: "
+                              f"{exc})") from None
+    entry = next((p.value for p in model.metadata_props if p.key == REPORT_KEY), None)
+    if entry is None:
+        raise MoECompileError(f"export_report: {path} has no moecompile pass log; it was not written by "
+                              "moecompile.export_onnx")
+    return Report.from_json(entry)
 
 
 def _report_or_none(model: nn.Module) -> Report | None:
@@ -214,12 +237,6 @@ def _report_or_none(model: nn.Module) -> Report | None:
         return report(model)
     except MoECompileError:
         return None
-
-
-def _log_summary(rep: Report) -> dict:
-    return dict(model_type=rep.model_type, blocks=[dict(path=b.path, decision=b.decision, export=b.export,
-                                                        spec=b.spec_summary or b.reason) for b in rep.blocks],
-                passes=[dict(name=p.name, note=p.note) for p in rep.passes])
 
 
 def _torch_onnx_export(wrapper: nn.Module, inputs: tuple, names: list[str], dynamic_shapes, opset: int):

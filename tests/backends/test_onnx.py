@@ -275,6 +275,34 @@ def test_fp16_weights_and_external_data(tmp_path, quiet):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.onnx", "h.onnx.data"]  # no temporary left over
 
 
+def test_the_pass_log_travels_in_the_file(tmp_path, quiet):
+    """export_report reads the file's own metadata: another process (or after the file is moved) gets the same log,
+    verify line included, with external data too; a file moecompile did not write gets a clear error."""
+    import subprocess
+
+    model = hf_zoo.build("mixtral", "grouped_mm")
+    path = moecompile.export_onnx(model, tmp_path / "m.onnx", hf_zoo.example_inputs(model), verify=True,
+                                  external_data=True)
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for name in ("m.onnx", "m.onnx.data"):
+        (tmp_path / name).rename(moved / name)
+    here = moecompile.export_report(moved / "m.onnx")
+    there = subprocess.run([sys.executable, "-c", "import sys, moecompile; "
+                            "print(moecompile.export_report(sys.argv[1]).to_json())", str(moved / "m.onnx")],
+                           capture_output=True, text=True, check=True).stdout
+    assert moecompile.Report.from_json(there).to_dict() == here.to_dict()
+    assert [p.name for p in here.passes][-2:] == ["export_onnx", "verify_onnxruntime"]
+    assert all(b.export for b in here.blocks if b.decision == "fused")
+    check_hf_lengths(model, moved / "m.onnx")  # the rewritten log left the weights as they were
+    plain = tmp_path / "plain.onnx"
+    torch.onnx.export(torch.nn.Linear(4, 4), (torch.randn(2, 4),), str(plain), dynamo=False)
+    with pytest.raises(MoECompileError, match="no moecompile pass log; it was not written by"):
+        moecompile.export_report(plain)
+    with pytest.raises(MoECompileError, match="is not a file"):
+        moecompile.export_report(tmp_path / "missing.onnx")
+
+
 class TopkOverReluScores(torch.nn.Module):
     """A MoE block, then a top-k over ReLU scores (as DeepSeek's sparse-attention indexer): about half the scores are
     exactly 0, so the top-k meets ties, which torch.topk and ONNX TopK break in different orders."""
