@@ -1,6 +1,7 @@
 """moecompile: find the MoE blocks of a PyTorch model, describe them, and replace them with fused modules.
 
-Public names only; see ARCHITECTURE.md in the repository for the pipeline.
+Public names only; see docs/pipeline.md in the repository for the pipeline, and state.py for what is kept between
+calls (reset() forgets it).
 """
 
 __version__ = "0.1.0"  # before the imports: checkpoint.py records it
@@ -15,9 +16,10 @@ from .passes.log import BlockRecord, Report
 from .passes.routing import RoutingChange
 from .remoe import ReMoERegularizer
 from .spec import AuxLossSpec, MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
+from .state import kept_state, reset
 from .stats import LayerStats, routing_stats
 
 __all__ = ["optimize", "report", "FusedMoE", "MoECompileError", "MoESpec", "RouterSpec", "MLPSpec",
            "SharedExpertSpec", "AuxLossSpec", "MoEWeights", "Report", "BlockRecord", "rewrite_routing", "RoutingChange",
            "routing_stats", "LayerStats", "ReMoERegularizer", "convert", "from_pretrained", "backend",
-           "export_onnx", "export_report"]
+           "export_onnx", "export_report", "reset", "kept_state"]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .state import kept
+
 
 class RouterLogitsTap(nn.Module):
     """Returns the logits at every tuple position up to `index`, where HF's recorder reads them."""
@@ -31,7 +33,7 @@ class RouterLogitsTap(nn.Module):
         return _tap_for, (self.impersonates, self.index), self.__dict__
 
 
-_TAP_CLASSES: dict[type, type] = {}
+_TAP_CLASSES: dict[type, type] = kept("router_tap: a tap class per HF router class", {})
 
 
 def _tap_for(target: type, index: int) -> RouterLogitsTap:

@@ -22,12 +22,13 @@ from torch import fx
 from ..errors import MoECompileError
 from ..passes.graph_blocks import find_blocks, rewrite_graph
 from ..passes.log import PassRun, Report
+from ..state import kept
 
 BACKEND_OPTIONS = {"inductor": bool, "verify": bool, "seed": int}
 
 # (weak references to a graph's parameters, its report), so report(compiled_model) can find the graphs of a model;
 # entries whose model is gone are dropped as new graphs compile
-_GRAPH_REPORTS: list[tuple[list[weakref.ref], Report]] = []
+_GRAPH_REPORTS: list[tuple[list[weakref.ref], Report]] = kept("backends.dynamo: a report per compiled graph", [])
 
 
 def _split_options(options: dict | None) -> tuple[dict, dict]:

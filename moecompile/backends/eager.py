@@ -15,6 +15,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
+from types import MappingProxyType
 from typing import Any
 
 from torch import nn
@@ -25,10 +26,12 @@ from ..passes.manager import ANALYSIS_PASSES, FusePass, PassContext, PassManager
 from ..passes.routing import DEFAULT_COVERAGE, RoutingChange
 from ..passes.routing import check_options as check_routing_options
 from ..passes.routing import rewrite_routing as passes_rewrite_routing
+from ..state import kept
 
-_REPORTS: weakref.WeakKeyDictionary[nn.Module, Report] = weakref.WeakKeyDictionary()
-_OPTIONS = {"seed": int, "routing": str, "k": (int, str), "calibration": object, "coverage": float,
-            "progress": object}
+_REPORTS: weakref.WeakKeyDictionary[nn.Module, Report] = kept("backends.eager: optimize's report by model",
+                                                               weakref.WeakKeyDictionary())
+_OPTIONS = MappingProxyType({"seed": int, "routing": str, "k": (int, str), "calibration": object, "coverage": float,
+                             "progress": object})
 
 
 def _structural_copy(model: nn.Module) -> nn.Module:

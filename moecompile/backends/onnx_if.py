@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..spec import MoESpec, MoEWeights
+from ..state import kept
 from .onnx_grouped import all_experts, used_experts
 
 PLACEHOLDER_DOMAIN = "moecompile.placeholder"
@@ -46,9 +47,10 @@ class Branches:
         return [w is not None for w in self.weights]
 
 
-_KEYS: dict[Branches, str] = {}
-_BY_KEY: dict[str, Branches] = {}
-_EXPORTED: dict[tuple[str, int], bytes] = {}  # (key, opset) -> the two branches' ONNX model, serialized
+_KEYS: dict[Branches, str] = kept("backends.onnx_if: If-branch keys by description", {})
+_BY_KEY: dict[str, Branches] = kept("backends.onnx_if: descriptions by If-branch key", {})
+# (key, opset) -> the two branches' ONNX model, serialized
+_EXPORTED: dict[tuple[str, int], bytes] = kept("backends.onnx_if: exported If branches", {})
 
 
 def _key(branches: Branches) -> str:

@@ -24,7 +24,7 @@ ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4,
 # arguments that change from call to call with the token count: not specialised (Triton would otherwise compile a
 # variant for 1, for multiples of 16 and for the rest), so prefill, decode and the backend's confirmation share one
 # compiled kernel per tile config
-_PER_CALL = ["T", "block_lo", "round_blocks", "NUM_PROGS"]
+_PER_CALL = ("T", "block_lo", "round_blocks", "NUM_PROGS")
 
 
 @triton.jit

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..state import kept
+
 MAX_TOKENS = 64
 MAX_GRAPHS = 512  # least recently used graphs beyond this are released
 
@@ -43,8 +45,8 @@ class _Entry:
     outputs: tuple[torch.Tensor, ...] = ()
 
 
-_ENTRIES: OrderedDict[tuple, _Entry] = OrderedDict()
-_POOLS: dict[tuple[int, int], tuple] = {}
+_ENTRIES: OrderedDict[tuple, _Entry] = kept("kernels.graphs: CUDA graphs of decode-size launches", OrderedDict())
+_POOLS: dict[tuple[int, int], tuple] = kept("kernels.graphs: their memory pools", {})
 
 
 def applies(x: torch.Tensor) -> bool:

@@ -31,6 +31,7 @@ from ..errors import MoECompileError
 from ..reference import moe_forward as reference_forward
 from ..reference import route
 from ..spec import MoESpec, MoEWeights
+from ..state import kept
 from . import backward, configs, graphs, grouped, traced
 from .dispatch import _dispatch_kernel
 from .experts import ACTIVATION_CODES, _expert_down_kernel, _expert_up_kernel
@@ -277,7 +278,7 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
     return _SIDE_STREAMS[index]
 
 
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = kept("kernels.moe: side streams for shared experts", {})
 
 
 @contextmanager

@@ -20,8 +20,10 @@ import threading
 
 import torch
 
+from ..state import kept
+
 _LOCK = threading.Lock()
-_CACHE: dict = {}
+_CACHE: dict = kept("kernels.traced: Triton TTIR builds for traced launches", {})
 _INSTALLED = False
 
 

@@ -31,6 +31,7 @@ from torch import fx, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
 from ..fused import run_block
+from ..state import kept
 from .describe import KEEP_AUTOGRAD, Description
 from .graph_capacity import baked_capacity, lift, with_capacity
 from .log import BlockRecord, Report
@@ -490,7 +491,8 @@ class _Described:
 
 # (skeleton, ints) -> _Described. Weak: an entry lives as long as a compiled graph's fused call holds it, so it goes
 # when dynamo drops the graphs (torch._dynamo.reset(), the model freed) and keeps no weights alive beyond them.
-_DESCRIBED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_DESCRIBED: weakref.WeakValueDictionary = kept("passes.graph_blocks: descriptions of graph regions by program",
+                                               weakref.WeakValueDictionary())
 
 
 def _lookup(signature: Signature) -> tuple[_Described | None, bool]:

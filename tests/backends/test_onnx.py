@@ -283,6 +283,7 @@ def test_the_pass_log_travels_in_the_file(tmp_path, quiet):
     model = hf_zoo.build("mixtral", "grouped_mm")
     path = moecompile.export_onnx(model, tmp_path / "m.onnx", hf_zoo.example_inputs(model), verify=True,
                                   external_data=True)
+    assert path == tmp_path / "m.onnx"
     moved = tmp_path / "elsewhere"
     moved.mkdir()
     for name in ("m.onnx", "m.onnx.data"):
