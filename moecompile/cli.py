@@ -5,8 +5,9 @@ Place in the pipeline: the outermost layer; it calls optimize() and renders Repo
     moecompile optimize MODEL [--report FILE] [--strict] [--no-verify]
         MODEL is a saved HF directory (config.json + safetensors) or a Python file defining build_model() -> nn.Module
         (the file is executed)
-    moecompile inspect REPORT.json
-    moecompile stats MODEL [--routing relu|topk] [--k K|auto] [--text FILE] [--seq-len N] [--batches N]
+    moecompile inspect REPORT.json [--html PAGE.html]
+        the pass log as a table, or as one self-contained HTML page (report_html.py)
+    moecompile stats MODEL [--routing relu|topk] [--k K|auto] [--text FILE] [--seq-len N] [--batches N] [--report F]
         routing statistics per MoE layer (experts per token, load) on batches of token ids: a text file (tokenized
         with the checkpoint's tokenizer, else its bytes modulo the vocabulary) or, without --text, random ids; with
         --routing, the first half of the batches calibrates the rewrite and the second half is measured
@@ -92,7 +93,16 @@ def _cmd_inspect(args) -> int:
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise MoECompileError(f"{path}: not a moecompile report ({type(exc).__name__}: {exc}); reports are written "
                               "by `moecompile optimize --report` or Report.save()") from None
-    print(rep.table())
+    if args.html:
+        from .report_html import write
+
+        target = Path(args.html)
+        if target.is_dir() or not target.parent.is_dir():
+            raise MoECompileError(f"--html {target}: pass a file path in an existing folder (e.g. report.html)")
+        write(rep, target)
+        print(f"pass log page written to {target}")
+    else:
+        print(rep.table())
     return 0
 
 
@@ -143,7 +153,14 @@ def _cmd_stats(args) -> int:
         print(report(model).table())
     measured = batches[half:]
     print(f"routing statistics on {len(measured)} batches x {args.seq_len} tokens ({source}):")
-    print(format_stats(routing_stats(model, measured)))
+    stats = routing_stats(model, measured)
+    print(format_stats(stats))
+    if args.report:
+        rep = report(model)
+        rep.layer_stats = [s.to_dict() for s in stats]
+        rep.save(args.report)
+        print(f"report with the statistics written to {args.report} (`moecompile inspect {args.report} --html "
+              "page.html` draws them)")
     return 0
 
 
@@ -191,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail if any MoE block is left alone")
     p.add_argument("--no-verify", action="store_true", help="skip confirming replacements against the originals")
     p.set_defaults(func=_cmd_optimize)
-    p = sub.add_parser("inspect", help="print a pass log written by `optimize --report`")
+    p = sub.add_parser("inspect", help="print a pass log written by `optimize --report` (or `stats --report`)")
     p.add_argument("report", help="a report JSON file")
+    p.add_argument("--html", help="write the pass log as one self-contained HTML page (blocks, routing plots) here")
     p.set_defaults(func=_cmd_inspect)
     p = sub.add_parser("stats", help="routing statistics per MoE layer on token batches")
     p.add_argument("model", help="a saved HF model directory, or a .py file defining build_model() (executed as "
@@ -203,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="a text file whose bytes (modulo the vocabulary) are the token ids")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--report", help="write the pass log with these statistics (JSON) to this file")
     p.set_defaults(func=_cmd_stats)
     p = sub.add_parser("convert", help="rewrite a saved HF checkpoint's routing and save it (safetensors)")
     p.add_argument("model", help="a saved HF model directory (for --routing topk: one converted to relu)")

@@ -55,6 +55,8 @@ class Report:
     passes: list[PassRun] = field(default_factory=list)
     options: dict = field(default_factory=dict)
     message: str = ""
+    # per fused layer, measured by routing_stats (stats.LayerStats as dicts): `moecompile stats --report` adds them
+    layer_stats: list[dict] = field(default_factory=list)
 
     @property
     def fused(self) -> list[BlockRecord]:
@@ -85,7 +87,7 @@ class Report:
     def from_dict(cls, data: dict) -> Report:
         return cls(model_type=data["model_type"], blocks=[BlockRecord(**b) for b in data.get("blocks", [])],
                    passes=[PassRun(**p) for p in data.get("passes", [])], options=data.get("options", {}),
-                   message=data.get("message", ""))
+                   message=data.get("message", ""), layer_stats=data.get("layer_stats", []))
 
     @classmethod
     def from_json(cls, text: str) -> Report:
