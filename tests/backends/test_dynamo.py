@@ -282,39 +282,37 @@ def test_a_capacity_baked_into_the_graph_is_read_at_its_token_count(k, factor, c
     assert records[1].spec["router"]["expert_capacity"] == math.ceil(120 / 8 * factor * k)
 
 
-def test_a_capacity_computed_from_a_dynamic_token_count_is_left_with_the_fix(quiet):
-    """Compiled with dynamic shapes, the graph computes the capacity from a symbolic token count and the block's
-    region is not a hidden-states -> one-tensor map: left (as the original computes), the log naming the block and
-    both fixes."""
+def _top2gating_compiled_and_left_as_it_was(tokens: int, dynamic: bool):
+    """DeepSpeed's top2gating block (factor 0.5) compiled on 2 x `tokens` tokens; its output as the original's
+    (fp32, the same ops: within 1e-6); the compiled model's report."""
     import test_forms_capacity
 
     torch.manual_seed(0)
     block = test_forms_capacity.MOELayer(k=2, eval_capacity_factor=0.5, min_capacity=2).eval()
-    compiled = torch.compile(block, backend="moecompile", options={"inductor": False}, dynamic=True)
-    x = torch.randn(2, 64, test_forms_capacity.H)
+    compiled = torch.compile(block, backend="moecompile", options={"inductor": False}, dynamic=dynamic)
+    x = torch.randn(2, tokens, test_forms_capacity.H)
     with torch.no_grad():
         assert torch.allclose(compiled(x), block(x), atol=1e-6)
-    message = moecompile.report(compiled).message
+    return moecompile.report(compiled)
+
+
+def test_a_capacity_computed_from_a_dynamic_token_count_is_left_with_the_fix(quiet):
+    """Compiled with dynamic shapes, the graph computes the capacity from a symbolic token count and the block's
+    region is not a hidden-states -> one-tensor map: left (as the original computes), the log naming the block and
+    both fixes."""
+    message = _top2gating_compiled_and_left_as_it_was(tokens=64, dynamic=True).message
     assert "8 experts: in this graph the block maps" in message and "dynamic=False" in message, message
     assert "run moecompile.optimize(model) before torch.compile" in message
 
 
 def test_a_capacity_region_too_large_to_lift_is_left_saying_so(quiet, monkeypatch):
     """Reading a baked capacity lifts it, which takes a [T, E, 2T] dispatch tensor; past the bound (lowered here
-    to 1 MB; 256 tokens x 8 experts x 512 x 4 B = 4 MB) the block is left,
-    computing as before, and the log says why and what to do."""
-    import test_forms_capacity
-
+    to 1 MB; 256 tokens x 8 experts x 512 x 4 B = 4 MB) the block is left, computing as before, and the log says
+    why and what to do."""
     from moecompile.passes import graph_capacity
 
     monkeypatch.setattr(graph_capacity, "LIFT_BYTES", 1 << 20)
-    torch.manual_seed(0)
-    block = test_forms_capacity.MOELayer(k=2, eval_capacity_factor=0.5, min_capacity=2).eval()
-    compiled = torch.compile(block, backend="moecompile", options={"inductor": False}, dynamic=False)
-    x = torch.randn(2, 128, test_forms_capacity.H)
-    with torch.no_grad():
-        assert torch.allclose(compiled(x), block(x), atol=1e-6)
-    record = moecompile.report(compiled).blocks[0]
+    record = _top2gating_compiled_and_left_as_it_was(tokens=128, dynamic=False).blocks[0]
     assert record.decision == "left"
     assert "capacity is a constant in this graph (32 at 256 tokens)" in record.reason
     assert "would take 4 MB (over 1 MB)" in record.reason and "optimize(model) before torch.compile" in record.reason
