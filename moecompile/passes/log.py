@@ -11,6 +11,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
+def _plain(value):
+    """`value` as JSON can hold it: tensors by their shape and dtype, containers item by item, other objects by a
+    short repr (an option's value, recorded for a person)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is not None and dtype is not None:
+        return f"tensor{list(shape)} {str(dtype).removeprefix('torch.')}"
+    return repr(value)[:80]
+
+
 @dataclass
 class BlockRecord:
     """What happened to one candidate block."""
@@ -67,7 +82,9 @@ class Report:
         return [b for b in self.blocks if b.decision != "fused"]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["options"] = {k: _plain(v) for k, v in self.options.items()}  # calibration batches are tensors
+        return data
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
