@@ -177,16 +177,15 @@ def op_layers(out: Path) -> None:
 def expert_paths(out: Path) -> None:
     """Per layer shape and token count: FusedMoE with its routed experts on the Triton GEMMs and on grouped_mm
     (kernels/grouped.py), eager calls, beside HF's block under Inductor (what the issue compares against). Where
-    grouped_mm starts to win sets grouped.GROUPED_MM_MIN_ROWS. Writes expert_paths.json."""
+    grouped_mm starts to win sets kernels/settings.py's grouped_mm_min_rows. Writes expert_paths.json."""
     from moe_layer import bench, rel_err
 
-    from moecompile.kernels import configs, grouped
+    from moecompile.kernels import configs, settings
     from moecompile.reference import moe_forward as reference
 
     cases = {"mixtral_8x7b": (256, 512, 1024, 2048, 4096), "qwen3_30b_a3b": (1024, 2048, 4096, 8192, 16384)}
-    default = grouped.GROUPED_MM_MIN_ROWS
     rows = []
-    try:
+    with settings.configured():  # the threshold set per row below, restored after
         for shape, tokens in cases.items():
             cfg = SHAPES[shape]
             block, _ = hf_block(cfg["family"], cfg["H"], cfg["I"], cfg["E"], cfg["k"])
@@ -200,7 +199,7 @@ def expert_paths(out: Path) -> None:
                 with torch.no_grad():
                     ref, _ = reference(fused.spec, fused.weights(), x[0])
                     for path, threshold in (("triton", None), ("grouped_mm", 0.0)):
-                        grouped.GROUPED_MM_MIN_ROWS = threshold
+                        settings.settings.grouped_mm_min_rows = threshold
                         row[f"{path}_err"] = rel_err(fused(x)[0], ref)
                         row[f"{path}_ms"] = bench(lambda: fused(x), quick=False)
                     compiled(x)
@@ -210,8 +209,6 @@ def expert_paths(out: Path) -> None:
             del block, fused, compiled
             torch.compiler.reset()
             torch.cuda.empty_cache()
-    finally:
-        grouped.GROUPED_MM_MIN_ROWS = default
     out.mkdir(parents=True, exist_ok=True)
     (out / "expert_paths.json").write_text(json.dumps(dict(
         device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,

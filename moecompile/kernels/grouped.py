@@ -11,7 +11,8 @@ Why a second path: with hundreds of rows an expert the expert GEMMs are compute-
 warp-specialised TMA mainloop keeps the tensor cores busier than Triton's software-pipelined tl.dot with gathered
 A rows (benchmarks/NOTES.md: 93-97% against 62-69% of tensor throughput, Mixtral at 16384 tokens). The rounding is
 the reference's: each expert's output is rounded to the input dtype before its routing weight is applied.
-The row count from which it pays, GROUPED_MM_MIN_ROWS, was measured on the H100 (benchmarks/profile_moe.py paths).
+The row count from which it pays, settings.grouped_mm_min_rows (kernels/settings.py), was measured on the H100
+(benchmarks/profile_moe.py paths).
 """
 
 from __future__ import annotations
@@ -23,12 +24,7 @@ import triton.language as tl
 from ..spec import MoESpec, MoEWeights
 from . import configs
 from .experts import ACTIVATION_CODES, mlp_activation
-
-# from this many rows an active expert (configs.rows_per_expert) grouped_mm wins (benchmarks/results/
-# expert_paths.json, H100: from 512 rows on Mixtral's and Qwen3-30B's experts; at 256 rows the Triton GEMMs win on
-# Mixtral and tie on Qwen3). Tests and the benchmark's forced comparisons set it (0: always, when the layout
-# allows; None: never).
-GROUPED_MM_MIN_ROWS: float | None = 384.0
+from .settings import settings
 
 
 def _layout_ok(w: torch.Tensor) -> bool:
@@ -65,9 +61,10 @@ def unsupported_reason(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> s
 
 def applies(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> bool:
     """Whether this call's routed experts take grouped_mm: enough rows an expert, and a layout it reads."""
-    if GROUPED_MM_MIN_ROWS is None or unsupported_reason(spec, weights, x) is not None:
+    threshold = settings.grouped_mm_min_rows
+    if threshold is None or unsupported_reason(spec, weights, x) is not None:
         return False
-    return configs.rows_per_expert(x.shape[0], spec.router.top_k, spec.num_experts) >= GROUPED_MM_MIN_ROWS
+    return configs.rows_per_expert(x.shape[0], spec.router.top_k, spec.num_experts) >= threshold
 
 
 @triton.jit(do_not_specialize=["T"])

@@ -36,12 +36,12 @@ from . import backward, configs, graphs, grouped, traced
 from .dispatch import _dispatch_kernel
 from .experts import ACTIVATION_CODES, _expert_down_kernel, _expert_up_kernel
 from .gating import SCORING_CODES, _gating_kernel
+from .settings import settings
 
 INTERPRETED = type(_gating_kernel).__name__ == "InterpretedFunction"
 # The interpreter (triton 3.9) miscomputes 16-bit tl.dot with masked loads; there every dot upcasts its operands to
 # fp32, which computes the same products (exact in fp32) with the same fp32 accumulation as the tensor cores.
 DOTS_IN_FP32 = INTERPRETED
-POISON = False  # tests set this: every buffer the op allocates starts as NaN (floats) or a huge index (ints)
 MAX_KERNEL_EXPERTS = 1024
 RELU_ROUND_SLOTS = 16  # ReLU routing: one round's intermediate buffer has room for this many experts per token
 # the op's tensor arguments, in its schema's order (MoEWeights' names)
@@ -51,7 +51,7 @@ _TENSOR_ARGS = ("x", "router_weight", "w1", "w2", "router_bias", "correction_bia
 
 def _empty(*shape: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(*shape, device=device, dtype=dtype)
-    if POISON:
+    if settings.poison_buffers:
         out.fill_(float("nan") if dtype.is_floating_point else 2**30)
     return out
 

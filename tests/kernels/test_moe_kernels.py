@@ -17,6 +17,7 @@ import moecompile
 from moecompile import MoECompileError
 from moecompile.kernels import graphs
 from moecompile.kernels import moe as kernel_moe
+from moecompile.kernels.settings import settings
 from moecompile.reference import moe_forward as reference_forward
 from moecompile.spec import MoEWeights
 
@@ -27,7 +28,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
-    monkeypatch.setattr(kernel_moe, "POISON", True)
+    monkeypatch.setattr(settings, "poison_buffers", True)
 
 
 _seed = itertools.count(1234)
@@ -163,7 +164,7 @@ def grouped_mm_always(monkeypatch):
     """Every call whose layout grouped_mm reads takes it (the row threshold off); yields the calls that did."""
     from moecompile.kernels import grouped
 
-    monkeypatch.setattr(grouped, "GROUPED_MM_MIN_ROWS", 0.0)
+    monkeypatch.setattr(settings, "grouped_mm_min_rows", 0.0)
     taken = []
     record_calls(monkeypatch, grouped, "expert_rows", lambda *a: taken.append(a[2].shape[0]))
     return taken
