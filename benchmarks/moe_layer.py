@@ -191,7 +191,7 @@ def run_shape(name: str, cfg: dict, tokens, ceilings: dict, quick: bool, rows: l
             want = block(x)
             want = want[0] if isinstance(want, tuple) else want
             got = fused(x)
-            from moecompile.reference import moe_forward as reference
+            from moecompile.reference import reference_forward as reference
             ref, _ = reference(fused.spec, fused.weights(), x[0])  # routing in fp32, experts in bf16
             floor, info = floor_ms(fused, x[0], ceilings)
             common = dict(shape=name, tokens=T, floor_ms=floor, **info)

@@ -181,7 +181,7 @@ def expert_paths(out: Path) -> None:
     from moe_layer import bench, rel_err
 
     from moecompile.kernels import configs, settings
-    from moecompile.reference import moe_forward as reference
+    from moecompile.reference import reference_forward as reference
 
     cases = {"mixtral_8x7b": (256, 512, 1024, 2048, 4096), "qwen3_30b_a3b": (1024, 2048, 4096, 8192, 16384)}
     rows = []

@@ -21,7 +21,7 @@ for i, (router, E, k, T, mlp) in enumerate(CASES):
     gen = torch.Generator().manual_seed(i)
     w = cases.make_weights(spec, torch.bfloat16, "cuda", gen)
     x = torch.randn(T, 200, generator=gen).to("cuda", torch.bfloat16)
-    y, logits, sw = kernel_moe.moe_forward(spec, w, x)
+    y, logits, sw = kernel_moe.kernels_forward(spec, w, x)
     cases.check_against_reference(spec, w, x, y, logits, sw)
     torch.cuda.synchronize()
     print("ok", router, E, k, T, mlp, flush=True)

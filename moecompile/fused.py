@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from .errors import MoECompileError
 from .kernels import moe as kernel_moe
 from .outputs import block_outputs
-from .reference import input_norm, moe_forward
+from .reference import input_norm, reference_forward
 from .spec import MoESpec, MoEWeights
 
 BACKENDS = ("auto", "triton", "reference")
@@ -122,7 +122,7 @@ def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *
             y, logits, slot_weights = kernel_moe.run(spec, weights, x, seq_len, spec_json or spec.to_json(),
                                                      need_routing, through_op=through_op)
     else:
-        y, routing = moe_forward(spec, weights, x, seq_len)
+        y, routing = reference_forward(spec, weights, x, seq_len)
         logits = routing.logits
         slot_weights = None if spec.router.is_variable_k else routing.topk_weights()
     if residual:

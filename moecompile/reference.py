@@ -295,14 +295,14 @@ def apply_norm(norm: NormSpec, weight: torch.Tensor, bias: torch.Tensor | None, 
     return t.to(x.dtype)
 
 
-def moe_forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor,
+def reference_forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor,
                 seq_len: int | None = None) -> tuple[torch.Tensor, Routing]:
     """The block on x [T, H]: output [T, H] in x's dtype, and the routing it used. `seq_len` splits the T tokens
     into sequences for an expert capacity (None: one sequence)."""
     if spec.input_norm is not None or spec.residual:
         core = dataclasses.replace(spec, input_norm=None, residual=False)
         x_in = input_norm(spec, weights, x) if spec.input_norm is not None else x
-        y, routing = moe_forward(core, weights, x_in, seq_len)
+        y, routing = reference_forward(core, weights, x_in, seq_len)
         return (y + x if spec.residual else y), routing
     routing = route(spec.router, weights, x, seq_len)
     y = routed_experts(spec, weights, x, routing)

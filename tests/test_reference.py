@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from moecompile.reference import moe_forward, route
+from moecompile.reference import reference_forward, route
 from moecompile.spec import MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
 
 H, I, E = 6, 5, 4
@@ -117,7 +117,7 @@ def test_router_variants_match_naive_loop(name):
     spec = MoESpec(router=ROUTERS[name], experts=mlp_gated)
     w = weights_for(spec, gen)
     x = torch.randn(9, H, generator=gen)
-    y, _ = moe_forward(spec, w, x)
+    y, _ = reference_forward(spec, w, x)
     torch.testing.assert_close(y, naive_block(spec, w, x), atol=1e-5, rtol=1e-5)
 
 
@@ -133,7 +133,7 @@ def test_activation_variants_match_naive_loop(act, gated, bias):
                                    activation_limit=0.7))
     w = weights_for(spec, gen)
     x = torch.randn(7, H, generator=gen) * 2  # large enough that clamping and negative branches are exercised
-    y, _ = moe_forward(spec, w, x)
+    y, _ = reference_forward(spec, w, x)
     torch.testing.assert_close(y, naive_block(spec, w, x), atol=1e-5, rtol=1e-5)
 
 
@@ -143,7 +143,7 @@ def test_shared_expert_with_sigmoid_gate_matches_naive_loop():
                    shared=SharedExpertSpec(MLPSpec(hidden_size=H, intermediate_size=I), sigmoid_gate=True))
     w = weights_for(spec, gen)
     x = torch.randn(5, H, generator=gen)
-    torch.testing.assert_close(moe_forward(spec, w, x)[0], naive_block(spec, w, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reference_forward(spec, w, x)[0], naive_block(spec, w, x), atol=1e-5, rtol=1e-5)
 
 
 def test_routing_hand_computed():
@@ -166,13 +166,13 @@ def test_zero_tokens_and_autograd():
     gen = torch.Generator().manual_seed(0)
     spec = MoESpec(router=RouterSpec(E, 2, renormalize=True), experts=mlp_gated)
     w = weights_for(spec, gen)
-    y, routing = moe_forward(spec, w, torch.zeros(0, H))
+    y, routing = reference_forward(spec, w, torch.zeros(0, H))
     assert y.shape == (0, H) and routing.weight.numel() == 0
     w64 = MoEWeights(**{k: (None if v is None else v.double().requires_grad_()) for k, v in w.items()})
     x = torch.randn(4, H, dtype=torch.float64, requires_grad=True)
 
     def f(x, rw, w1, w2):
-        return moe_forward(spec, MoEWeights(router_weight=rw, w1=w1, w2=w2), x)[0]
+        return reference_forward(spec, MoEWeights(router_weight=rw, w1=w1, w2=w2), x)[0]
 
     assert torch.autograd.gradcheck(f, (x, w64.router_weight, w64.w1, w64.w2))
 
@@ -214,5 +214,5 @@ def test_output_bias_added_once():
     w.output_bias = torch.randn(H, generator=gen)
     x = torch.randn(5, H, generator=gen)
     plain = MoESpec(router=RouterSpec(E, 2), experts=mlp_gated)
-    torch.testing.assert_close(moe_forward(spec, w, x)[0], naive_block(plain, w, x) + w.output_bias,
+    torch.testing.assert_close(reference_forward(spec, w, x)[0], naive_block(plain, w, x) + w.output_bias,
                                atol=1e-5, rtol=1e-5)

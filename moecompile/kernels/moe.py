@@ -2,7 +2,7 @@
 alone, for compiled inference graphs), with a fake (shape) implementation and an autograd formula, so the same op
 runs eagerly, is traced by torch.compile and torch.export, and is captured in CUDA graphs.
 
-Place in the pipeline: FusedMoE.forward calls `moe_forward(spec, weights, x, seq_len)` here on CUDA tensors. The op
+Place in the pipeline: FusedMoE.forward calls `kernels_forward(spec, weights, x, seq_len)` here on CUDA tensors. The op
 launches, in order: gating (router GEMM, scoring, selection, counts), dispatch (rows grouped by expert), the shared
 experts' up and down GEMMs (dense rows), then the routed experts' up and down GEMMs, which add into one fp32 [T, H]
 accumulator; the result is cast to the input's dtype. With hundreds of rows an expert (bf16 on Hopper) the routed
@@ -28,8 +28,7 @@ import triton
 from torch._subclasses.fake_tensor import is_fake
 
 from ..errors import MoECompileError
-from ..reference import moe_forward as reference_forward
-from ..reference import route
+from ..reference import reference_forward, route
 from ..spec import MoESpec, MoEWeights
 from ..state import kept
 from . import backward, configs, graphs, grouped, traced
@@ -493,7 +492,7 @@ def op_args(spec_json: str, weights: MoEWeights, x: torch.Tensor, seq_len: int) 
     return (x, *[getattr(weights, name) for name in _TENSOR_ARGS[1:]], spec_json, seq_len)
 
 
-def moe_forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None = None,
+def kernels_forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None = None,
                 spec_json: str | None = None):
     """The block on x [T, H] through the op: (y [T, H], logits [T, E] fp32, slot weights [T, S] fp32). Raises if
     the kernels cannot take this call (unsupported_reason)."""
@@ -528,7 +527,7 @@ def traceable(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> bool:
 
 def run(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None = None,
         spec_json: str | None = None, need_routing: bool = True, through_op: bool = False):
-    """moe_forward for a call already checked with unsupported_reason (FusedMoE checks once, to pick a path).
+    """kernels_forward for a call already checked with unsupported_reason (FusedMoE checks once, to pick a path).
     With need_routing=False a caller that reads only y may get None for the logits and slot weights (the graph
     replay then skips copying them out). through_op: the compile backend's graph calls, which Inductor traces with
     fake tensors (the eager shortcut cannot take them): inference calls with static shapes that read y alone trace

@@ -36,7 +36,7 @@ from ..reference import (
     expert_bias_term,
     expert_counts,
     mlp,
-    moe_forward,
+    reference_forward,
     routed_experts,
     shared_experts,
 )
@@ -655,7 +655,7 @@ def _search(candidate, probe, peel: Peel | None, expert_hyps, output_bias_option
                 with torch.no_grad():
                     if scale is None and not rh["weight_on_input"]:
                         spec, weights = _fit_scale(spec, weights, flat_x, y_target)
-                    y, routing = moe_forward(spec, weights, flat_x)
+                    y, routing = reference_forward(spec, weights, flat_x)
                 if spec.aux_loss is not None:
                     spec = _fit_aux(spec, routing.logits, aux)
                     if spec is None:
@@ -922,7 +922,7 @@ def _rest_weights(candidate, block, spec, shared_extract) -> dict:
 def _fit_scale(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, y_target: torch.Tensor):
     """Least-squares scaling factor of the routed sum, rounded to 1.0 when it is within rounding of it."""
     routing_spec = replace(spec, shared=None, extra_output="none", has_output_bias=False, aux_loss=None)
-    y_routed, _ = moe_forward(routing_spec, weights, x)
+    y_routed, _ = reference_forward(routing_spec, weights, x)
     y_rest = y_target.reshape(y_routed.shape).float()
     if spec.shared is not None:
         y_rest = y_rest - shared_experts(spec, weights, x)

@@ -32,8 +32,7 @@ from torch import nn
 
 from ..errors import MoECompileError
 from ..fused import FusedMoE
-from ..reference import moe_forward as reference_forward
-from ..reference import route, routed_experts
+from ..reference import reference_forward, route, routed_experts
 from ..spec import MoESpec, MoEWeights, RouterSpec
 
 MAX_CALIBRATION_TOKENS = 65536  # per layer; more adds little to a quantile and costs memory

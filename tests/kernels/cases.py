@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moecompile.reference import moe_forward as reference_forward
+from moecompile.reference import reference_forward
 from moecompile.spec import MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
 
 # router forms: name -> RouterSpec kwargs (num_experts and top_k are filled in per case)

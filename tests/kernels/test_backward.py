@@ -89,7 +89,7 @@ def test_zero_tokens_cpu(no_reference_backward):
                                                                   torch.Generator().manual_seed(0)).items()
          if t is not None}
     x = torch.zeros(0, 24, requires_grad=True)
-    y, logits, slot = kernel_moe.moe_forward(spec, MoEWeights(**w), x)
+    y, logits, slot = kernel_moe.kernels_forward(spec, MoEWeights(**w), x)
     (y.sum() + logits.sum() + slot.sum()).backward()
     assert x.grad.shape == (0, 24)
     for name, t in w.items():
@@ -106,7 +106,7 @@ def _loss_with_routing_outputs(spec, weights, x, probe, forward):
 
 
 def _reference_outputs(spec, weights, x):
-    y, routing = moecompile.reference.moe_forward(spec, weights, x)
+    y, routing = moecompile.reference.reference_forward(spec, weights, x)
     return y, routing.logits, routing.slot_weights(spec.router.scaling_factor)
 
 
@@ -119,7 +119,7 @@ def test_gradients_through_the_routing_outputs_cpu(no_reference_backward, router
     x0 = torch.randn(19, 32, generator=gen)
     probe = torch.randn(19, 32, generator=gen, dtype=torch.float64)
     got, want = {}, {}
-    for target, forward, dtype in ((got, kernel_moe.moe_forward, torch.float32),
+    for target, forward, dtype in ((got, kernel_moe.kernels_forward, torch.float32),
                                    (want, _reference_outputs, torch.float64)):
         leaves = {n: t.detach().to(dtype).requires_grad_(True) for n, t in base.items() if t is not None}
         x = x0.to(dtype, copy=True).requires_grad_(True)
@@ -142,11 +142,11 @@ def test_frozen_experts_get_no_gradient_work_cpu(no_reference_backward, monkeypa
     w = cases.make_weights(spec, torch.float32, "cpu", gen)
     w.router_weight.requires_grad_(True)
     x = torch.randn(21, 32, generator=gen, requires_grad=True)
-    kernel_moe.moe_forward(spec, w, x)[0].square().sum().backward()
+    kernel_moe.kernels_forward(spec, w, x)[0].square().sum().backward()
     assert not launched and w.w1.grad is None
     wr = w.router_weight.detach().double().requires_grad_(True)
     xr = x.detach().double().requires_grad_(True)
-    y, _ = moecompile.reference.moe_forward(spec, MoEWeights(**{**cases.upcast(w).__dict__, "router_weight": wr}),
+    y, _ = moecompile.reference.reference_forward(spec, MoEWeights(**{**cases.upcast(w).__dict__, "router_weight": wr}),
                                             xr)
     y.square().sum().backward()
     assert cases.relative_error(w.router_weight.grad, wr.grad) < 1e-5
@@ -166,7 +166,7 @@ def _grads(spec, weights, x):
     """The op's gradients of sum(y^2) in x and every weight, on fresh leaves."""
     leaves = {n: t.detach().clone().requires_grad_(True) for n, t in weights.items() if t is not None}
     xg = x.detach().clone().requires_grad_(True)
-    y, _, _ = kernel_moe.moe_forward(spec, MoEWeights(**leaves), xg)
+    y, _, _ = kernel_moe.kernels_forward(spec, MoEWeights(**leaves), xg)
     y.float().square().sum().backward()
     return {"x": xg.grad, **{n: t.grad for n, t in leaves.items()}}
 
@@ -274,8 +274,8 @@ def test_transposed_expert_weights_cpu(no_reference_backward):
     x = torch.randn(25, 32, generator=gen)
     probe = torch.randn(25, 32, generator=gen)
     views = MoEWeights(**{**w.__dict__, "w1": p1.transpose(1, 2), "w2": p2.transpose(1, 2)})
-    (kernel_moe.moe_forward(spec, views, x)[0] * probe).sum().backward()
+    (kernel_moe.kernels_forward(spec, views, x)[0] * probe).sum().backward()
     r1, r2 = p1.detach().double().requires_grad_(True), p2.detach().double().requires_grad_(True)
     ref = MoEWeights(**{**cases.upcast(w).__dict__, "w1": r1.transpose(1, 2), "w2": r2.transpose(1, 2)})
-    (moecompile.reference.moe_forward(spec, ref, x.double())[0] * probe.double()).sum().backward()
+    (moecompile.reference.reference_forward(spec, ref, x.double())[0] * probe.double()).sum().backward()
     assert cases.relative_error(p1.grad, r1.grad) < 1e-5 and cases.relative_error(p2.grad, r2.grad) < 1e-5

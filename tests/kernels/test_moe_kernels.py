@@ -18,7 +18,7 @@ from moecompile import MoECompileError
 from moecompile.kernels import graphs
 from moecompile.kernels import moe as kernel_moe
 from moecompile.kernels.settings import settings
-from moecompile.reference import moe_forward as reference_forward
+from moecompile.reference import reference_forward
 from moecompile.spec import MoEWeights
 
 CUDA = torch.cuda.is_available()
@@ -47,7 +47,7 @@ def run_case(router, E, k, T, H, I, dtype, device, mlp="swiglu", setup=None, seq
     x = torch.randn(T, H, generator=gen).to(device=device, dtype=dtype)
     if setup is not None:
         setup(spec, weights, x)
-    y, logits, slot_weights = kernel_moe.moe_forward(spec, weights, x, seq_len)
+    y, logits, slot_weights = kernel_moe.kernels_forward(spec, weights, x, seq_len)
     cases.check_against_reference(spec, weights, x, y, logits, slot_weights, seq_len)
     return spec, weights, x, y
 
@@ -95,7 +95,7 @@ def run_grouped(E, n_group, topk_group, score, T, dtype, device):
     gen = torch.Generator().manual_seed(next(_seed))
     weights = cases.make_weights(spec, dtype, device, gen)
     x = torch.randn(T, 64, generator=gen).to(device=device, dtype=dtype)
-    y, logits, slot_weights = kernel_moe.moe_forward(spec, weights, x)
+    y, logits, slot_weights = kernel_moe.kernels_forward(spec, weights, x)
     cases.check_against_reference(spec, weights, x, y, logits, slot_weights)
 
 
@@ -113,7 +113,7 @@ def run_nan_token(router, dtype, device, T=21):
     x = torch.randn(T, 72, generator=gen)
     x[5, 3] = float("nan")
     x = x.to(device=device, dtype=dtype)
-    y, _, _ = kernel_moe.moe_forward(spec, weights, x)
+    y, _, _ = kernel_moe.kernels_forward(spec, weights, x)
     with cases.reference_ties(spec):
         y_ref, _ = reference_forward(spec, cases.upcast(weights), x.double())
     assert y_ref[5].isnan().all() and y[5].isnan().all()
@@ -260,12 +260,12 @@ def test_gradients_match_reference():
         if t is not None:
             t.requires_grad_(True)
     x = torch.randn(11, 24, requires_grad=True)
-    y, logits, _ = kernel_moe.moe_forward(spec, w, x)
+    y, logits, _ = kernel_moe.kernels_forward(spec, w, x)
     (y.square().sum() + logits.sum()).backward()
     got = [x.grad] + [t.grad for _, t in w.items() if t is not None]
     for t in [x] + [t for _, t in w.items() if t is not None]:
         t.grad = None
-    y_ref, routing = moecompile.reference.moe_forward(spec, w, x)
+    y_ref, routing = moecompile.reference.reference_forward(spec, w, x)
     (y_ref.square().sum() + routing.logits.sum()).backward()
     want = [x.grad] + [t.grad for _, t in w.items() if t is not None]
     for g, r in zip(got, want):
@@ -430,12 +430,12 @@ def test_eager_decode_graphs_cuda():
     spec = cases.make_spec("sigmoid_grouped_corr", 64, 8, 256, 192, "shared_gated")
     w = cases.make_weights(spec, torch.bfloat16, "cuda", torch.Generator().manual_seed(17))
     calls = [torch.randn(3, 256, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
-    results = [kernel_moe.moe_forward(spec, w, x) for x in calls]
+    results = [kernel_moe.kernels_forward(spec, w, x) for x in calls]
     assert any(entry.graph is not None for entry in graphs._ENTRIES.values())
     for x, (y, logits, slot_weights) in zip(calls, results):
         cases.check_against_reference(spec, w, x, y, logits, slot_weights, None)
     w.w2.mul_(-0.5)
-    y, logits, slot_weights = kernel_moe.moe_forward(spec, w, calls[0])
+    y, logits, slot_weights = kernel_moe.kernels_forward(spec, w, calls[0])
     cases.check_against_reference(spec, w, calls[0], y, logits, slot_weights, None)
     fused = moecompile.FusedMoE(spec, w)  # its replays copy out y only
     with torch.no_grad():
@@ -452,7 +452,7 @@ def test_decode_graphs_switch_off_cuda(monkeypatch):
     spec = cases.make_spec("softmax_topk_renorm", 8, 2, 64, 32)
     w = cases.make_weights(spec, torch.bfloat16, "cuda", torch.Generator().manual_seed(19))
     for _ in range(3):
-        kernel_moe.moe_forward(spec, w, torch.randn(2, 64, device="cuda", dtype=torch.bfloat16))
+        kernel_moe.kernels_forward(spec, w, torch.randn(2, 64, device="cuda", dtype=torch.bfloat16))
     assert not graphs._ENTRIES
 
 
