@@ -12,6 +12,10 @@ function itself reads from the call: the kernel's code, each tensor argument's d
 rest of the call (TMA metadata). Its callers hand it a fresh dict each time, so a hit need not repeat what the
 function does to that dict. Kernels of other code, and calls whose arguments cannot be keyed, go straight to
 torch's function.
+
+Why a process-wide patch rather than a scoped one: torch's callers look `generate_ttir` up on its module at each
+call, from inside Inductor's lowering, where no context of ours is active; and the memo changes nothing for any
+other kernel (they reach torch's function untouched). It is installed on the first traced launch, not at import.
 """
 
 from __future__ import annotations
