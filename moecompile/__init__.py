@@ -7,13 +7,13 @@ calls (reset() forgets it).
 __version__ = "0.1.0"  # before the imports: checkpoint.py records it
 
 from .backends.dynamo import backend
-from .backends.eager import optimize, report, rewrite_routing
 from .backends.onnx import export_onnx, export_report
 from .checkpoint import convert, from_pretrained
 from .errors import MoECompileError
 from .fused import FusedMoE
 from .passes.log import BlockRecord, Report
 from .passes.routing import RoutingChange
+from .pipeline import optimize, report, rewrite_routing
 from .remoe import ReMoERegularizer
 from .spec import AuxLossSpec, MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
 from .state import kept_state, reset

@@ -32,12 +32,12 @@ import torch
 from torch import nn
 
 from . import __version__
-from .backends.eager import optimize, record_routing, report, rewrite_routing
 from .calibration_text import check_text_file, text_batches, vocab_size_of
 from .errors import MoECompileError
 from .fused import FusedMoE
 from .outdir import check_target, exclusive, os_errors, place, staging_dir
 from .passes.routing import DEFAULT_COVERAGE, RoutingChange, check_options
+from .pipeline import optimize, record_routing, report, rewrite_routing
 from .progress import ProgressBar
 from .spec import RouterSpec
 

@@ -59,7 +59,7 @@ def load_model(source: str, verify: bool = True) -> nn.Module:
 
 
 def _cmd_optimize(args) -> int:
-    from .backends.eager import optimize, report
+    from .pipeline import optimize, report
 
     model = load_model(args.model, verify=not args.no_verify)
     with warnings.catch_warnings():
@@ -107,7 +107,7 @@ def _cmd_inspect(args) -> int:
 
 
 def _is_optimized(model: nn.Module) -> bool:
-    from .backends.eager import report
+    from .pipeline import report
 
     try:
         report(model)
@@ -125,8 +125,8 @@ def _parse_k(k: str | None):
 
 
 def _cmd_stats(args) -> int:
-    from .backends.eager import optimize, report, rewrite_routing
     from .calibration_text import random_batches, text_batches, vocab_size_of
+    from .pipeline import optimize, report, rewrite_routing
     from .stats import format_stats, routing_stats
 
     if args.batches < (2 if args.routing else 1) or args.seq_len < 1:

@@ -19,7 +19,7 @@ import warnings
 import torch
 
 from . import hf_zoo
-from .backends.eager import optimize, report
+from .pipeline import optimize, report
 
 LOGITS_RTOL = 1e-4  # fp32: max abs error on the output over its max abs value
 FAMILY_SECONDS = 180  # a family that takes longer (a hang in its modeling code) becomes an "error" row

@@ -3,9 +3,9 @@
 Place in the pipeline: below every other module. Each module that keeps something between calls creates it through
 `kept(...)`, which records it here with what it holds, so the whole state is listed in one place (`kept_state()`)
 and `moecompile.reset()` clears it. What is kept, and why:
-- optimize's reports by model (backends/eager.py): `moecompile.report(model)` after optimize;
+- optimize's reports by model (pipeline.py): `moecompile.report(model)` after optimize;
 - the torch.compile backend's report per compiled graph (backends/dynamo.py): `moecompile.report(compiled)`;
-- descriptions read from compiled graph regions (passes/graph_blocks.py): layers with the same ops, and recompiles
+- descriptions read from compiled graph regions (backends/graph_blocks.py): layers with the same ops, and recompiles
   for another token count, reuse a description instead of reading it again;
 - router-tap classes (router_tap.py): one generated subclass per HF router class;
 - the ONNX standard form's If branches (backends/onnx_if.py): exported once per block description;

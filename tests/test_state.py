@@ -13,9 +13,9 @@ def test_reset_forgets_reports_and_compiled_descriptions(quiet):
                              options={"inductor": False})
     hf_zoo.model_output(compiled, hf_zoo.example_inputs(compiled))
     held = moecompile.kept_state()
-    assert held["backends.eager: optimize's report by model"] >= 1
+    assert held["pipeline: optimize's report by model"] >= 1
     assert held["backends.dynamo: a report per compiled graph"] >= 1
-    assert held["passes.graph_blocks: descriptions of graph regions by program"] >= 1
+    assert held["backends.graph_blocks: descriptions of graph regions by program"] >= 1
     moecompile.reset()
     assert set(moecompile.kept_state().values()) == {0}
     with pytest.raises(moecompile.MoECompileError, match="has not been through moecompile.optimize"):

@@ -20,9 +20,9 @@ import torch
 from torch import fx
 
 from ..errors import MoECompileError
-from ..passes.graph_blocks import find_blocks, rewrite_graph
 from ..passes.log import PassRun, Report
 from ..state import kept
+from .graph_blocks import find_blocks, rewrite_graph
 
 BACKEND_OPTIONS = {"inductor": bool, "verify": bool, "seed": int}
 

@@ -25,8 +25,8 @@ from torch import nn
 from ..errors import MoECompileError
 from ..fused import FusedMoE
 from ..passes.log import BlockRecord, PassRun, Report
+from ..pipeline import _structural_copy, optimize, report
 from . import onnx_complex, onnx_if, onnx_lowering, topk_ties
-from .eager import _structural_copy, optimize, report
 
 MOE_OPS = ("auto", "standard", "ort")
 # verify: max |onnxruntime - PyTorch| over max |PyTorch output|, by the exported weights' dtype

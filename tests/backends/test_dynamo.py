@@ -1,4 +1,4 @@
-"""torch.compile(model, backend="moecompile") (backends/dynamo.py, passes/graph_blocks.py) on the CPU: compiled
+"""torch.compile(model, backend="moecompile") (backends/dynamo.py, backends/graph_blocks.py) on the CPU: compiled
 against eager outputs and gradients, for HF families (grouped_mm, batched_mm) and hand-written forms.
 Tolerances: fp32, max abs error <= 1e-4 of max |output| (the fused path sums in another order)."""
 import math
@@ -309,7 +309,7 @@ def test_a_capacity_region_too_large_to_lift_is_left_saying_so(quiet, monkeypatc
     """Reading a baked capacity lifts it, which takes a [T, E, 2T] dispatch tensor; past the bound (lowered here
     to 1 MB; 256 tokens x 8 experts x 512 x 4 B = 4 MB) the block is left, computing as before, and the log says
     why and what to do."""
-    from moecompile.passes import graph_capacity
+    from moecompile.backends import graph_capacity
 
     monkeypatch.setattr(graph_capacity, "LIFT_BYTES", 1 << 20)
     record = _top2gating_compiled_and_left_as_it_was(tokens=128, dynamic=False).blocks[0]

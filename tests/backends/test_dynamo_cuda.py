@@ -1,4 +1,4 @@
-"""torch.compile(model, backend="moecompile") on CUDA in bf16 (backends/dynamo.py, passes/graph_blocks.py): the
+"""torch.compile(model, backend="moecompile") on CUDA in bf16 (backends/dynamo.py, backends/graph_blocks.py): the
 HF families' logits and gradients, Inductor after the rewrite, fullgraph=True, and mode="reduce-overhead" (CUDA
 graphs). Skipped without a GPU; run on the device with `python -m pytest -q tests/backends/test_dynamo_cuda.py`.
 

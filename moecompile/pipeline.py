@@ -1,6 +1,8 @@
-"""The eager backend: optimize() swaps confirmed MoE blocks for FusedMoE modules; report() returns its log.
+"""The entry point: optimize() swaps confirmed MoE blocks for FusedMoE modules; report() returns its log;
+rewrite_routing() changes the routing of blocks already fused.
 
-Place in the pipeline: the top of the eager path (cli and __init__ call it). The input model is left untouched unless
+Place in the pipeline: the top of the eager path (cli and __init__ call it; the passes it runs are in passes/, the
+torch.compile and ONNX entries in backends/). The input model is left untouched unless
 `inplace=True`: the passes run on a structural copy that shares every unchanged parameter and buffer with the input
 (as torch.compile's wrapper does), so no weights are duplicated except where a layout had to be rewritten. Either
 way, any failure leaves the user's model as it was.
@@ -20,15 +22,15 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import MoECompileError
-from ..passes.log import PassRun, Report
-from ..passes.manager import ANALYSIS_PASSES, FusePass, PassContext, PassManager
-from ..passes.routing import DEFAULT_COVERAGE, RoutingChange
-from ..passes.routing import check_options as check_routing_options
-from ..passes.routing import rewrite_routing as passes_rewrite_routing
-from ..state import kept
+from .errors import MoECompileError
+from .passes.log import PassRun, Report
+from .passes.manager import ANALYSIS_PASSES, FusePass, PassContext, PassManager
+from .passes.routing import DEFAULT_COVERAGE, RoutingChange
+from .passes.routing import check_options as check_routing_options
+from .passes.routing import rewrite_routing as passes_rewrite_routing
+from .state import kept
 
-_REPORTS: weakref.WeakKeyDictionary[nn.Module, Report] = kept("backends.eager: optimize's report by model",
+_REPORTS: weakref.WeakKeyDictionary[nn.Module, Report] = kept("pipeline: optimize's report by model",
                                                                weakref.WeakKeyDictionary())
 _OPTIONS = MappingProxyType({"seed": int, "routing": str, "k": (int, str), "calibration": object, "coverage": float,
                              "progress": object})
@@ -177,7 +179,7 @@ def report(model: nn.Module) -> Report:
         return _REPORTS[model]
     except KeyError:
         pass
-    from .dynamo import graph_report
+    from .backends.dynamo import graph_report
 
     compiled = graph_report(model)
     if compiled is not None:

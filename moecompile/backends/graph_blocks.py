@@ -31,11 +31,11 @@ from torch import fx, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
 from ..fused import run_block
+from ..passes.describe import KEEP_AUTOGRAD, Description
+from ..passes.log import BlockRecord, Report
+from ..passes.manager import ANALYSIS_PASSES, ConfirmPass, DetectPass, PassContext, PassManager
 from ..state import kept
-from .describe import KEEP_AUTOGRAD, Description
 from .graph_capacity import baked_capacity, lift, with_capacity
-from .log import BlockRecord, Report
-from .manager import ANALYSIS_PASSES, ConfirmPass, DetectPass, PassContext, PassManager
 
 LINEAR_OPS = {F.linear, torch.matmul, torch.mm, torch.addmm, operator.matmul}
 SELECT_OPS = {torch.topk, torch.softmax, F.softmax, torch.sigmoid, F.sigmoid, torch.relu, F.relu}
@@ -491,7 +491,7 @@ class _Described:
 
 # (skeleton, ints) -> _Described. Weak: an entry lives as long as a compiled graph's fused call holds it, so it goes
 # when dynamo drops the graphs (torch._dynamo.reset(), the model freed) and keeps no weights alive beyond them.
-_DESCRIBED: weakref.WeakValueDictionary = kept("passes.graph_blocks: descriptions of graph regions by program",
+_DESCRIBED: weakref.WeakValueDictionary = kept("backends.graph_blocks: descriptions of graph regions by program",
                                                weakref.WeakValueDictionary())
 
 

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..fused import FusedMoE
-from .compare import output_error
-from .describe import Description
-from .probes import aimed_inputs
-from .routing import float_weights
+from ..passes.compare import output_error
+from ..passes.describe import Description
+from ..passes.probes import aimed_inputs
+from ..passes.routing import float_weights
 
 COMPARE_OPS = {torch.lt, torch.le, operator.lt, operator.le}
 LIFT_BYTES = 1 << 28  # the lifted region's [T, E, 2T] dispatch tensor may take this much (float32)
