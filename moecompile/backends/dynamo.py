@@ -25,6 +25,10 @@ from ..state import kept
 from .graph_blocks import find_blocks, rewrite_graph
 
 BACKEND_OPTIONS = {"inductor": bool, "verify": bool, "seed": int}
+# a graph's message when it holds no router at all (find_blocks names a router or block it found and could not read)
+NO_MOE_BLOCK = ("no MoE block in this graph. A block split by graph breaks (a per-expert loop over data-dependent "
+                "expert ids, HF's eager experts) is not found at graph level: run moecompile.optimize(model) before "
+                "torch.compile to fuse it")
 
 # (weak references to a graph's parameters, its report), so report(compiled_model) can find the graphs of a model;
 # entries whose model is gone are dropped as new graphs compile
@@ -65,9 +69,7 @@ def moecompile_backend(gm: fx.GraphModule, example_inputs: list, *, mode: str | 
     report.passes.append(PassRun("graph fuse", time.perf_counter() - start, bool(fused),
                                  f"{fused} of {len(report.blocks)} blocks"))
     if not report.blocks and not report.message:
-        report.message = ("no MoE block in this graph. A block split by graph breaks (a per-expert loop over "
-                          "data-dependent expert ids, HF's eager experts) is not found at graph level: run "
-                          "moecompile.optimize(model) before torch.compile to fuse it")
+        report.message = NO_MOE_BLOCK
     params = [weakref.ref(t) for t in example_inputs if isinstance(t, torch.nn.Parameter)]
     _GRAPH_REPORTS[:] = [(refs, rep) for refs, rep in _GRAPH_REPORTS if any(r() is not None for r in refs)]
     if params:
@@ -101,8 +103,8 @@ def graph_report(model: torch.nn.Module) -> Report | None:
         return None
     with_blocks = [rep for rep in found if rep.blocks]
     message = f"torch.compile backend 'moecompile': {len(found)} graph(s), {len(with_blocks)} with MoE blocks"
-    if not with_blocks:  # the graphs that name a router whose experts are elsewhere say the most
-        named = [rep.message for rep in found if rep.message.startswith(("router ", "`"))]
+    if not with_blocks:  # the graphs that name a router or block they could not read say the most
+        named = [rep.message for rep in found if rep.message and rep.message != NO_MOE_BLOCK]
         message += ". " + ("; ".join(dict.fromkeys(named)) or found[-1].message)
     merged = Report(model_type=type(root).__name__, options=found[-1].options, message=message)
     for rep in found:

@@ -662,7 +662,7 @@ def _search(candidate, probe, peel: Peel | None, expert_hyps, output_bias_option
                         continue
                 err = max(_rel_err(y.reshape(y_target.shape), y_target), _aux_err(spec, weights, routing, aux))
                 if leaves is not None and err <= MATCH_RTOL:
-                    spec, leaves_err = _read_leaves(spec, routing, leaves)
+                    spec, leaves_err = _read_leaves(spec, weights, routing, leaves)
                     if spec is None:
                         continue
                     err = max(err, leaves_err)
@@ -871,18 +871,12 @@ def _assemble(candidate, block, eh, expert_weights, rh, scale, shared_spec, shar
     router_w = _router_weights(candidate, block, rh)
     extra, aux_spec = "none", None
     if aux is not None:
-        if aux.dim() == 0:  # a loss: its formula and coefficient are fitted once the routing is known (_fit_aux)
-            if rh["top_k"] is None:
-                return None, None
-            extra, aux_spec = "aux_loss", AuxLossSpec()
-        elif aux.shape[-1] == flat_x.shape[-1] != E and aux.numel() == flat_x.numel():
-            extra = "expert_bias"
-        elif aux.shape[-1] == E and aux.numel() == flat_x.shape[0] * E:
-            extra = "router_logits"
-        elif rh["top_k"] is not None and aux.shape[-1] == rh["top_k"] and aux.numel() == flat_x.shape[0] * rh["top_k"]:
-            extra = "topk_weights"
-        else:
+        bias_sized = aux.dim() and aux.shape[-1] == flat_x.shape[-1] != E and aux.numel() == flat_x.numel()
+        extra = "expert_bias" if bias_sized else _leaf_kind(aux, flat_x.shape[0], E, rh["top_k"])
+        if extra in (None, "expert_counts") or (extra == "aux_loss" and rh["top_k"] is None):
             return None, None
+        # a loss: its formula and coefficient are fitted once the routing is known (_fit_aux)
+        aux_spec = AuxLossSpec() if extra == "aux_loss" else None
     try:
         router = RouterSpec(
             num_experts=E, top_k=rh["top_k"], scoring=rh["scoring"],
@@ -980,7 +974,8 @@ def _leaf_kind(leaf: torch.Tensor, T: int, E: int, k: int | None) -> str | None:
     return None
 
 
-def _read_leaves(spec: MoESpec, routing: Routing, leaves: Leaves) -> tuple[MoESpec | None, float]:
+def _read_leaves(spec: MoESpec, weights: MoEWeights, routing: Routing, leaves: Leaves
+                 ) -> tuple[MoESpec | None, float]:
     """`spec` returning the block's structure (MoESpec.outputs), each leaf read by its shape and checked against
     what the description computes on this routing, and the largest leaf error; (None, inf) where a leaf is none of
     the outputs moecompile computes, or fits no loss formula or counting."""
@@ -1009,32 +1004,28 @@ def _read_leaves(spec: MoESpec, routing: Routing, leaves: Leaves) -> tuple[MoESp
         if counted is None:
             return None, math.inf
         spec = replace(spec, expert_counts=counted)
-    worst = 0.0
-    for kind, leaf in zip(kinds, leaves):
-        if kind == "aux_loss":
-            worst = max(worst, _rel_err(aux_loss(spec, routing.logits), leaf.float()))
-        elif kind == "router_logits":
-            worst = max(worst, _rel_err(routing.logits, leaf.reshape(routing.logits.shape).float()))
-        elif kind == "topk_weights":  # in any order, as for a (y, weights) pair
-            got = routing.topk_weights()
-            worst = max(worst, _rel_err(got.sort(-1).values, leaf.reshape(got.shape).float().sort(-1).values))
-    return spec, worst
+    return spec, max((_leaf_err(kind, spec, weights, routing, leaf) for kind, leaf in zip(kinds, leaves)),
+                     default=0.0)
 
 
 def _aux_err(spec: MoESpec, weights: MoEWeights, routing: Routing, aux: torch.Tensor | None) -> float:
-    if aux is None:
-        return 0.0
-    if spec.extra_output == "expert_bias":
-        return _rel_err(expert_bias_term(spec, weights, routing), aux.reshape(-1, aux.shape[-1]).float())
-    if spec.extra_output == "aux_loss":
-        return _rel_err(aux_loss(spec, routing.logits), aux.float())
-    if spec.extra_output == "router_logits":
-        got = routing.logits
-    else:
+    return 0.0 if aux is None else _leaf_err(spec.extra_output, spec, weights, routing, aux)
+
+
+def _leaf_err(kind: str, spec: MoESpec, weights: MoEWeights, routing: Routing, leaf: torch.Tensor) -> float:
+    """How far `leaf` is from the output `kind` the description computes on this routing (counts: 0, _read_leaves
+    compares them exactly)."""
+    if kind == "expert_bias":
+        return _rel_err(expert_bias_term(spec, weights, routing), leaf.reshape(-1, leaf.shape[-1]).float())
+    if kind == "aux_loss":
+        return _rel_err(aux_loss(spec, routing.logits), leaf.float())
+    if kind == "router_logits":
+        return _rel_err(routing.logits, leaf.reshape(routing.logits.shape).float())
+    if kind == "topk_weights":
         got = routing.topk_weights()
         # HF returns the k weights in top-k order; compare as sorted sets so an equal-valued order does not matter
-        return _rel_err(got.sort(dim=-1).values, aux.reshape(got.shape).float().sort(dim=-1).values)
-    return _rel_err(got, aux.reshape(got.shape).float())
+        return _rel_err(got.sort(dim=-1).values, leaf.reshape(got.shape).float().sort(dim=-1).values)
+    return 0.0
 
 
 def _weights_recipe(candidate, eh, rh, spec, shared_extract) -> Callable[[nn.Module], MoEWeights]:
