@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from moe_layer import SHAPES, hf_block, twin
 
-from moecompile.kernels import moe
+from moecompile.kernels import launch, op
 
 
 @triton.jit
@@ -57,13 +57,13 @@ def _graph_us(fn) -> float:
 
 
 class PhaseTimer:
-    """Wraps moe's launch helpers and accumulates the host time spent in each (the GPU runs behind)."""
+    """Wraps kernels/launch.py's helpers and accumulates the host time spent in each (the GPU runs behind)."""
 
-    PHASES = ("_gate", "_dispatch", "_run_experts")
+    PHASES = ("gate", "_dispatch", "_run_experts")
 
     def __init__(self):
         self.totals = {p: 0.0 for p in self.PHASES}
-        self.originals = {p: getattr(moe, p) for p in self.PHASES}
+        self.originals = {p: getattr(launch, p) for p in self.PHASES}
 
     def __enter__(self):
         for phase, fn in self.originals.items():
@@ -73,12 +73,12 @@ class PhaseTimer:
                     return _fn(*a, **k)
                 finally:
                     self.totals[_phase] += time.perf_counter() - t0
-            setattr(moe, phase, timed)
+            setattr(launch, phase, timed)
         return self
 
     def __exit__(self, *exc):
         for phase, fn in self.originals.items():
-            setattr(moe, phase, fn)
+            setattr(launch, phase, fn)
 
 
 def host_profile(cases, out: Path) -> None:
@@ -138,14 +138,14 @@ def op_layers(out: Path) -> None:
     fused = twin(block, cfg["family"], cfg["H"], cfg["I"], cfg["E"], cfg["k"], False)
     spec, spec_json, weights = fused.spec, fused.spec_json, fused.weights()
     x = torch.randn(1, cfg["H"], device="cuda", dtype=torch.bfloat16)
-    args = moe.op_args(spec_json, weights, x, 1)
+    args = op.op_args(spec_json, weights, x, 1)
     rows = {}
     with torch.no_grad():
         rows["torch.ops.moecompile.moe_forward_y"] = _per_call_us(lambda: torch.ops.moecompile.moe_forward_y(*args))
         rows["torch.ops.moecompile.moe_forward (3 outputs)"] = _per_call_us(
             lambda: torch.ops.moecompile.moe_forward(*args))
-        rows["moe._op_impl"] = _per_call_us(lambda: moe._op_impl(x, weights, spec_json, 1, 1))
-        rows["moe._launch"] = _per_call_us(lambda: moe._launch(spec, spec_json, weights, x, 1, 1))
+        rows["op._op_impl"] = _per_call_us(lambda: op._op_impl(x, weights, spec_json, 1, 1))
+        rows["launch.launch"] = _per_call_us(lambda: launch.launch(spec, spec_json, weights, x, 1, 1))
         entry = next(e for e in reversed(graphs._ENTRIES.values()) if e.graph is not None)
 
         def replay_parts():

@@ -10,7 +10,7 @@ and `moecompile.reset()` clears it. What is kept, and why:
 - router-tap classes (router_tap.py): one generated subclass per HF router class;
 - the ONNX standard form's If branches (backends/onnx_if.py): exported once per block description;
 - CUDA graphs of decode-size kernel launches and their memory pools (kernels/graphs.py), side streams for shared
-  experts (kernels/moe.py), Triton TTIR builds for traced launches (kernels/traced.py).
+  experts (kernels/launch.py), Triton TTIR builds for traced launches (kernels/traced.py).
 Pure memos of spec parsing (functools caches) are not listed: they hold no tensors and change no result.
 
 reset() drops all of it: reports, reused descriptions and CUDA graphs are built again on the next call. Call it

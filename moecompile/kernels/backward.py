@@ -1,7 +1,7 @@
 """The MoE op's backward on Triton kernels: gradients of the input, the expert weights and biases, the router, the
 shared experts and the output bias, without recomputing the block under autograd.
 
-Place in the pipeline: `moe_backward` (kernels/moe.py) calls `backward(...)` here for every call the kernels can run
+Place in the pipeline: `moe_backward` (kernels/op.py) calls `backward(...)` here for every call the kernels can run
 (`reason(spec)` is None); the rest keep the reference recomputed under autograd. Nothing of the forward is saved but
 its inputs, so the memory a training step holds for a block is x and the weights, as with activation
 checkpointing. The backward recomputes, in order:
@@ -23,6 +23,7 @@ reads its number of active pairs on the host once per backward (its bound, T * E
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,19 @@ from ..spec import MLPSpec, MoESpec, MoEWeights
 from . import configs
 from .experts import ACTIVATION_CODES, _expert_down_kernel
 from .grad_kernels import _expert_grad_rows_kernel, _expert_wgrad_kernel
+from .launch import DOTS_IN_FP32, gate, gate_with_torch, gating_fallback_reason, max_row_blocks, slots_of
+
+
+@contextmanager
+def autograd_inside_op():
+    """Autograd for code inside an op's implementation. The dispatcher runs an implementation with the autograd keys
+    excluded (it is below autograd), so enable_grad alone records nothing; this lifts that exclusion."""
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (keys.AutogradFunctionality, keys.ADInplaceOrView):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+        yield
 
 
 def reason(spec: MoESpec) -> str | None:
@@ -106,13 +120,11 @@ def pair_table(expert_of_pair: torch.Tensor, num_experts: int, BM: int, max_bloc
 
 def _routing(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int):
     """The forward's routing again: (slot weights [T, S] fp32, expert ids [T, k] int64 or None for ReLU routing)."""
-    from .moe import _gate, _gate_with_torch, gating_fallback_reason
-
     if gating_fallback_reason(spec) is None:
-        _, weight, ids, *_ = _gate(spec, x, weights.router_weight, weights.router_bias, weights.correction_bias,
+        _, weight, ids, *_ = gate(spec, x, weights.router_weight, weights.router_bias, weights.correction_bias,
                                    None, 1, None)
     else:
-        _, weight, ids, *_ = _gate_with_torch(spec, weights, x, seq_len)
+        _, weight, ids, *_ = gate_with_torch(spec, weights, x, seq_len)
     if spec.router.is_variable_k:
         return weight, None
     return weight, ids.view(x.shape[0], -1).long()
@@ -228,8 +240,6 @@ def backward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int, 
              wanted: dict[str, bool]) -> dict[str, torch.Tensor]:
     """The gradients named in `wanted` (the op's tensor arguments: "x" and MoEWeights' fields) of
     sum(y * grad_y) + sum(logits * grad_logits) + sum(slot_weights * grad_weight)."""
-    from .moe import DOTS_IN_FP32, slots_of
-
     T, H = x.shape
     E, S, r = spec.num_experts, slots_of(spec), spec.router
     grads: dict[str, torch.Tensor] = {}
@@ -251,8 +261,6 @@ def backward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int, 
         n_active = int(active.sum())  # the host sync the module docstring names
         max_blocks = triton.cdiv(n_active, tiles.BM) + min(E, n_active)
     else:
-        from .moe import max_row_blocks
-
         expert_of_pair = ids.reshape(-1)
         max_blocks = max_row_blocks(T, S, E, tiles.BM, False)
     table = pair_table(expert_of_pair, E, tiles.BM, max_blocks)
@@ -299,12 +307,10 @@ def _router_grads(spec: MoESpec, weights: MoEWeights, x, seq_len, ids, grad_logi
                   d_shared_gate, wanted, grads, gx) -> None:
     """Router weight and bias, shared gate, and the input's share through them (added into gx): autograd through
     the reference's routing of the chosen experts, a [T, E] computation."""
-    from .moe import _autograd_inside_op
-
     names = [n for n in ("router_weight", "router_bias", "shared_gate") if wanted.get(n)]
     if not names and not wanted.get("x"):
         return
-    with _autograd_inside_op(), torch.enable_grad():
+    with autograd_inside_op(), torch.enable_grad():
         xl = x.detach().requires_grad_(bool(wanted.get("x")))
         leaves = {n: getattr(weights, n).detach().requires_grad_(n in names) if getattr(weights, n) is not None
                   else None for n in ("router_weight", "router_bias", "shared_gate")}

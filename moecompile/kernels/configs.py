@@ -1,6 +1,6 @@
 """Tile sizes for the expert GEMMs: a table measured on Hopper for the benchmark shapes, a heuristic elsewhere.
 
-Place in the pipeline: kernels/moe.py asks `choose(...)` once per call (a dict lookup); the choice depends only on
+Place in the pipeline: kernels/launch.py asks `choose(...)` once per call (a dict lookup); the choice depends only on
 shapes, so it is the same on every call with the same shapes and inside CUDA graphs. The table is written by
 `benchmarks/tune_moe.py` on the device and committed as `hopper_table.json` beside this file.
 """

@@ -1,7 +1,7 @@
 """Expert GEMM kernels: grouped gate/up GEMM with gathered input rows and the activation in its epilogue, and the
 grouped down GEMM that applies each pair's routing weight and adds into its token's output row.
 
-Place in the pipeline: the last two launches of the Triton FusedMoE path (kernels/moe.py), walking the block table
+Place in the pipeline: the last two launches of the Triton FusedMoE path (kernels/launch.py), walking the block table
 dispatch.py wrote. Both are persistent: NUM_PROGS programs loop over (block, column tile[, K split]) tiles, so the
 grid does not depend on how many blocks the routing produced and nothing waits on the host. A launch covers the
 row blocks [block_lo, block_lo + round_blocks); ReLU routing, whose number of pairs is only bounded by T*E, runs a

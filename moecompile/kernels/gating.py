@@ -1,6 +1,6 @@
 """Gating kernel: router GEMM, scoring, selection and combine weights in one launch, plus per-expert counts.
 
-Place in the pipeline: the first launch of the Triton FusedMoE path (kernels/moe.py); dispatch.py reads the counts it
+Place in the pipeline: the first launch of the Triton FusedMoE path (kernels/launch.py); dispatch.py reads the counts it
 leaves. With few tokens (one program holds them all) it also dispatches (FUSED_DISPATCH: dispatch.py's
 _dispatch_in_program) and zeroes the counts and the output accumulator, so a decode step launches three kernels
 fewer. Specialised by constexprs on the block's RouterSpec. Every program owns BLOCK_T tokens: it computes their

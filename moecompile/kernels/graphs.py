@@ -1,7 +1,7 @@
 """CUDA graphs for small calls: a FusedMoE call or a compiled graph's op call with few tokens replays the kernels'
 launches from a captured graph instead of launching them one by one from Python.
 
-Place in the pipeline: kernels/moe.py sends CUDA calls of at most MAX_TOKENS tokens here, from eager FusedMoE calls
+Place in the pipeline: kernels/launch.py sends CUDA calls of at most MAX_TOKENS tokens here, from eager FusedMoE calls
 and from the op's implementation (what a torch.compile graph runs). At
 decode sizes the GPU work of one block takes tens of microseconds, while the host needs several times that to
 allocate the buffers and launch seven kernels from Python (benchmarks/profile_moe.py measures both), so an eager

@@ -1,6 +1,6 @@
 """The routed experts' GEMMs through torch._grouped_mm (CUTLASS's grouped GEMM) for calls with many rows an expert.
 
-Place in the pipeline: kernels/moe.py's _forward takes this path instead of the Triton expert GEMMs (experts.py)
+Place in the pipeline: kernels/launch.py's forward takes this path instead of the Triton expert GEMMs (experts.py)
 when `applies` says so; gating, dispatch and the shared experts stay on the Triton kernels. Dispatch runs with a row
 block of 1, so each expert's rows are contiguous with no padding, which is the layout grouped_mm's offsets describe.
 Then: gather the rows' tokens, grouped_mm (gate/up), `_glu_kernel` (the activation, one pass over the gate/up
@@ -114,7 +114,7 @@ def expert_rows(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, weight: tor
     """Each (token, slot) pair's expert output, unweighted unless the routing weight goes on the input: (rows [T*k,
     H] in x's dtype, grouped by expert; the row of each pair [T*k] int32). sorted_pair: dispatch's rows with a row
     block of 1 (the first T*k are every pair, grouped by expert); counts: rows per expert [E] int32. `kernel` wraps
-    a Triton kernel for the launch (kernels/moe.py's _kernel)."""
+    a Triton kernel for the launch (kernels/launch.py's _kernel)."""
     T, S = weight.shape
     P = T * S
     pairs = sorted_pair[:P]

@@ -1,6 +1,6 @@
 """Settings of the kernel path that tests and benchmarks change: one object, read at each call.
 
-Place in the pipeline: read by kernels/moe.py (buffer allocation) and kernels/grouped.py (which expert GEMMs run).
+Place in the pipeline: read by kernels/launch.py (buffer allocation) and kernels/grouped.py (which expert GEMMs run).
 Change them with `configured(...)` (restored on exit) rather than by assigning module globals:
 
     with moecompile.kernels.settings.configured(grouped_mm_min_rows=0.0):   # grouped_mm wherever it applies

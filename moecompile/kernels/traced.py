@@ -1,6 +1,6 @@
 """Traced launches' compile cost: one TTIR build per kernel specialisation, not one per launch.
 
-Place in the pipeline: compiled graphs that hold the kernels' launches (moe.py's _TRACED, through
+Place in the pipeline: compiled graphs that hold the kernels' launches (launch.py's TRACED_LAUNCHES, through
 torch.library.wrap_triton). For each such launch, torch's Triton mutation analysis builds the kernel's TTIR (a Triton
 front-end compile, ~70 ms on the device host) to read which arguments it stores to, and it does so again at each
 stage (functionalization, Inductor's lowering): a 4-layer Qwen3 decode step built it 48 times, 9 s of a 29 s compile

@@ -78,11 +78,11 @@ def test_bf16_inference_under_inductor_calls_the_kernels_from_its_code(family, q
     per-token criterion above, against Inductor alone (what users run today): Inductor alone moves GPT-OSS's
     logits 4x further from fp32 than eager does (median token error 2.2e-2 vs 5.4e-3 on the H100), outside the MoE
     blocks."""
-    from moecompile.kernels import moe as kernel_moe
+    from moecompile.kernels import op as kernel_op
 
     op_calls = []
-    real_impl = kernel_moe._op_impl
-    monkeypatch.setattr(kernel_moe, "_op_impl", lambda *a, **k: op_calls.append(1) or real_impl(*a, **k))
+    real_impl = kernel_op._op_impl
+    monkeypatch.setattr(kernel_op, "_op_impl", lambda *a, **k: op_calls.append(1) or real_impl(*a, **k))
     model, exact, inputs = bf16_and_fp32(family, "grouped_mm")
     with torch.no_grad():
         want = hf_zoo.model_output(exact, inputs)

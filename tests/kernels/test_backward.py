@@ -14,7 +14,9 @@ import torch
 
 import moecompile
 from moecompile.kernels import backward as kernel_backward
+from moecompile.kernels import launch as kernel_launch
 from moecompile.kernels import moe as kernel_moe
+from moecompile.kernels import op as kernel_op
 from moecompile.spec import MoEWeights
 
 GRAD_TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
@@ -27,7 +29,7 @@ def no_reference_backward(monkeypatch):
     """The backward must not fall back to recomputing the reference under autograd."""
     def refuse(*args, **kwargs):
         raise AssertionError("the reference was recomputed in the backward")
-    monkeypatch.setattr(kernel_moe, "reference_forward", refuse)
+    monkeypatch.setattr(kernel_op, "reference_forward", refuse)
 
 
 def assert_close(errors: dict[str, float], dtype) -> None:
@@ -192,7 +194,7 @@ def test_pair_table_is_dispatch_layout():
     E, BM = 5, 4
     expert_of_pair = torch.randint(0, E + 1, (40,), generator=gen)  # E: not routed
     expert_of_pair[expert_of_pair == 2] = 3  # an expert with no rows
-    max_blocks = kernel_moe.max_row_blocks(40, 1, E, BM, False)
+    max_blocks = kernel_launch.max_row_blocks(40, 1, E, BM, False)
     t = kernel_backward.pair_table(expert_of_pair, E, BM, max_blocks)
     counts = torch.bincount(expert_of_pair, minlength=E + 1)[:E]
     start = 0

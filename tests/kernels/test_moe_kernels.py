@@ -16,7 +16,9 @@ import torch
 import moecompile
 from moecompile import MoECompileError
 from moecompile.kernels import graphs
+from moecompile.kernels import launch as kernel_launch
 from moecompile.kernels import moe as kernel_moe
+from moecompile.kernels import op as kernel_op
 from moecompile.kernels.settings import settings
 from moecompile.reference import reference_forward
 from moecompile.spec import MoEWeights
@@ -140,8 +142,8 @@ def test_few_tokens_are_dispatched_by_the_gating_program_cpu(monkeypatch, router
     """Up to gating_block_tokens tokens, gating dispatches them itself (no dispatch launch); past that, dispatch
     runs. Both within tolerance (run_case)."""
     launches = []
-    record_calls(monkeypatch, kernel_moe, "_dispatch", lambda *a: launches.append(1))
-    limit = kernel_moe.gating_block_tokens(16)
+    record_calls(monkeypatch, kernel_launch, "_dispatch", lambda *a: launches.append(1))
+    limit = kernel_launch.gating_block_tokens(16)
     run_case(router, 16, 4, limit, 72, 40, torch.float32, "cpu")
     assert launches == []
     run_case(router, 16, 4, limit + 1, 72, 40, torch.float32, "cpu")
@@ -150,7 +152,7 @@ def test_few_tokens_are_dispatched_by_the_gating_program_cpu(monkeypatch, router
 
 def test_relu_rounds_cpu(monkeypatch):
     """ReLU routing with more positive pairs than one round's buffer: the rounds cover them all."""
-    monkeypatch.setattr(kernel_moe, "RELU_ROUND_SLOTS", 1)
+    monkeypatch.setattr(kernel_launch, "RELU_ROUND_SLOTS", 1)
     _, _, _, _ = run_case("relu", 16, 0, 23, 72, 40, torch.float32, "cpu")
 
 
@@ -278,7 +280,7 @@ def test_opcheck_and_tracing():
     spec = cases.make_spec("sigmoid_grouped_corr", 16, 4, 32, 24, "shared_gated")
     w = cases.make_weights(spec, torch.float32, "cpu", torch.Generator().manual_seed(5))
     x = torch.randn(9, 32)
-    args = kernel_moe.op_args(spec.to_json(), w, x, 9)
+    args = kernel_op.op_args(spec.to_json(), w, x, 9)
     torch.library.opcheck(torch.ops.moecompile.moe_forward.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
     torch.library.opcheck(torch.ops.moecompile.moe_forward_y.default, args, test_utils=("test_schema",

@@ -3,7 +3,7 @@ the block raises); an unknown name is refused; a poisoned allocation shows an un
 import pytest
 import torch
 
-from moecompile.kernels import moe as kernel_moe
+from moecompile.kernels import launch as kernel_launch
 from moecompile.kernels.settings import configured, settings
 
 
@@ -21,6 +21,6 @@ def test_configured_changes_inside_and_restores_after():
 
 def test_poisoned_buffers_start_as_nan_or_a_huge_index():
     with configured(poison_buffers=True):
-        floats = kernel_moe._empty(4, device=torch.device("cpu"), dtype=torch.float32)
-        ints = kernel_moe._empty(4, device=torch.device("cpu"), dtype=torch.int32)
+        floats = kernel_launch._empty(4, device=torch.device("cpu"), dtype=torch.float32)
+        ints = kernel_launch._empty(4, device=torch.device("cpu"), dtype=torch.int32)
     assert floats.isnan().all() and (ints == 2**30).all()
