@@ -15,7 +15,7 @@ mkdir -p "$OUT/results"
 python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
 
 kernels() {
-    timeout 200 python -m pytest -q -rf -p no:cacheprovider tests/kernels/test_moe_kernels.py \
+    timeout 200 python -m pytest -q -rf -p no:cacheprovider tests/kernels/test_gating.py tests/kernels/test_grouped.py \
         -k "cuda and (fill0 or nan_token or grouped)" > "$OUT/gpu_kernels.log" 2>&1
     echo "kernels rc=$?" | tee -a "$OUT/gpu_kernels.log"; tail -n 8 "$OUT/gpu_kernels.log"
     local fuzz_s=${FUZZ_S:-300}

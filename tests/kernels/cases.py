@@ -2,8 +2,12 @@
 and the checks every kernel test makes against the reference."""
 from __future__ import annotations
 
+import itertools
+
+import pytest
 import torch
 
+from moecompile.kernels import moe as kernel_moe
 from moecompile.reference import reference_forward
 from moecompile.spec import MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
 
@@ -179,3 +183,28 @@ def gradient_errors(router: str, E: int, k: int, T: int, H: int, I: int, dtype, 
     errors = {n: relative_error(g.cpu(), want[n]) if want[n].norm() > 0 else g.abs().max().item()
               for n, g in grads.items()}
     return errors, grads, routing.logits.detach()
+
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the device: see benchmarks/gpu_tests.sh)")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+_seed = itertools.count(1234)
+
+
+def record_calls(monkeypatch, owner, name: str, record) -> None:
+    """Replace owner.name with a wrapper that calls record(*args) and then the original."""
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **kw: (record(*a), real(*a, **kw))[1])
+
+
+def run_case(router, E, k, T, H, I, dtype, device, mlp="swiglu", setup=None, seq_len=None):
+    spec = make_spec(router, E, k, H, I, mlp)
+    gen = torch.Generator().manual_seed(next(_seed))
+    weights = make_weights(spec, dtype, device, gen)
+    x = torch.randn(T, H, generator=gen).to(device=device, dtype=dtype)
+    if setup is not None:
+        setup(spec, weights, x)
+    y, logits, slot_weights = kernel_moe.kernels_forward(spec, weights, x, seq_len)
+    check_against_reference(spec, weights, x, y, logits, slot_weights, seq_len)
+    return spec, weights, x, y
