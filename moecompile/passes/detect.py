@@ -52,7 +52,7 @@ class TensorRef:
 
 @dataclass
 class Candidate:
-    """A proposed MoE block; describe.py reads it into an MoESpec or says why it cannot."""
+    """A proposed MoE block; describe reads it into an MoESpec or says why it cannot."""
 
     path: str
     module: nn.Module
