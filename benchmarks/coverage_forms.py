@@ -1,5 +1,5 @@
-"""Coverage of MoE forms written by hand, as public codebases write them: each test block of tests/passes/
-test_forms_*.py (and tests/handwritten.py) through `moecompile.optimize` (eager) and through
+"""Coverage of MoE forms written by hand, as public codebases write them: each test block of
+tests/passes/describe/test_forms_*.py (and tests/handwritten.py) through `moecompile.optimize` (eager) and through
 `torch.compile(backend="moecompile")`, with the decision, the description or reason, and the block-level error on
 4,096 fresh tokens (fp32, max abs error over max |output|). Writes the "Hand-written forms" section of
 benchmarks/results/coverage.md (the HF families table above it is left as it is) and coverage_forms.json.
@@ -27,7 +27,7 @@ SECTION = "## Hand-written forms"
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "passes" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "passes" / "describe" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dynamo looks a compiled forward's module up by name
     spec.loader.exec_module(module)
@@ -126,8 +126,8 @@ def measure(build) -> dict:
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [SECTION, "", f"torch {meta['torch']}, CPU, {meta['date']}. Command: `python "
                           f"benchmarks/coverage_forms.py`. "
-             "The test blocks live in tests/passes/test_forms_*.py; `err` is the eager optimized block's max abs "
-             "error over max |output| on 4,096 fresh tokens (fp32).", "",
+             "The test blocks live in tests/passes/describe/test_forms_*.py; `err` is the eager optimized block's "
+             "max abs error over max |output| on 4,096 fresh tokens (fp32).", "",
              f"{sum(r['eager'] == 'fused' for r in rows)} of {len(rows)} forms fused by `optimize`, "
              f"{sum(r['compile'] == 'fused' for r in rows)} under `torch.compile(backend=\"moecompile\")`.", "",
              "| form | as in | optimize | err | description or reason | torch.compile backend | its reason |",

@@ -9,7 +9,7 @@ export PYTHONPATH=$PWD
 OUT=${OUT:-/tmp}
 python -c "import torch, triton, transformers, onnx, onnxruntime as o; print(torch.__version__, triton.__version__, transformers.__version__, onnx.__version__, o.__version__, o.get_available_providers())" | tee "$OUT/versions.txt"
 if [ "${1:-}" = kernels ]; then
-    timeout 580 python -m pytest -q -p no:cacheprovider tests/kernels tests/test_routing.py -k cuda > "$OUT/gpu_pytest.log" 2>&1
+    timeout 580 python -m pytest -q -p no:cacheprovider tests/kernels tests/passes/test_routing.py -k cuda > "$OUT/gpu_pytest.log" 2>&1
     echo "kernels rc=$?" | tee -a "$OUT/gpu_pytest.log"
     tail -n 3 "$OUT/gpu_pytest.log"
     exit 0

@@ -1,8 +1,9 @@
 """Gradient errors of ReLU-routed FusedMoE on the GPU: the Triton forward and its backward (the reference recomputed
 under autograd) against float64 autograd through the reference, per dtype, router form and token count.
 
-Not a speed benchmark: the figures behind tests/test_routing.py::test_relu_gradients_bf16_cuda (which asserts 2e-2 in
-bf16). Run on the device: `python benchmarks/routing_grads.py` (writes results/routing_grads.json and .md).
+Not a speed benchmark: the figures behind tests/passes/test_routing.py::test_relu_gradients_bf16_cuda (which
+asserts 2e-2 in bf16). Run on the device: `python benchmarks/routing_grads.py` (writes results/routing_grads.json
+and .md).
 """
 import datetime
 import json

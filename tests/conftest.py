@@ -29,3 +29,11 @@ def quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+@pytest.fixture
+def mixtral():
+    """A tiny Mixtral (two layers) built from its config, experts_implementation="grouped_mm"."""
+    from moecompile import hf_zoo
+
+    return hf_zoo.build("mixtral", "grouped_mm")

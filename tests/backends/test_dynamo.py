@@ -1,7 +1,7 @@
-"""torch.compile(model, backend="moecompile") (backends/dynamo.py, backends/graph_blocks.py) on the CPU: compiled
-against eager outputs and gradients, for HF families (grouped_mm, batched_mm) and hand-written forms.
+"""torch.compile(model, backend="moecompile") (backends/dynamo.py) on the CPU: compiled against eager outputs and
+gradients, for HF families (grouped_mm, batched_mm); the blocks it reads from graphs: test_graph_blocks.py and
+test_graph_capacity.py.
 Tolerances: fp32, max abs error <= 1e-4 of max |output| (the fused path sums in another order)."""
-import math
 import subprocess
 import sys
 import textwrap
@@ -14,7 +14,7 @@ import moecompile
 from moecompile import MoECompileError, hf_zoo
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
-sys.path.insert(1, str(Path(__file__).parent.parent / "passes"))  # the hand-written form modules
+sys.path.insert(1, str(Path(__file__).parent.parent / "passes" / "describe"))  # the hand-written form modules
 import handwritten  # noqa: E402
 
 FAMILY_CASES = [("mixtral", "grouped_mm"), ("mixtral", "batched_mm"), ("qwen3_moe", "grouped_mm"),
@@ -109,97 +109,6 @@ def test_training_gradients_match_eager(inductor, quiet):
         assert (got[name] - grad).norm() <= 1e-4 * grad.norm() + 1e-12, name
 
 
-@pytest.mark.parametrize("build, shape", [
-    (lambda: handwritten.Block(handwritten.EinsumMoE(), 32), (11, 32)),  # einsum, inside a model
-    (lambda: handwritten.Block(handwritten.ReluRouterMoE(), 24), (2, 5, 24)),  # ReLU router, ModuleList experts
-    (lambda: handwritten.EinsumMoE(), (7, 32)),  # the compiled module is the block
-    (lambda: handwritten.Block(handwritten.HERouterEinsumMoE(), 32), (11, 32)),  # an [H, E] router, x @ W
-    (lambda: handwritten.GptOssMLPBlock(), (37, 32)),  # its own norm and residual add, einsum on gathered weights
-])
-def test_handwritten_forms_without_graph_breaks_are_fused(build, shape, quiet):
-    torch.manual_seed(0)
-    model, x = build(), torch.randn(*shape)
-    want = model(x)
-    compiled = torch.compile(model, backend="moecompile", options={"inductor": False})
-    assert close(compiled(x), want)
-    rep = moecompile.report(compiled)
-    assert [b.decision for b in rep.blocks] == ["fused"], rep.table()
-
-
-def test_blocks_with_the_same_ops_share_a_description_and_others_are_read_alone(quiet):
-    """Chained blocks: the second has the first's ops (its description is taken, its own weights confirmed), the
-    third differs in k and is read on its own. A recompile for no_grad finds all three confirmed already; one for
-    another token count (static shapes: the count is in the graph's views) spot-checks them. Outputs within 1e-4
-    of eager each time."""
-
-    class Flattening(handwritten.EinsumMoE):  # a view that holds the token count, as HF blocks' views do
-        def forward(self, x):
-            return super().forward(x.view(x.shape[0], -1))
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(Flattening(k=2), Flattening(k=2), Flattening(k=3))
-    x = torch.randn(9, 32)
-    want = model(x)
-    compiled = torch.compile(model, backend="moecompile", options={"inductor": False}, dynamic=False)
-    assert close(compiled(x), want)
-    with torch.no_grad():
-        assert close(compiled(x), want)
-    blocks = moecompile.report(compiled).blocks
-    assert len(blocks) == 6 and all(b.decision == "fused" for b in blocks), moecompile.report(compiled).table()
-    assert [b.spec["router"]["top_k"] for b in blocks] == [2, 2, 3] * 2
-    first, second, third = blocks[:3]
-    assert "same ops" not in first.method and "same ops as 0" in second.method and "same ops" not in third.method
-    assert all(b.max_abs_error is not None for b in blocks)
-    assert all("confirmed when an earlier graph compiled" in b.method for b in blocks[3:])
-    # another token count: the same blocks recompile (the views hold it); each is spot-checked, not described again
-    x5 = torch.randn(5, 32)
-    assert close(compiled(x5), model(x5))
-    later = moecompile.report(compiled).blocks[6:]
-    assert [b.spec["router"]["top_k"] for b in later] == [2, 2, 3]
-    assert all("up to the token count" in b.method and "spot-checked at 5" in b.method for b in later), [
-        b.method for b in later]
-
-
-def test_blocks_split_by_graph_breaks_are_left_and_the_log_says_what_to_do(quiet):
-    model = hf_zoo.build("mixtral", "eager")  # HF's eager experts loop over data-dependent expert ids
-    inputs = hf_zoo.example_inputs(model)
-    want = hf_zoo.model_output(model, inputs)
-    compiled = torch.compile(model, backend="moecompile", options={"inductor": False})
-    assert close(hf_zoo.model_output(compiled, inputs), want)
-    message = moecompile.report(compiled).message
-    assert "run moecompile.optimize(model) before torch.compile" in message
-    # the log names the router whose experts the break moved to another graph (its path within the frame dynamo
-    # traced: the block's forward, resumed after the break)
-    assert "router `gate` (MixtralTopKRouter), 8 experts" in message, message
-    assert "experts are not in this graph" in message
-
-
-def test_a_flat_router_split_from_its_experts_is_named(quiet):
-    """OLMo-core keeps its router flat, [E*H], viewed [E, H] in forward: still read as the router (the log names
-    it), while its experts' loop over torch.where breaks the graph."""
-    import test_forms_flat
-
-    compiled = torch.compile(test_forms_flat.OLMoCoreMoE().eval(), backend="moecompile", options={"inductor": False})
-    with torch.no_grad():
-        compiled(torch.randn(2, 16, test_forms_flat.H))
-    message = moecompile.report(compiled).message
-    assert "router `router` (MoELinearRouter), 8 experts" in message, message
-
-
-def test_a_block_dynamo_skips_whole_is_explained(quiet):
-    """Experts under torch.utils.checkpoint in a data-dependent loop: dynamo skips the block's frame and hands the
-    backend no graph of it; report() says so and what to do instead of 'not optimized'."""
-    import test_forms_wrappers
-
-    compiled = torch.compile(test_forms_wrappers.CheckpointedExperts().eval(), backend="moecompile",
-                             options={"inductor": False})
-    with torch.no_grad():
-        compiled(torch.randn(2, 16, test_forms_wrappers.H))
-    with pytest.raises(moecompile.MoECompileError, match="no graph holding CheckpointedExperts's parameters.*"
-                       "run moecompile.optimize"):
-        moecompile.report(compiled)
-
-
 def test_a_graph_without_moe_is_exactly_inductor(quiet):
     from torch._dynamo.utils import counters
 
@@ -250,69 +159,3 @@ def test_generate_with_a_compiled_forward_gives_the_same_tokens(quiet):
     assert torch.equal(got, want)
     rep = moecompile.report(model)
     assert rep.blocks and all(b.decision == "fused" for b in rep.blocks)  # prefill and decode graphs
-
-
-@pytest.mark.parametrize("k, factor, capacity", [(1, 0.75, 12), (2, 0.5, 16)], ids=["top1gating", "top2gating"])
-def test_a_capacity_baked_into_the_graph_is_read_at_its_token_count(k, factor, capacity, quiet):
-    """GShard/DeepSpeed gating under torch.compile: dynamo leaves only the capacity (ceil(128 / 8 * factor * k))
-    in the graph. The region is read without it, then capped at that number; fused, it drops what the original
-    drops: within 1e-5 normwise (fp32) on fresh inputs of the compiled shape, skewed ones included (most choices
-    of the hot expert over capacity), and a second token count compiles and is read on its own."""
-    import test_forms_capacity
-
-    torch.manual_seed(0)
-    block = test_forms_capacity.MOELayer(k=k, eval_capacity_factor=factor, min_capacity=2).eval()
-    compiled = torch.compile(block, backend="moecompile", options={"inductor": False}, dynamic=False)
-    H = test_forms_capacity.H
-    hot = torch.zeros(H)
-    hot[:4] = 3.0  # pushes most tokens toward the same experts: over capacity
-    inputs = [torch.randn(2, 64, H), torch.randn(2, 64, H) + hot, torch.randn(2, 64, H)]
-    with torch.no_grad():
-        for x in inputs:
-            got, want = compiled(x), block(x)
-            assert (got - want).norm() <= 1e-5 * want.norm(), ((got - want).norm() / want.norm()).item()
-        x = torch.randn(3, 40, H)  # another token count: its own graph, its own capacity
-        got, want = compiled(x), block(x)
-        assert (got - want).norm() <= 1e-5 * want.norm()
-    records = moecompile.report(compiled).blocks
-    assert [r.decision for r in records] == ["fused", "fused"], [r.reason for r in records]
-    assert f"capacity {capacity} at 128 tokens read from the graph" in records[0].method
-    assert records[0].spec["router"]["expert_capacity"] == capacity
-    assert records[0].spec["router"]["capacity_scope"] == "batch"
-    assert records[1].spec["router"]["expert_capacity"] == math.ceil(120 / 8 * factor * k)
-
-
-def _top2gating_compiled_and_left_as_it_was(tokens: int, dynamic: bool):
-    """DeepSpeed's top2gating block (factor 0.5) compiled on 2 x `tokens` tokens; its output as the original's
-    (fp32, the same ops: within 1e-6); the compiled model's report."""
-    import test_forms_capacity
-
-    torch.manual_seed(0)
-    block = test_forms_capacity.MOELayer(k=2, eval_capacity_factor=0.5, min_capacity=2).eval()
-    compiled = torch.compile(block, backend="moecompile", options={"inductor": False}, dynamic=dynamic)
-    x = torch.randn(2, tokens, test_forms_capacity.H)
-    with torch.no_grad():
-        assert torch.allclose(compiled(x), block(x), atol=1e-6)
-    return moecompile.report(compiled)
-
-
-def test_a_capacity_computed_from_a_dynamic_token_count_is_left_with_the_fix(quiet):
-    """Compiled with dynamic shapes, the graph computes the capacity from a symbolic token count and the block's
-    region is not a hidden-states -> one-tensor map: left (as the original computes), the log naming the block and
-    both fixes."""
-    message = _top2gating_compiled_and_left_as_it_was(tokens=64, dynamic=True).message
-    assert "8 experts: in this graph the block maps" in message and "dynamic=False" in message, message
-    assert "run moecompile.optimize(model) before torch.compile" in message
-
-
-def test_a_capacity_region_too_large_to_lift_is_left_saying_so(quiet, monkeypatch):
-    """Reading a baked capacity lifts it, which takes a [T, E, 2T] dispatch tensor; past the bound (lowered here
-    to 1 MB; 256 tokens x 8 experts x 512 x 4 B = 4 MB) the block is left, computing as before, and the log says
-    why and what to do."""
-    from moecompile.backends import graph_capacity
-
-    monkeypatch.setattr(graph_capacity, "LIFT_BYTES", 1 << 20)
-    record = _top2gating_compiled_and_left_as_it_was(tokens=128, dynamic=False).blocks[0]
-    assert record.decision == "left"
-    assert "capacity is a constant in this graph (32 at 256 tokens)" in record.reason
-    assert "would take 4 MB (over 1 MB)" in record.reason and "optimize(model) before torch.compile" in record.reason

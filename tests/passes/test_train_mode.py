@@ -3,6 +3,9 @@ capacity factor): fused for eval, the pass log says so, and the FusedMoE raises 
 the eval form silently. A block without such a difference trains as usual."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import handwritten as hw
 import pytest
 import torch
@@ -48,6 +51,7 @@ def test_router_jitter_is_fused_for_eval_only(quiet):
 
 
 def test_a_training_capacity_factor_is_named(quiet):
+    sys.path.insert(0, str(Path(__file__).parent / "describe"))
     from test_forms_capacity import MOELayer
 
     torch.manual_seed(1)

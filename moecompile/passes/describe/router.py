@@ -103,7 +103,7 @@ def router_hypotheses(candidate: Candidate, census: set[str], k_values: list[int
     name them."""
     E = candidate.num_experts
     modules = _router_modules(candidate)
-    scales = tuple(float(v) for v in _attr(modules, SCALE_ATTRS))
+    scales = tuple(dict.fromkeys(float(v) for v in _attr(modules, SCALE_ATTRS)))  # block and config may agree
     n_group = next((int(v) for v in _attr(modules, GROUP_ATTRS) if int(v) > 1 and E % int(v) == 0), 1)
     topk_group = next((int(v) for v in _attr(modules, TOPK_GROUP_ATTRS) if 1 <= int(v) <= n_group), n_group)
     # an expert capacity the block declares (Switch Transformers): describe's inputs are too short to reach it, so
