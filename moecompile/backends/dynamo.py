@@ -119,13 +119,16 @@ def _register_without_entry_point() -> None:
     would collide with torch's own registration when it loads the entry point)."""
     from importlib.metadata import PackageNotFoundError, distribution
 
+    try:  # our own metadata only: scanning every installed package's entry points costs ~15 ms at import
+        if any(ep.group == "torch_dynamo_backends" for ep in distribution("moecompile").entry_points):
+            return
+    except PackageNotFoundError:
+        pass
+    # only here: importing dynamo's registry imports dynamo itself (~0.9 s), which an installed moecompile leaves
+    # to torch.compile
     from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
 
-    try:  # our own metadata only: scanning every installed package's entry points costs ~15 ms at import
-        installed = any(ep.group == "torch_dynamo_backends" for ep in distribution("moecompile").entry_points)
-    except PackageNotFoundError:
-        installed = False
-    if not installed and "moecompile" not in _COMPILER_FNS:
+    if "moecompile" not in _COMPILER_FNS:
         register_backend(compiler_fn=moecompile_backend, name="moecompile")
 
 
