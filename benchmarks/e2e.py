@@ -22,7 +22,7 @@ rewrite the blocks). The rest is dynamo and Inductor, which (static shapes, infe
 kernels too, in its parallel compile workers, since the graph holds their launches. Both backends run in this one
 process, so the second reuses kernels the first compiled, and a machine that ran earlier calls has warm caches:
 `--cold-compile` also times each backend's first calls in a process of its own with empty Inductor and Triton caches
-(profile_compile.py), which is what a first compile on a fresh machine costs.
+(tools/profile_compile.py), which is what a first compile on a fresh machine costs.
 
 Run on the device, one model a call (each fits the device's 10-minute limit): `python benchmarks/e2e.py --models
 qwen3_moe --cold-compile`, then `--models mixtral --cold-compile`. Each run replaces its model's rows in
@@ -234,12 +234,13 @@ def run_model(name: str, cfg: dict, args, device: str, dtype: torch.dtype, ceili
 
 def cold_first_calls(name: str) -> dict:
     """(backend, phase) -> first call s, each backend in a process of its own with empty caches
-    (profile_compile.py), so the second backend does not reuse the first one's compiled kernels."""
+    (tools/profile_compile.py), so the second backend does not reuse the first one's compiled kernels."""
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     out = {}
     for backend in ("inductor", "moecompile"):
-        proc = subprocess.run([sys.executable, str(Path(__file__).parent / "profile_compile.py"), "--backend",
-                               backend, "--model", name], capture_output=True, text=True, check=True, env=env)
+        script = Path(__file__).resolve().parents[1] / "tools" / "profile_compile.py"
+        proc = subprocess.run([sys.executable, str(script), "--backend", backend, "--model", name],
+                              capture_output=True, text=True, check=True, env=env)
         for line in proc.stdout.splitlines():
             row = json.loads(line) if line.startswith("{") else {}
             if "first_call_s" in row:

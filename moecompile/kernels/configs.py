@@ -2,7 +2,7 @@
 
 Place in the pipeline: kernels/launch.py asks `choose(...)` once per call (a dict lookup); the choice depends only on
 shapes, so it is the same on every call with the same shapes and inside CUDA graphs. The table is written by
-`benchmarks/tune_moe.py` on the device and committed as `hopper_table.json` beside this file.
+`tools/tune_moe.py` on the device and committed as `hopper_table.json` beside this file.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def heuristic(tokens: int, hidden: int, inter: int, num_experts: int, slots: int
         up = GemmConfig(BM=64, BN=64, BK=64, GROUP_M=8, num_warps=4, num_stages=4)
         down = GemmConfig(BM=64, BN=128, BK=64, GROUP_M=8, num_warps=4, num_stages=4)
     else:
-        # best of benchmarks/tune_moe.py's candidates at 4096 and 16384 tokens (Mixtral, Qwen3) on the H100
+        # best of tools/tune_moe.py's candidates at 4096 and 16384 tokens (Mixtral, Qwen3) on the H100
         up = GemmConfig(BM=128, BN=128, BK=64, GROUP_M=16, num_warps=8, num_stages=4)
         down = GemmConfig(BM=128, BN=256, BK=64, GROUP_M=16, num_warps=8, num_stages=3)
     # split the down GEMM's reduction when its tiles cannot fill the machine (few tokens, long I)

@@ -4,7 +4,7 @@ launches from a captured graph instead of launching them one by one from Python.
 Place in the pipeline: kernels/launch.py sends CUDA calls of at most MAX_TOKENS tokens here, from eager FusedMoE calls
 and from the op's implementation (what a torch.compile graph runs). At
 decode sizes the GPU work of one block takes tens of microseconds, while the host needs several times that to
-allocate the buffers and launch seven kernels from Python (benchmarks/profile_moe.py measures both), so an eager
+allocate the buffers and launch seven kernels from Python (tools/profile_moe.py measures both), so an eager
 decode step is bound by the host. A graph replay costs one launch.
 
 A graph is captured the second time a key is seen (a one-off shape is not worth a capture) and replayed after that.

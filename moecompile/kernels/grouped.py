@@ -12,7 +12,7 @@ warp-specialised TMA mainloop keeps the tensor cores busier than Triton's softwa
 A rows (benchmarks/NOTES.md: 93-97% against 62-69% of tensor throughput, Mixtral at 16384 tokens). The rounding is
 the reference's: each expert's output is rounded to the input dtype before its routing weight is applied.
 The row count from which it pays, settings.grouped_mm_min_rows (kernels/settings.py), was measured on the H100
-(benchmarks/profile_moe.py paths).
+(tools/profile_moe.py paths).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Place in the pipeline: compiled graphs that hold the kernels' launches (launch.p
 torch.library.wrap_triton). For each such launch, torch's Triton mutation analysis builds the kernel's TTIR (a Triton
 front-end compile, ~70 ms on the device host) to read which arguments it stores to, and it does so again at each
 stage (functionalization, Inductor's lowering): a 4-layer Qwen3 decode step built it 48 times, 9 s of a 29 s compile
-under cProfile (benchmarks/profile_compile.py). Every layer launches the same specialisations, so the builds repeat.
+under cProfile (tools/profile_compile.py). Every layer launches the same specialisations, so the builds repeat.
 
 `install()` puts a memo in front of torch's `generate_ttir`, for moecompile's kernels only. The key is what that
 function itself reads from the call: the kernel's code, each tensor argument's dtype (it replaces tensors by

@@ -1,13 +1,16 @@
 """Tile sweep for the expert GEMMs at the benchmark shapes: times FusedMoE with each candidate config and writes the
 best per (tokens, shape) as a table in the format of moecompile/kernels/hopper_table.json.
 
-Run on the device: `python benchmarks/tune_moe.py --shapes mixtral_8x7b --tokens 4096 --out DIR`.
+Run on the device: `python tools/tune_moe.py --shapes mixtral_8x7b --tokens 4096 --out DIR`.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the benchmarks' model builders
 
 import torch
 import triton.testing

@@ -2,7 +2,7 @@
 an If branch? (On x86 CPUs it inserts a Cast to fp32 before each fp16 MatMul; in the main graph that
 Cast of an initializer is folded at load.) Explains the Cast share in results/onnx.md's profile of the standard form.
 
-Run: `python benchmarks/ort_subgraph_cast.py` -> kernel ms by op type over 10 calls, one fp16 MatMul [4, 2048] x
+Run: `python tools/ort_subgraph_cast.py` -> kernel ms by op type over 10 calls, one fp16 MatMul [4, 2048] x
 [2048, 2048] in the main graph and the same inside an If. The If's own time is left out (its node's time counts
 its subgraph's again).
 """

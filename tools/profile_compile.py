@@ -4,8 +4,8 @@ e2e.py's timing loop both run in one process, the second on the first one's cach
 once per backend for its `cold first call` column.
 
 Run on the device, one process a backend:
-  python benchmarks/profile_compile.py --backend inductor
-  python benchmarks/profile_compile.py --backend moecompile --profile "decode b1 past 2048"
+  python tools/profile_compile.py --backend inductor
+  python tools/profile_compile.py --backend moecompile --profile "decode b1 past 2048"
 Prints one JSON line per phase (first call s; the s spent in Inductor's Triton mutation analysis, which compiles
 each traced kernel launch to TTIR; Triton compiles in this process, which for moecompile are the confirm pass's kernel
 runs; moecompile's passes), and with --profile the top functions of that phase's first call
@@ -18,13 +18,17 @@ import cProfile
 import json
 import os
 import pstats
+import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 # before torch is imported: the caches of this process only
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor_"))
 os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="triton_"))
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the benchmarks' model builders
 
 import torch  # noqa: E402
 from e2e import FULL, build, passes_seconds, phases  # noqa: E402

@@ -1,23 +1,26 @@
 """Where the time of one FusedMoE call goes, on the device: host time per launch (eager calls are launch-bound at
 decode sizes) and, under Nsight Compute, what each kernel is limited by.
 
-    python benchmarks/profile_moe.py host --out DIR
+    python tools/profile_moe.py host --out DIR
         Per shape and token count: eager wall time per call (back to back, host-bound when the GPU is idle),
         GPU time (the same call replayed in a CUDA graph), and the host time of each phase of the call.
-    python benchmarks/profile_moe.py op --out DIR
+    python tools/profile_moe.py op --out DIR
         Host time of each layer of the path a compiled graph's op call takes at decode size (op_layers).
-    python benchmarks/profile_moe.py paths --out DIR
+    python tools/profile_moe.py paths --out DIR
         The routed experts on the Triton GEMMs against grouped_mm, per layer shape and token count (expert_paths).
     ncu --profile-from-start off --section SpeedOfLight --section Occupancy ... \
-        python benchmarks/profile_moe.py ncu --shape mixtral_8x7b --tokens 16384 [--impl hf_grouped_mm_compile]
+        python tools/profile_moe.py ncu --shape mixtral_8x7b --tokens 16384 [--impl hf_grouped_mm_compile]
         One call of the chosen implementation between cudaProfilerStart/Stop, after warm-up, so ncu sees only it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the benchmarks' model builders
 
 import torch
 import triton

@@ -7,7 +7,7 @@ program run the same input; the nodes are listed in graph order where they diffe
 (integer outputs: the count of differing elements), with the model source line each came from. `empty`-like nodes
 and their slices differ by design (uninitialised memory) and are not listed.
 This found the DeepSeek sparse-attention indexers' top-k ties (results/onnx_coverage.md, verify's tie note).
-Run: `python benchmarks/onnx_locate.py FAMILY [LENGTH]` (CPU, about a minute).
+Run: `python tools/onnx_locate.py FAMILY [LENGTH]` (CPU, about a minute).
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the benchmarks' model builders
+
 import torch
 from onnx_coverage import untie_constant_weights  # benchmarks/ is the script's directory
 from torch.export.graph_signature import InputKind

@@ -1,8 +1,8 @@
-"""Summarise the Nsight Compute CSVs that benchmarks/profile_device.sh writes (in ncu_profile.tgz) into a markdown
+"""Summarise the Nsight Compute CSVs that tools/profile_device.sh writes (in ncu_profile.tgz) into a markdown
 table: per kernel of 20 us or more, its duration, SM and DRAM throughput, L2 hit rate, grid, and what limits how
 many of its programs fit on an SM.
 
-    python benchmarks/ncu_summary.py benchmarks/results/ncu_profile.tgz > benchmarks/results/ncu_summary.md
+    python tools/ncu_summary.py benchmarks/results/ncu_profile.tgz > benchmarks/results/ncu_summary.md
 """
 from __future__ import annotations
 

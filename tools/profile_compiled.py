@@ -1,9 +1,13 @@
 """Where a compiled whole-model call spends its time: torch.profiler over prefill and one decode step of the
 Qwen3-MoE-shaped model from benchmarks/e2e.py (2 layers), Inductor alone and backend="moecompile".
-Run on the device: `python benchmarks/profile_compiled.py [--phase decode] [--no-profile]` (prints the time per
+Run on the device: `python tools/profile_compiled.py [--phase decode] [--no-profile]` (prints the time per
 call and the top ops by GPU and by host time)."""
 import argparse
+import sys
 import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the benchmarks' model builders
 
 import torch
 import triton.testing
