@@ -53,6 +53,92 @@ def _first_argmax(v, index, SIZE: tl.constexpr):
     return tl.where(idx < SIZE, idx, 0)
 
 
+@triton.jit
+def _zero_counts_and_acc(counts_ptr, acc_ptr, T, H, E, E_PAD: tl.constexpr):
+    """The one program of a fused-dispatch launch zeroes the counts and the output accumulator itself."""
+    experts = tl.arange(0, E_PAD)
+    tl.store(counts_ptr + experts, 0, mask=experts < E)
+    for i in range(0, T * H, 1024):
+        zs = i + tl.arange(0, 1024)
+        tl.store(acc_ptr + zs, 0.0, mask=zs < T * H)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _router_logits(x_ptr, wr_ptr, sg_ptr, rows64, row_ok, cols, col_ok, H, stride_xt, stride_we,
+                   BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
+                   HAS_SHARED_GATE: tl.constexpr, DOT_FP32: tl.constexpr):
+    """The router GEMM over H for BLOCK_T tokens: (logits [BLOCK_T, E_PAD] fp32, the shared gate's pre-sigmoid
+    [BLOCK_T] fp32, zeros without one)."""
+    hs = tl.arange(0, BLOCK_H)
+    acc = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32)
+    sg_acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        h_ok = h0 + hs < H
+        xa = tl.load(x_ptr + rows64[:, None] * stride_xt + (h0 + hs)[None, :],
+                     mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+        wb = tl.load(wr_ptr + cols[None, :].to(tl.int64) * stride_we + (h0 + hs)[:, None],
+                     mask=col_ok[None, :] & h_ok[:, None], other=0.0)
+        if not DOT_FP32:
+            wb = wb.to(xa.dtype)  # an fp32 router beside 16-bit inputs takes the fp32 path (no rounding)
+        acc = mma(xa, wb, acc, DOT_FP32)
+        if HAS_SHARED_GATE:
+            g = tl.load(sg_ptr + h0 + hs, mask=h_ok, other=0.0)
+            sg_acc += tl.sum(xa.to(tl.float32) * g.to(tl.float32)[None, :], axis=1)
+    return acc, sg_acc
+
+
+@triton.jit
+def _keep_top_groups(choice, col_ok, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                     N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr,
+                     GROUP_FILL_ZERO: tl.constexpr):
+    """Grouped top-k's group step: the TOPK_GROUP best groups (by their best score, or the sum of their best two)
+    keep their experts' choice scores; the others' experts get -inf, or 0.0 with GROUP_FILL_ZERO."""
+    # groups of the real size E / N_GROUP; padding columns (E < E_PAD) form extra groups of -inf scores that are
+    # never kept (an earlier version split E_PAD, not E, into N_GROUP groups: wrong for E < 16)
+    GS: tl.constexpr = GROUP_SIZE
+    NG: tl.constexpr = E_PAD // GROUP_SIZE
+    grouped = tl.reshape(choice, (BLOCK_T, NG, GS))
+    best = tl.max(grouped, axis=2)
+    if GROUP_TOP2 and GS > 1:
+        gidx = tl.broadcast_to(tl.arange(0, GS)[None, None, :], (BLOCK_T, NG, GS))
+        first = tl.min(tl.where(grouped == best[:, :, None], gidx, GS), axis=2)
+        second = tl.max(tl.where(gidx == first[:, :, None], float("-inf"), grouped), axis=2)
+        gscore = best + second
+    else:
+        gscore = best
+    gindex = tl.broadcast_to(tl.arange(0, NG)[None, :], (BLOCK_T, NG))
+    gscore = tl.where(gindex < N_GROUP, gscore, float("-inf"))
+    keep = tl.zeros((BLOCK_T, NG), dtype=tl.int32)
+    for _ in tl.static_range(TOPK_GROUP):
+        g = _first_argmax(gscore, gindex, NG)
+        hit = gindex == g[:, None]
+        keep = tl.where(hit, 1, keep)
+        gscore = tl.where(hit, float("-inf"), gscore)
+    keep_e = tl.reshape(tl.broadcast_to(keep[:, :, None], (BLOCK_T, NG, GS)), (BLOCK_T, E_PAD))
+    if GROUP_FILL_ZERO:  # unchosen groups' experts compete at 0.0 (padding columns stay out)
+        kept = tl.where(keep_e != 0, choice, tl.where(col_ok[None, :], 0.0, float("-inf")))
+    else:
+        kept = tl.where(keep_e != 0, choice, float("-inf"))
+    return kept
+
+
+@triton.jit
+def _pick_k(choice, values, index, kcol, K: tl.constexpr, BLOCK_T: tl.constexpr, K_PAD: tl.constexpr,
+            E_PAD: tl.constexpr):
+    """K rounds of first-argmax over `choice`: (the picked experts' `values` [BLOCK_T, K_PAD] fp32, their ids)."""
+    picked = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)
+    picked_id = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int32)
+    for j in tl.static_range(K):
+        e = _first_argmax(choice, index, E_PAD)
+        hit = index == e[:, None]
+        v = tl.sum(tl.where(hit, values, 0.0), axis=1)
+        picked = tl.where(kcol == j, v[:, None], picked)
+        picked_id = tl.where(kcol == j, e[:, None], picked_id)
+        choice = tl.where(hit, float("-inf"), choice)
+    return picked, picked_id
+
+
 @triton.jit(do_not_specialize=["T"])  # one compiled variant for every token count
 def _gating_kernel(
     x_ptr, wr_ptr, br_ptr, corr_ptr, sg_ptr,
@@ -68,38 +154,18 @@ def _gating_kernel(
     DOT_FP32: tl.constexpr, FUSED_DISPATCH: tl.constexpr, BM: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    if FUSED_DISPATCH:  # the only program: it zeroes the counts and the output accumulator itself
-        experts = tl.arange(0, E_PAD)
-        tl.store(counts_ptr + experts, 0, mask=experts < E)
-        for i in range(0, T * H, 1024):
-            zs = i + tl.arange(0, 1024)
-            tl.store(acc_ptr + zs, 0.0, mask=zs < T * H)
-        tl.debug_barrier()
+    if FUSED_DISPATCH:
+        _zero_counts_and_acc(counts_ptr, acc_ptr, T, H, E, E_PAD)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     rows64 = rows.to(tl.int64)
     cols = tl.arange(0, E_PAD)
     col_ok = cols < E
-    hs = tl.arange(0, BLOCK_H)
 
-    acc = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32)
-    sg_acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        h_ok = h0 + hs < H
-        xa = tl.load(x_ptr + rows64[:, None] * stride_xt + (h0 + hs)[None, :],
-                     mask=row_ok[:, None] & h_ok[None, :], other=0.0)
-        wb = tl.load(wr_ptr + cols[None, :].to(tl.int64) * stride_we + (h0 + hs)[:, None],
-                     mask=col_ok[None, :] & h_ok[:, None], other=0.0)
-        if not DOT_FP32:
-            wb = wb.to(xa.dtype)  # an fp32 router beside 16-bit inputs takes the fp32 path (no rounding)
-        acc = mma(xa, wb, acc, DOT_FP32)
-        if HAS_SHARED_GATE:
-            g = tl.load(sg_ptr + h0 + hs, mask=h_ok, other=0.0)
-            sg_acc += tl.sum(xa.to(tl.float32) * g.to(tl.float32)[None, :], axis=1)
+    logits, sg_acc = _router_logits(x_ptr, wr_ptr, sg_ptr, rows64, row_ok, cols, col_ok, H, stride_xt, stride_we,
+                                    BLOCK_T, E_PAD, BLOCK_H, HAS_SHARED_GATE, DOT_FP32)
     if HAS_SHARED_GATE:
         tl.store(sg_out_ptr + rows, tl.sigmoid(sg_acc), mask=row_ok)
-
-    logits = acc
     if HAS_BIAS:
         logits += tl.load(br_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     valid = row_ok[:, None] & col_ok[None, :]
@@ -117,57 +183,21 @@ def _gating_kernel(
                                  taken, counts_ptr, cols, E, sorted_pair_ptr, block_expert_ptr,
                                  block_end_ptr, num_blocks_ptr, BM, 64)
     else:
-        all_ok = row_ok[:, None] & tl.broadcast_to(col_ok[None, :], (BLOCK_T, E_PAD))
+        # select-then-score picks on the logits and scores the k picked; score-then-select picks on the scores
         if SELECT_FIRST:
-            choice = logits
+            values = logits
         else:
-            scores = _score(logits, SCORING, all_ok)
-            choice = scores
+            values = _score(logits, SCORING, row_ok[:, None] & tl.broadcast_to(col_ok[None, :], (BLOCK_T, E_PAD)))
+        choice = values
         if HAS_CORR:
             choice += tl.load(corr_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         choice = tl.where(col_ok[None, :], choice, float("-inf"))
-        index = tl.broadcast_to(cols[None, :], (BLOCK_T, E_PAD))
         if GROUPED:
-            # groups of the real size E / N_GROUP; padding columns (E < E_PAD) form extra groups of -inf scores
-            # that are never kept (an earlier version split E_PAD, not E, into N_GROUP groups: wrong for E < 16)
-            GS: tl.constexpr = GROUP_SIZE
-            NG: tl.constexpr = E_PAD // GROUP_SIZE
-            grouped = tl.reshape(choice, (BLOCK_T, NG, GS))
-            best = tl.max(grouped, axis=2)
-            if GROUP_TOP2 and GS > 1:
-                gidx = tl.broadcast_to(tl.arange(0, GS)[None, None, :], (BLOCK_T, NG, GS))
-                first = tl.min(tl.where(grouped == best[:, :, None], gidx, GS), axis=2)
-                second = tl.max(tl.where(gidx == first[:, :, None], float("-inf"), grouped), axis=2)
-                gscore = best + second
-            else:
-                gscore = best
-            gindex = tl.broadcast_to(tl.arange(0, NG)[None, :], (BLOCK_T, NG))
-            gscore = tl.where(gindex < N_GROUP, gscore, float("-inf"))
-            keep = tl.zeros((BLOCK_T, NG), dtype=tl.int32)
-            for _ in tl.static_range(TOPK_GROUP):
-                g = _first_argmax(gscore, gindex, NG)
-                hit = gindex == g[:, None]
-                keep = tl.where(hit, 1, keep)
-                gscore = tl.where(hit, float("-inf"), gscore)
-            keep_e = tl.reshape(tl.broadcast_to(keep[:, :, None], (BLOCK_T, NG, GS)), (BLOCK_T, E_PAD))
-            if GROUP_FILL_ZERO:  # unchosen groups' experts compete at 0.0 (padding columns stay out)
-                choice = tl.where(keep_e != 0, choice, tl.where(col_ok[None, :], 0.0, float("-inf")))
-            else:
-                choice = tl.where(keep_e != 0, choice, float("-inf"))
-
+            choice = _keep_top_groups(choice, col_ok, BLOCK_T, E_PAD, GROUP_SIZE, N_GROUP, TOPK_GROUP, GROUP_TOP2,
+                                      GROUP_FILL_ZERO)
         kcol = tl.broadcast_to(tl.arange(0, K_PAD)[None, :], (BLOCK_T, K_PAD))
-        picked = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)
-        picked_id = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int32)
-        for j in tl.static_range(K):
-            e = _first_argmax(choice, index, E_PAD)
-            hit = index == e[:, None]
-            if SELECT_FIRST:
-                v = tl.sum(tl.where(hit, logits, 0.0), axis=1)
-            else:
-                v = tl.sum(tl.where(hit, scores, 0.0), axis=1)
-            picked = tl.where(kcol == j, v[:, None], picked)
-            picked_id = tl.where(kcol == j, e[:, None], picked_id)
-            choice = tl.where(hit, float("-inf"), choice)
+        index = tl.broadcast_to(cols[None, :], (BLOCK_T, E_PAD))
+        picked, picked_id = _pick_k(choice, values, index, kcol, K, BLOCK_T, K_PAD, E_PAD)
         k_ok = kcol < K
         if SELECT_FIRST:
             picked = _score(picked, SCORING, k_ok)
