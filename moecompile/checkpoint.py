@@ -379,19 +379,7 @@ def convert(source: str | Path, out: str | Path, routing: str, *, k: int | str |
     Errors (a bad option, a missing or malformed input, a model without MoE blocks) are raised before anything is
     written; a failure while writing removes the partial output."""
     source, out = Path(source), Path(out)
-    check_options(routing, k, coverage)
-    if k == "auto" and calibration is None:
-        raise MoECompileError("--k auto picks k per layer from calibration data: pass --calibration TEXT_FILE, or "
-                              "give k as an integer")
-    if calibration is not None:
-        check_text_file(calibration)
-    config = read_config(source)  # its weight files are checked by the load below, before anything is written
-    check_target(out, source)
-    _refuse_existing(out, overwrite)
-    if routing == "topk" and not (config.get(CONFIG_KEY) or {}).get("routing") == "relu":
-        raise MoECompileError(f"{source}: --routing topk takes a ReLU-routed checkpoint (one `moecompile convert "
-                              "--routing relu` wrote); this one routes top-k already")
-
+    _check_convert_inputs(source, out, routing, k, calibration, coverage, overwrite)
     loaded = _load(source, verify, hf_kwargs)
     left = report(loaded.model).left
     if left:
@@ -410,22 +398,48 @@ def convert(source: str | Path, out: str | Path, routing: str, *, k: int | str |
         "routing": routing, "k": k, "coverage": coverage if k == "auto" else None,
         "calibration": None if calibration is None else Path(calibration).name, "calibration_source": calib_source,
         "calibration_tokens": tokens, "moecompile_version": __version__}]
+    check_batch = (calib[0] if calib else {"input_ids": torch.arange(16)[None] % vocab}) if verify else None
+    cleaned = _write_checkpoint(loaded, model, source, out, history, overwrite, check_batch, hf_kwargs)
+    rep = report(model)
+    rep.message = "; ".join([f"converted {source} -> {out} ({routing} routing; calibration: "
+                             f"{calib_source or 'none'})", *cleaned])
+    return rep
 
+
+def _check_convert_inputs(source: Path, out: Path, routing: str, k, calibration, coverage: float,
+                          overwrite: bool) -> None:
+    """Every check convert can make before loading the model: options, the calibration file, the source's config,
+    the output path, and that a top-k rewrite starts from a ReLU checkpoint."""
+    check_options(routing, k, coverage)
+    if k == "auto" and calibration is None:
+        raise MoECompileError("--k auto picks k per layer from calibration data: pass --calibration TEXT_FILE, or "
+                              "give k as an integer")
+    if calibration is not None:
+        check_text_file(calibration)
+    config = read_config(source)  # its weight files are checked by the load, before anything is written
+    check_target(out, source)
+    _refuse_existing(out, overwrite)
+    if routing == "topk" and not (config.get(CONFIG_KEY) or {}).get("routing") == "relu":
+        raise MoECompileError(f"{source}: --routing topk takes a ReLU-routed checkpoint (one `moecompile convert "
+                              "--routing relu` wrote); this one routes top-k already")
+
+
+def _write_checkpoint(loaded, model, source: Path, out: Path, history: list, overwrite: bool,
+                      check_batch: dict | None, hf_kwargs: dict) -> list[str]:
+    """Writes the converted checkpoint into a staging folder beside `out`, reloads and checks it (with a
+    check_batch), then puts it in place; on any failure the staging folder is removed. Returns the notes of what an
+    earlier interrupted run had left and was cleaned."""
     with os_errors(f"writing {out}"), exclusive(out) as cleaned:
         for note in cleaned:
-            warnings.warn(f"moecompile: {note}", stacklevel=2)
+            warnings.warn(f"moecompile: {note}", stacklevel=3)
         _refuse_existing(out, overwrite, cleaned)  # again, under the lock: an earlier run's output may be back
         tmp = staging_dir(out)
         try:
             _write(loaded, model, source, tmp, history)
-            if verify:
-                check_batch = calib[0] if calib else {"input_ids": torch.arange(16)[None] % vocab}
+            if check_batch is not None:
                 _check_reload(tmp, model, check_batch, hf_kwargs)
             place(tmp, out, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    rep = report(model)
-    rep.message = "; ".join([f"converted {source} -> {out} ({routing} routing; calibration: "
-                             f"{calib_source or 'none'})", *cleaned])
-    return rep
+    return cleaned

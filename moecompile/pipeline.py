@@ -71,39 +71,16 @@ def optimize(model: nn.Module, *, verify: bool = True, strict: bool = False, inp
 
     Returns the optimized model; `moecompile.report(model)` gives the pass log.
     """
-    if not isinstance(model, nn.Module):
-        raise MoECompileError(f"optimize: expected a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model)
     options = _check_options(options)
-    if next(model.parameters(), None) is None:
-        raise MoECompileError(f"optimize: {type(model).__name__} has no parameters; pass the model, not its class "
-                              "or an empty container")
-    on_meta = [name for name, p in model.named_parameters() if p.is_meta]
-    if on_meta:
-        raise MoECompileError(f"optimize: {len(on_meta)} parameters of {type(model).__name__} are on the meta device "
-                              f"(e.g. {on_meta[0]}): they hold no values, so no block can be read or checked. Load "
-                              "the weights first (from_pretrained, or load_state_dict(..., assign=True)), then "
-                              "optimize")
     target = model if inplace else _structural_copy(model)
     report = Report(model_type=type(model).__name__,
                     options={"verify": verify, "strict": strict, "inplace": inplace, **options})
     ctx = PassContext(model=target, report=report, verify=verify, seed=options.get("seed", 0))
     PassManager(ANALYSIS_PASSES).run(ctx)
     if not report.blocks:
-        report.message = (f"no MoE block found in {type(model).__name__}: nothing was changed. moecompile looks for "
-                          "a router weight [E, H] beside E experts (a ModuleList of MLPs or [E, ...] weights)")
-        warnings.warn("moecompile: " + report.message, stacklevel=2)
-        _REPORTS[model] = report
-        return model
-    left = [b for b in report.blocks if b.decision == "left"]
-    if strict and left:
-        lines = "; ".join(f"layer {b.path or '<root>'}: {b.reason}" for b in left)
-        raise MoECompileError(f"optimize(strict=True): {len(left)} MoE block(s) left alone: {lines}. "
-                              "Pass strict=False to keep them as they are")
-    if "routing" in options:  # before anything changes
-        try:
-            check_routing_options(options["routing"], options.get("k"), options.get("coverage", DEFAULT_COVERAGE))
-        except MoECompileError as exc:
-            raise MoECompileError(f"optimize: {exc}") from None
+        return _nothing_found(model, report)
+    _check_before_changes(report, strict, options)
     PassManager([FusePass]).run(ctx)
     if "routing" in options:
         ctx.model = _rewrite_routing(ctx, model, options)
@@ -114,6 +91,44 @@ def optimize(model: nn.Module, *, verify: bool = True, strict: bool = False, inp
         warnings.warn(f"moecompile: {len(report.left)} of {len(report.blocks)} MoE blocks left as they were; "
                       "see moecompile.report(model)", stacklevel=2)
     return target
+
+
+def _check_model(model: nn.Module) -> None:
+    """Refuse what optimize cannot read: not a module, no parameters, parameters on the meta device."""
+    if not isinstance(model, nn.Module):
+        raise MoECompileError(f"optimize: expected a torch.nn.Module, got {type(model).__name__}")
+    if next(model.parameters(), None) is None:
+        raise MoECompileError(f"optimize: {type(model).__name__} has no parameters; pass the model, not its class "
+                              "or an empty container")
+    on_meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if on_meta:
+        raise MoECompileError(f"optimize: {len(on_meta)} parameters of {type(model).__name__} are on the meta device "
+                              f"(e.g. {on_meta[0]}): they hold no values, so no block can be read or checked. Load "
+                              "the weights first (from_pretrained, or load_state_dict(..., assign=True)), then "
+                              "optimize")
+
+
+def _nothing_found(model: nn.Module, report: Report) -> nn.Module:
+    """The model unchanged, with a report and a warning saying what moecompile looked for."""
+    report.message = (f"no MoE block found in {type(model).__name__}: nothing was changed. moecompile looks for "
+                      "a router weight [E, H] beside E experts (a ModuleList of MLPs or [E, ...] weights)")
+    warnings.warn("moecompile: " + report.message, stacklevel=3)
+    _REPORTS[model] = report
+    return model
+
+
+def _check_before_changes(report: Report, strict: bool, options: dict) -> None:
+    """strict=True with a block left, or routing options that cannot run: raise before anything is swapped."""
+    left = [b for b in report.blocks if b.decision == "left"]
+    if strict and left:
+        lines = "; ".join(f"layer {b.path or '<root>'}: {b.reason}" for b in left)
+        raise MoECompileError(f"optimize(strict=True): {len(left)} MoE block(s) left alone: {lines}. "
+                              "Pass strict=False to keep them as they are")
+    if "routing" in options:
+        try:
+            check_routing_options(options["routing"], options.get("k"), options.get("coverage", DEFAULT_COVERAGE))
+        except MoECompileError as exc:
+            raise MoECompileError(f"optimize: {exc}") from None
 
 
 def _rewrite_routing(ctx: PassContext, model: nn.Module, options: dict) -> nn.Module:

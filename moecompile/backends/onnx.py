@@ -143,29 +143,11 @@ def export_onnx(model: nn.Module, path, example_inputs, *, dynamic: bool = True,
         mismatch over the tolerance (VERIFY_TOLERANCE) is an error and nothing is left at `path`.
     external_data: weights in `<path>.data` beside the file; None (the default): when the model is over 2 GB.
     """
-    if moe_op not in MOE_OPS:
-        raise MoECompileError(f"export_onnx: moe_op={moe_op!r} is not one of {MOE_OPS}")
-    path = Path(path)
-    if path.is_dir():
-        raise MoECompileError(f"export_onnx: {path} is an existing folder; pass a file path <name>.onnx (inside the "
-                              "folder, or elsewhere)")
-    if path.suffix != ".onnx":
-        raise MoECompileError(f"export_onnx: {path} does not end in .onnx; name the output file <name>.onnx")
-    if not path.parent.is_dir():
-        raise MoECompileError(f"export_onnx: the directory {path.parent} does not exist; create it first")
+    path = _check_export_target(path, moe_op)
     args, kwargs = _as_args(example_inputs)
     start = time.perf_counter()
     hf = hasattr(model, "config") and hasattr(model, "can_generate")
-    exported = _structural_copy(model).eval()  # shares the weights: a second copy of a large model may not fit
-    if not any(isinstance(m, FusedMoE) for m in exported.modules()):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            exported = optimize(exported, inplace=True)  # a new module when the root itself is the block
-    known = _report_or_none(exported) or _report_or_none(model)
-    rep = copy.deepcopy(known) if known is not None else Report(model_type=type(model).__name__)
-    for path_, kind in _choose_lowerings(exported, moe_op, rep).items():
-        module = exported.get_submodule(path_)
-        module.lowering = onnx_lowering.lowering_for(kind, module.spec, module.weights())
+    exported, rep = _lowered_copy(model, moe_op)
     wrapper = _Outputs(exported, len(args), list(kwargs), hf).eval()
     inputs = (*args, *kwargs.values())
     names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
@@ -183,21 +165,58 @@ def export_onnx(model: nn.Module, path, example_inputs, *, dynamic: bool = True,
             onnx_if.splice_file(tmp_file, opset, _torch_onnx_export)
         _check(tmp_file)
         if verify:
-            verify_start = time.perf_counter()
-            was_training = model.training
-            try:
-                err, lengths, ties = _verify(tmp_file, _Outputs(model.eval(), len(args), list(kwargs), hf), inputs,
-                                       dynamic)
-            finally:
-                model.train(was_training)
-            rep.passes.append(PassRun(name="verify_onnxruntime", seconds=time.perf_counter() - verify_start,
-                                      modified=False, note=f"max error {err:.1e} of max |output| at lengths "
-                                                           f"{'/'.join(map(str, lengths))}"
-                                                           + (f" ({ties})" if ties else "")))
-            _write_report(tmp_file, rep)  # the file's log gets its verify line
+            _verify_into_report(tmp_file, model, args, kwargs, hf, inputs, dynamic, rep)
         for produced in Path(tmp).iterdir():  # the model and its external data, if any
             shutil.move(str(produced), str(path.parent / produced.name))
     return path
+
+
+def _check_export_target(path, moe_op: str) -> Path:
+    """The output path as a Path, after refusing a bad moe_op, a folder, a name not ending in .onnx or a missing
+    parent folder (before any work)."""
+    if moe_op not in MOE_OPS:
+        raise MoECompileError(f"export_onnx: moe_op={moe_op!r} is not one of {MOE_OPS}")
+    path = Path(path)
+    if path.is_dir():
+        raise MoECompileError(f"export_onnx: {path} is an existing folder; pass a file path <name>.onnx (inside the "
+                              "folder, or elsewhere)")
+    if path.suffix != ".onnx":
+        raise MoECompileError(f"export_onnx: {path} does not end in .onnx; name the output file <name>.onnx")
+    if not path.parent.is_dir():
+        raise MoECompileError(f"export_onnx: the directory {path.parent} does not exist; create it first")
+    return path
+
+
+def _lowered_copy(model: nn.Module, moe_op: str) -> tuple[nn.Module, Report]:
+    """A structural copy of `model` (sharing its weights: a second copy of a large model may not fit), optimized
+    if it was not, with each FusedMoE's ONNX lowering chosen; and the pass log the file will carry."""
+    exported = _structural_copy(model).eval()
+    if not any(isinstance(m, FusedMoE) for m in exported.modules()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exported = optimize(exported, inplace=True)  # a new module when the root itself is the block
+    known = _report_or_none(exported) or _report_or_none(model)
+    rep = copy.deepcopy(known) if known is not None else Report(model_type=type(model).__name__)
+    for path_, kind in _choose_lowerings(exported, moe_op, rep).items():
+        module = exported.get_submodule(path_)
+        module.lowering = onnx_lowering.lowering_for(kind, module.spec, module.weights())
+    return exported, rep
+
+
+def _verify_into_report(tmp_file: Path, model: nn.Module, args, kwargs, hf: bool, inputs, dynamic: bool,
+                        rep: Report) -> None:
+    """onnxruntime on the written file against the original model in PyTorch (raises over the tolerance); the
+    result becomes the log's verify line, in the file's metadata too."""
+    verify_start = time.perf_counter()
+    was_training = model.training
+    try:
+        err, lengths, ties = _verify(tmp_file, _Outputs(model.eval(), len(args), list(kwargs), hf), inputs, dynamic)
+    finally:
+        model.train(was_training)
+    rep.passes.append(PassRun(name="verify_onnxruntime", seconds=time.perf_counter() - verify_start,
+                              modified=False, note=f"max error {err:.1e} of max |output| at lengths "
+                                                   f"{'/'.join(map(str, lengths))}" + (f" ({ties})" if ties else "")))
+    _write_report(tmp_file, rep)
 
 
 REPORT_KEY = "moecompile.pass_log"  # the file's metadata entry holding export_onnx's Report as JSON
