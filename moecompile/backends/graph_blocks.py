@@ -573,83 +573,99 @@ def find_blocks(gm: fx.GraphModule, example_inputs: list, report: Report, verify
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     value_of = dict(zip(placeholders, example_inputs))
-    blocks = []
     regions, all_regions, unread = _regions(gm)
     if unread:
         report.message = ("; ".join(dict.fromkeys(unread)) + ". Fix: run moecompile.optimize(model) before "
                           "torch.compile, which fuses the block before dynamo traces it")
+    blocks = []
     for region in regions:
-        record = BlockRecord(path=region.path, module_type=region.module_type)
-        if region.extra_inputs and _symbolic_sizes(region) is None:
-            record.leave(f"the block takes inputs besides its hidden states ({[n.name for n in region.extra_inputs]})"
-                         "; moecompile fuses blocks that map hidden states alone")
-            report.blocks.append(record)
-            continue
-        signature = _signature(region, value_of)
-        weights_key = _weights_key(region, value_of)
-        # a capacity baked in for this token count (graph_capacity.py): read afresh at each token count
-        capacity = baked_capacity(region.nodes)
-        described, exact = _lookup(signature) if verify and capacity is None else (None, False)
-        block = RegionBlock(region, value_of, gm, all_regions)
-        reading = block
-        if capacity is not None:
-            reading = RegionBlock(region, value_of, gm, all_regions)
-            too_large = lift(reading, capacity, signature.tokens, region.num_experts)
-            if too_large:
-                record.leave(f"its expert capacity is a constant in this graph ({capacity} at {signature.tokens} "
-                             f"tokens); {too_large}. Fix: run moecompile.optimize(model) before torch.compile (the "
-                             "eager block keeps its capacity factor)")
-                report.blocks.append(record)
-                continue
-        earlier = described.confirmed.get(weights_key) if described is not None else None
-        if earlier is not None and exact:
-            record = replace(earlier, path=region.path, seconds=0.0, confirm_tokens=list(earlier.confirm_tokens))
-            record.method += "; these weights confirmed when an earlier graph compiled"
-            report.blocks.append(record)
-            blocks.append(GraphBlock(record, region, block, described.description, described))
-            continue
-        ctx = PassContext(model=reading, report=Report(model_type=region.module_type), verify=verify, seed=seed)
-        if described is None:
-            passes = ANALYSIS_PASSES
-        else:
-            note = "" if exact else " up to the token count"
-            narrowed = dict(rerandomized=False)
-            if earlier is not None:  # these weights, confirmed at another token count
-                note += (f"; these weights confirmed at {described.signature.tokens} tokens, spot-checked at "
-                         f"{signature.tokens}")
-                narrowed.update(shapes=((1, signature.tokens),), kernels=False)
-            passes = (DetectPass, _ReuseDescription(described, note), ConfirmPass(**narrowed))
-        PassManager(passes).run(ctx)
-        inner = next((b for b in ctx.report.blocks if b.path == ""), None)
-        if inner is None:
-            record.leave("a router feeding experts was found in the graph, but the core reads no MoE block in it: "
-                         + (ctx.report.blocks[0].reason if ctx.report.blocks else "no router beside experts"))
-        else:
-            inner.path, inner.module_type = region.path, region.module_type
-            record = inner
-        if capacity is not None and record.decision == "pending":
-            capped, note = with_capacity(block, ctx.descriptions[""], capacity, _shape(region.activation), seed)
-            if capped is not None:
-                ctx.descriptions[""] = capped
-                record.spec, record.spec_summary, record.method = (capped.spec.to_dict(), capped.spec.summary(),
-                                                                   record.method + note)
-            else:
-                record.leave(note)
-        if capacity is not None and record.decision == "left":
-            record.reason = (
-                f"its expert capacity is a constant in this graph ({capacity} at {signature.tokens} tokens), read "
-                f"apart from the rest of the block, which failed: {record.reason}. Fix: run moecompile.optimize(model) "
-                "before torch.compile (the eager block keeps its capacity factor)")
-        description = ctx.descriptions.get("")
-        if described is None and description is not None and record.decision == "pending" and verify \
-                and capacity is None:
-            described = _Described(description, region.path, signature)  # confirmed with re-randomised weights too
-            _DESCRIBED[signature.key] = described
-        if described is not None and record.decision == "pending" and earlier is None:
-            described.confirmed[weights_key] = replace(record, confirm_tokens=list(record.confirm_tokens))
+        record, block = _read_region(region, value_of, gm, all_regions, verify, seed)
         report.blocks.append(record)
-        blocks.append(GraphBlock(record, region, block, description, described))
+        if block is not None:
+            blocks.append(block)
     return blocks
+
+
+def _read_region(region: Region, value_of: dict, gm: fx.GraphModule, all_regions, verify: bool, seed: int
+                 ) -> tuple[BlockRecord, GraphBlock | None]:
+    """One region's record, and its GraphBlock unless it was left before reading."""
+    record = BlockRecord(path=region.path, module_type=region.module_type)
+    if region.extra_inputs and _symbolic_sizes(region) is None:
+        record.leave(f"the block takes inputs besides its hidden states ({[n.name for n in region.extra_inputs]})"
+                     "; moecompile fuses blocks that map hidden states alone")
+        return record, None
+    signature = _signature(region, value_of)
+    weights_key = _weights_key(region, value_of)
+    # a capacity baked in for this token count (graph_capacity.py): read afresh at each token count
+    capacity = baked_capacity(region.nodes)
+    described, exact = _lookup(signature) if verify and capacity is None else (None, False)
+    block = RegionBlock(region, value_of, gm, all_regions)
+    reading = block
+    if capacity is not None:
+        reading = RegionBlock(region, value_of, gm, all_regions)
+        too_large = lift(reading, capacity, signature.tokens, region.num_experts)
+        if too_large:
+            record.leave(f"its expert capacity is a constant in this graph ({capacity} at {signature.tokens} "
+                         f"tokens); {too_large}. Fix: run moecompile.optimize(model) before torch.compile (the "
+                         "eager block keeps its capacity factor)")
+            return record, None
+    earlier = described.confirmed.get(weights_key) if described is not None else None
+    if earlier is not None and exact:
+        record = replace(earlier, path=region.path, seconds=0.0, confirm_tokens=list(earlier.confirm_tokens))
+        record.method += "; these weights confirmed when an earlier graph compiled"
+        return record, GraphBlock(record, region, block, described.description, described)
+    ctx = PassContext(model=reading, report=Report(model_type=region.module_type), verify=verify, seed=seed)
+    PassManager(_region_passes(described, exact, earlier, signature)).run(ctx)
+    inner = next((b for b in ctx.report.blocks if b.path == ""), None)
+    if inner is None:
+        record.leave("a router feeding experts was found in the graph, but the core reads no MoE block in it: "
+                     + (ctx.report.blocks[0].reason if ctx.report.blocks else "no router beside experts"))
+    else:
+        inner.path, inner.module_type = region.path, region.module_type
+        record = inner
+    if capacity is not None:
+        _add_capacity(record, ctx, block, capacity, region, signature, seed)
+    description = ctx.descriptions.get("")
+    if described is None and description is not None and record.decision == "pending" and verify \
+            and capacity is None:
+        described = _Described(description, region.path, signature)  # confirmed with re-randomised weights too
+        _DESCRIBED[signature.key] = described
+    if described is not None and record.decision == "pending" and earlier is None:
+        described.confirmed[weights_key] = replace(record, confirm_tokens=list(record.confirm_tokens))
+    return record, GraphBlock(record, region, block, description, described)
+
+
+def _region_passes(described: _Described | None, exact: bool, earlier: BlockRecord | None,
+                   signature: Signature) -> tuple:
+    """The passes a region gets: all of the analysis for a new program; for one read before, its description
+    reused and a confirmation narrowed to what differs (these weights at another token count: one spot check)."""
+    if described is None:
+        return ANALYSIS_PASSES
+    note = "" if exact else " up to the token count"
+    narrowed = dict(rerandomized=False)
+    if earlier is not None:  # these weights, confirmed at another token count
+        note += f"; these weights confirmed at {described.signature.tokens} tokens, spot-checked at {signature.tokens}"
+        narrowed.update(shapes=((1, signature.tokens),), kernels=False)
+    return (DetectPass, _ReuseDescription(described, note), ConfirmPass(**narrowed))
+
+
+def _add_capacity(record: BlockRecord, ctx: PassContext, block: RegionBlock, capacity: int, region: Region,
+                  signature: Signature, seed: int) -> None:
+    """The baked capacity put back into a region read as plain top-k (graph_capacity.with_capacity), or the
+    record left saying why."""
+    if record.decision == "pending":
+        capped, note = with_capacity(block, ctx.descriptions[""], capacity, _shape(region.activation), seed)
+        if capped is not None:
+            ctx.descriptions[""] = capped
+            record.spec, record.spec_summary, record.method = (capped.spec.to_dict(), capped.spec.summary(),
+                                                               record.method + note)
+        else:
+            record.leave(note)
+    if record.decision == "left":
+        record.reason = (
+            f"its expert capacity is a constant in this graph ({capacity} at {signature.tokens} tokens), read "
+            f"apart from the rest of the block, which failed: {record.reason}. Fix: run moecompile.optimize(model) "
+            "before torch.compile (the eager block keeps its capacity factor)")
 
 
 def _fused_call(description: Description, rel_paths: list[str], path: str, template: nn.Module,
