@@ -31,7 +31,7 @@ from ..probes import aimed_inputs, neighbours
 from ..routing import float_weights
 from ..train_mode import eval_only_reason
 from .base import MATCH_RTOL, DescribeError, Description, rel_err
-from .experts import describe_shared, list_hypothesis, match_stacked_alone, stacked_hypotheses
+from .experts import ExpertsHypothesis, describe_shared, list_hypothesis, match_stacked_alone, stacked_hypotheses
 from .outputs import aux_err, fit_aux, fit_scale, leaf_kind, read_leaves
 from .router import RouterHypothesis, k_candidates, router_hypotheses, router_weights
 from .tensors import canonical, get_tensor, rel_module, rel_ref
@@ -65,18 +65,7 @@ def describe(candidate: Candidate, *, seed: int = 0) -> Description:
     method = ("ops traced" if census else "ops not traced (search in default order)") + where
     flat_x = x.reshape(-1, H)
 
-    # experts first, alone where the container can be called alone
-    if candidate.experts_list is not None:
-        expert_hyps = [list_hypothesis(candidate, probe, flat_x[:8])]
-    else:
-        expert_hyps = stacked_hypotheses(candidate)
-        if not expert_hyps:
-            raise DescribeError("expert tensors have no gate/up/down reading consistent with hidden size "
-                                f"{H}: shapes {[tuple(r.tensor.shape) for r in candidate.stacked]}")
-        alone = match_stacked_alone(candidate, probe, expert_hyps, flat_x, gen)
-        if alone is not None:
-            expert_hyps = [alone]
-
+    expert_hyps = _expert_readings(candidate, probe, flat_x, gen)
     shared_spec, shared_extract = describe_shared(candidate, probe, flat_x[:8])
     router_hyps = router_hypotheses(candidate, census, k_candidates(candidate))
     best = (float("inf"), "")
@@ -93,15 +82,35 @@ def describe(candidate: Candidate, *, seed: int = 0) -> Description:
             return replace(found, spec=_with_autocast(found.spec, probe),
                            train_note=eval_only_reason(candidate.module, probe, H, seed))
         best = found
+    raise _not_found(candidate, probe, x if input_rank == 3 else flat_x, refused, best)
+
+
+def _expert_readings(candidate: Candidate, probe: nn.Module, flat_x: torch.Tensor, gen: torch.Generator
+                     ) -> list[ExpertsHypothesis]:
+    """The routed experts' readings, matched alone where the container can be called alone (a listed expert, an HF
+    `*Experts` module): then one."""
+    if candidate.experts_list is not None:
+        return [list_hypothesis(candidate, probe, flat_x[:8])]
+    readings = stacked_hypotheses(candidate)
+    if not readings:
+        raise DescribeError("expert tensors have no gate/up/down reading consistent with hidden size "
+                            f"{candidate.hidden_size}: shapes {[tuple(r.tensor.shape) for r in candidate.stacked]}")
+    alone = match_stacked_alone(candidate, probe, readings, flat_x, gen)
+    return readings if alone is None else [alone]
+
+
+def _not_found(candidate: Candidate, probe: nn.Module, x: torch.Tensor, refused: list[str],
+               best: tuple[float, str]) -> DescribeError:
+    """Why no reading was taken: readings refused on aimed inputs, expert-choice routing, or the closest miss."""
     if refused:
-        raise DescribeError("descriptions reproduce the block on random inputs but not on inputs aimed at their "
-                            f"differences: {'; '.join(refused[:3])}; the block's routing is not pinned down by any "
-                            "description moecompile expresses")
-    chooser = _expert_choice(candidate, probe, x if input_rank == 3 else flat_x)
+        return DescribeError("descriptions reproduce the block on random inputs but not on inputs aimed at their "
+                             f"differences: {'; '.join(refused[:3])}; the block's routing is not pinned down by any "
+                             "description moecompile expresses")
+    chooser = _expert_choice(candidate, probe, x)
     if chooser is not None:
-        raise DescribeError(chooser)
-    raise DescribeError(f"no description reproduces the block (closest: {best[1] or 'none'}, "
-                        f"rel err {best[0]:.2e}); its routing or experts use a form moecompile does not express")
+        return DescribeError(chooser)
+    return DescribeError(f"no description reproduces the block (closest: {best[1] or 'none'}, "
+                         f"rel err {best[0]:.2e}); its routing or experts use a form moecompile does not express")
 
 
 def _with_autocast(spec: MoESpec, probe: nn.Module) -> MoESpec:
