@@ -10,6 +10,7 @@ byte-level model expects and still gives a router realistic, non-uniform inputs.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -68,7 +69,7 @@ def random_batches(vocab_size: int, seq_len: int, count: int, seed: int = 0) -> 
             f"random token ids (seed {seed})")
 
 
-def vocab_size_of(config) -> int:
+def vocab_size_of(config: Any) -> int:
     """config.vocab_size, or that of its text sub-config (multimodal models)."""
     for cfg in (config, getattr(config, "text_config", None)):
         vocab = getattr(cfg, "vocab_size", None)

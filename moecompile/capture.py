@@ -10,6 +10,8 @@ only to order its hypotheses; when the block fails under it the census is empty 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -40,7 +42,7 @@ def _flatten(out, leaves: list) -> object:
                     "(nested) tuples of tensors")
 
 
-def split_output(out) -> tuple[torch.Tensor, torch.Tensor | Leaves | None]:
+def split_output(out: Any) -> tuple[torch.Tensor, torch.Tensor | Leaves | None]:
     """(hidden_states, auxiliary) from what a block returned: a tensor, a (tensor, tensor) pair (auxiliary: that
     tensor), or a tuple whose first item is the hidden states and whose others are tensors or tuples of them
     (auxiliary: Leaves)."""
@@ -58,7 +60,7 @@ def split_output(out) -> tuple[torch.Tensor, torch.Tensor | Leaves | None]:
                     "tensor, or a tuple of the hidden states first and tensors (or tuples of them) after")
 
 
-def outputs_to(outputs: tuple, device) -> tuple:
+def outputs_to(outputs: tuple, device: torch.device | str) -> tuple:
     """(hidden_states, auxiliary) as split_output gives them, moved to `device`."""
     y, aux = outputs
     if isinstance(aux, Leaves):

@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,6 +37,7 @@ from .calibration_text import check_text_file, text_batches, vocab_size_of
 from .errors import MoECompileError
 from .fused import FusedMoE
 from .outdir import check_target, exclusive, os_errors, place, staging_dir
+from .passes.log import Report
 from .passes.routing import DEFAULT_COVERAGE, RoutingChange, check_options
 from .pipeline import optimize, record_routing, report, rewrite_routing
 from .progress import ProgressBar
@@ -371,7 +373,7 @@ def _refuse_existing(out: Path, overwrite: bool, notes: list[str] = ()) -> None:
 def convert(source: str | Path, out: str | Path, routing: str, *, k: int | str | None = None,
             calibration: str | Path | None = None, seq_len: int = 256, batches: int = 16,
             coverage: float = DEFAULT_COVERAGE, overwrite: bool = False, verify: bool = True,
-            progress: bool = True, **hf_kwargs):
+            progress: bool = True, **hf_kwargs: Any) -> Report:
     """Rewrite the routing of the saved HF model in `source` and write the result to `out` (see the module doc).
 
     routing: "relu" (TopK -> ReLU, calibrated on `calibration`, a text file) or "topk" (ReLU -> TopK with k an int

@@ -69,7 +69,7 @@ class FusedMoE(nn.Module):
     def weights(self) -> MoEWeights:
         return MoEWeights(**{name: getattr(self, name) for name in self._weight_names})
 
-    def forward(self, hidden_states: torch.Tensor):
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple:
         if self.training and self.eval_only_reason is not None:
             raise MoECompileError(
                 f"FusedMoE {self.source_path or '<block>'} is fused for eval mode only: the original block "
@@ -85,7 +85,8 @@ class FusedMoE(nn.Module):
 
 def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *, spec_json: str | None = None,
               backend: str = "auto", router_tap: nn.Module | None = None, source_path: str = "",
-              through_op: bool = False, lowering: nn.Module | None = None, logits_hooks: tuple = ()):
+              through_op: bool = False, lowering: nn.Module | None = None, logits_hooks: tuple = ()
+              ) -> torch.Tensor | tuple:
     """What a FusedMoE computes, for weights passed in: FusedMoE.forward, and the torch.compile backend's graph
     calls (which rebuild the weights from the graph's parameter inputs each call). through_op: always the
     registered op (kernels where they run, the reference elsewhere), which Inductor can trace on any device.

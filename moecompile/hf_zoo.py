@@ -12,8 +12,12 @@ import functools
 import importlib
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 _MOE_CLASS = re.compile(r"^class \w*(Experts|MoE|Moe|SparseMoe|SparseMLP)\w*\(", re.M)
 
@@ -86,7 +90,7 @@ def _reads_mrope(family: str) -> bool:
     return any("mrope_section" in f.read_text(errors="ignore") for f in (_models_dir() / family).glob("modeling_*.py"))
 
 
-def small_config(family: str, experts_implementation: str | None = None):
+def small_config(family: str, experts_implementation: str | None = None) -> PretrainedConfig:
     config_cls, _ = _config_and_model_classes(family)
     config = config_cls()
     _shrink(config)

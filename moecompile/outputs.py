@@ -45,7 +45,8 @@ class _Computed:
 
 
 def block_outputs(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None, y: torch.Tensor,
-                  logits: torch.Tensor, slot_weights: torch.Tensor | None, routing: Routing | None, dtype):
+                  logits: torch.Tensor, slot_weights: torch.Tensor | None, routing: Routing | None,
+                  dtype: torch.dtype) -> torch.Tensor | tuple:
     """y (already in the block's output shape), or the tuple the block returns. `routing`: the reference's, when it
     computed the block, else None; `dtype`: the input's, for the logits and weights returned."""
     if spec.outputs is None and spec.extra_output == "none":

@@ -9,6 +9,8 @@ hook installer finds it, and that carries over any recording hook already instal
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -22,7 +24,7 @@ class RouterLogitsTap(nn.Module):
         nn.Module.__init__(self)
         self.index = index
 
-    def forward(self, router_logits: torch.Tensor):
+    def forward(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (router_logits,) * (self.index + 1)
 
     impersonates: type | None = None  # the router class a generated subclass stands in for
@@ -64,7 +66,7 @@ def _recorded_router(model: nn.Module, block: nn.Module) -> tuple[nn.Module, typ
     return None
 
 
-def is_recording_hook(hook) -> bool:
+def is_recording_hook(hook: Callable) -> bool:
     """Whether a forward hook is one transformers installed to record outputs (the tap carries those)."""
     return getattr(hook, "__module__", "").startswith("transformers.")
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -395,7 +396,7 @@ class MoEWeights:
                 got = None if tensor is None else tuple(tensor.shape)
                 raise ValueError(f"weights.{name} should have shape {shape}, got {got}")
 
-    def items(self):
+    def items(self) -> Iterator[tuple[str, torch.Tensor | None]]:
         for field in dataclasses.fields(self):
             yield field.name, getattr(self, field.name)
 

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -58,7 +59,7 @@ def _inductor(gm: fx.GraphModule, example_inputs: list, mode: str | None, induct
 
 
 def moecompile_backend(gm: fx.GraphModule, example_inputs: list, *, mode: str | None = None,
-                       options: dict | None = None):
+                       options: dict | None = None) -> Callable:
     """The registered backend: torch.compile(model, backend="moecompile", mode=..., options={...})."""
     ours, inductor_options = _split_options(options)
     start = time.perf_counter()
@@ -81,7 +82,7 @@ def moecompile_backend(gm: fx.GraphModule, example_inputs: list, *, mode: str | 
     return _inductor(gm, example_inputs, mode, inductor_options)
 
 
-def backend(**options: Any):
+def backend(**options: Any) -> Callable:
     """A configured backend: torch.compile(model, backend=moecompile.backend(inductor=False, verify=True)).
     Options: inductor (bool, default True), verify (bool), seed (int), and any Inductor config option."""
     ours, _ = _split_options(options)

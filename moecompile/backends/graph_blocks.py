@@ -95,7 +95,7 @@ class SymbolicSizes:
     dims: dict  # sympy symbol -> activation dim
     exprs: list  # sympy expression per extra input, in order
 
-    def values(self, shape) -> list[int]:
+    def values(self, shape: tuple[int, ...]) -> list[int]:
         subs = {sym: shape[d] for sym, d in self.dims.items()}
         return [int(e.subs(subs)) for e in self.exprs]
 
@@ -317,7 +317,7 @@ class RegionBlock(nn.Module):
             owner = getattr(owner, name)
         return owner
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple:
         """Dynamo specialises a graph to its input's shape (sizes become constants in views and aranges), so the
         region runs on chunks of exactly that shape: x's tokens in order, the last chunk padded with zeros."""
         params = [self.get_parameter(p) if _is_param(self, p) else self.get_buffer(p) for p in self._rel_paths]

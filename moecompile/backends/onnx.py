@@ -18,6 +18,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,7 +49,7 @@ class _Outputs(nn.Module):
         return main_output(self.model(*inputs[:self.n_args], **kwargs))
 
 
-def main_output(out) -> torch.Tensor:
+def main_output(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     for name in ("logits", "last_hidden_state"):
@@ -129,8 +130,9 @@ def _choose_lowerings(model: nn.Module, moe_op: str, rep: Report) -> dict[str, s
     return choice
 
 
-def export_onnx(model: nn.Module, path, example_inputs, *, dynamic: bool = True, moe_op: str = "auto",
-                verify: bool = False, opset: int = 18, external_data: bool | None = None) -> Path:
+def export_onnx(model: nn.Module, path: str | Path, example_inputs: torch.Tensor | tuple | dict, *,
+                dynamic: bool = True, moe_op: str = "auto", verify: bool = False, opset: int = 18,
+                external_data: bool | None = None) -> Path:
     """Export `model` (optimized on a copy if it was not) to ONNX at `path`; returns the path.
 
     example_inputs: a tensor, a tuple of tensors, or a dict of keyword tensors (an HF model: {"input_ids": ids});
@@ -232,7 +234,7 @@ def _write_report(path: Path, rep: Report) -> None:
     onnx.save(model, str(path))
 
 
-def export_report(path) -> Report:
+def export_report(path: str | Path) -> Report:
     """The pass log export_onnx wrote into the file at `path` (lowering per block, export and verify)."""
     path = Path(path)
     if not path.is_file():

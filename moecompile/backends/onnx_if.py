@@ -17,11 +17,14 @@ onnxruntime copies a branch's output that is an outer-scope value (256 MB: 24 ms
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..reference import Routing
 from ..spec import MoESpec, MoEWeights
 from ..state import kept
 from .onnx_grouped import all_experts, used_experts
@@ -77,7 +80,7 @@ def _(few, x, token, expert, weight, used, w1, b1, w2, b2, branches):
     return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, torch.float32))
 
 
-def routed_experts(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, routing) -> torch.Tensor:
+def routed_experts(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, routing: Routing) -> torch.Tensor:
     """[T, H] fp32: the routed experts of the standard form, through experts_if."""
     weight_list = [weights.w1, weights.b1, weights.w2, weights.b2]
     expert = routing.expert_index
@@ -211,13 +214,13 @@ def _branch_graph(sub, output_index: int, outer: dict, prefix: str):
                              initializer=initializers)
 
 
-def has_placeholders(program) -> bool:
+def has_placeholders(program: torch.onnx.ONNXProgram) -> bool:
     """Whether torch.onnx's program (before it is saved) has a placeholder to splice: only then is the file read
     back (a file without external data holds its weights)."""
     return any(node.domain == PLACEHOLDER_DOMAIN for node in program.model.graph)
 
 
-def splice_file(path, opset: int, export) -> int:
+def splice_file(path: Path, opset: int, export: Callable) -> int:
     """Replace every placeholder of the ONNX file at `path` by its If (in place); returns how many. External data,
     if any, stays where it is."""
     import onnx

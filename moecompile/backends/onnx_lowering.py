@@ -36,7 +36,8 @@ from . import onnx_if
 STANDARD, ORT = "standard", "ort"
 
 
-def standard_block(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len=None):
+def standard_block(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The block on x [T, H] in standard operators: (y [T, H] in x's dtype, logits [T, E] fp32, slot weights).
 
     Routing is the reference's (route: top-k, grouped, ReLU, capacity), as P (token, expert, weight) pairs; the
@@ -56,7 +57,8 @@ class StandardLowering(nn.Module):
 
     kind = STANDARD
 
-    def forward(self, spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len=None):
+    def forward(self, spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return standard_block(spec, weights, x, seq_len)
 
 
@@ -198,7 +200,8 @@ class OrtLowering(nn.Module):
         self.register_buffer("fc2_bias", None if weights.b2 is None else weights.b2.detach().contiguous())
         self.activation = _ort_activation(spec)
 
-    def forward(self, spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len=None):
+    def forward(self, spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         r = spec.router
         logits = F.linear(x, weights.router_weight, weights.router_bias)
         y = torch.ops.moecompile.ort_moe(x, logits, self.fc1, self.fc1_bias, self.fc2, self.fc2_bias, r.top_k,

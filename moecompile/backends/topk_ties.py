@@ -13,7 +13,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 
-def topk_lower_index_first(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True):
+def topk_lower_index_first(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.topk, ties broken by the lower index first (a stable sort keeps equal elements in index order)."""
     values, indices = torch.sort(x, dim=dim, descending=largest, stable=True)
     return torch.return_types.topk((values.narrow(dim, 0, k), indices.narrow(dim, 0, k)))

@@ -23,6 +23,7 @@ reads its number of active pairs on the host once per backward (its bound, T * E
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ from .launch import DOTS_IN_FP32, gate, gate_with_torch, gating_fallback_reason,
 
 
 @contextmanager
-def autograd_inside_op():
+def autograd_inside_op() -> Iterator[None]:
     """Autograd for code inside an op's implementation. The dispatcher runs an implementation with the autograd keys
     excluded (it is below autograd), so enable_grad alone records nothing; this lifts that exclusion."""
     keys = torch._C.DispatchKey

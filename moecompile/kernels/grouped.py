@@ -17,6 +17,8 @@ The row count from which it pays, settings.grouped_mm_min_rows (kernels/settings
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -110,7 +112,7 @@ def _glu_kernel(gu_ptr, h_ptr, P, I, stride_gu, stride_h, alpha, limit,
 
 
 def expert_rows(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, weight: torch.Tensor,
-                counts: torch.Tensor, sorted_pair: torch.Tensor, kernel) -> tuple[torch.Tensor, torch.Tensor]:
+                counts: torch.Tensor, sorted_pair: torch.Tensor, kernel: Callable) -> tuple[torch.Tensor, torch.Tensor]:
     """Each (token, slot) pair's expert output, unweighted unless the routing weight goes on the input: (rows [T*k,
     H] in x's dtype, grouped by expert; the row of each pair [T*k] int32). sorted_pair: dispatch's rows with a row
     block of 1 (the first T*k are every pair, grouped by expert); counts: rows per expert [E] int32. `kernel` wraps
@@ -138,7 +140,7 @@ def expert_rows(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, weight: tor
 
 
 def combine(spec: MoESpec, out: torch.Tensor, row_of_pair: torch.Tensor, weight: torch.Tensor,
-            shared: torch.Tensor | None, output_bias: torch.Tensor | None, kernel) -> torch.Tensor:
+            shared: torch.Tensor | None, output_bias: torch.Tensor | None, kernel: Callable) -> torch.Tensor:
     """The block's output [T, H] in out's dtype from expert_rows' rows: each token's rows times their routing
     weights, plus the shared experts' fp32 sum [T, H] (None: no shared experts) and the output bias."""
     T, S = weight.shape

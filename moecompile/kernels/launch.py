@@ -102,7 +102,9 @@ def gating_block_tokens(num_experts: int) -> int:
     return 64 if E_PAD <= 64 else (32 if E_PAD <= 256 else 16)
 
 
-def gate(spec: MoESpec, x, router_weight, router_bias, correction_bias, shared_gate, BM: int, acc):
+def gate(spec: MoESpec, x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None,
+         correction_bias: torch.Tensor | None, shared_gate: torch.Tensor | None, BM: int, acc: torch.Tensor | None
+         ) -> tuple:
     """The gating launch. When one program holds every token it also dispatches (rows in BM blocks) and zeroes
     `acc`: the table is returned; otherwise it is None, and acc and dispatch are the caller's. Without an `acc`
     (None) gating never dispatches."""
@@ -148,7 +150,7 @@ def gate(spec: MoESpec, x, router_weight, router_bias, correction_bias, shared_g
     return logits, weight, ids, counts_cursor, sg, table
 
 
-def gate_with_torch(spec: MoESpec, weights: MoEWeights, x, seq_len: int):
+def gate_with_torch(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int) -> tuple:
     """Routing by the reference for router forms the gating kernel lacks; counts without bincount (no host sync)."""
     routing = route(spec.router, weights, x, seq_len)
     T, E, k = x.shape[0], spec.num_experts, spec.router.top_k
@@ -276,7 +278,8 @@ def _on_stream(side: torch.cuda.Stream | None):
         yield
 
 
-def reference_outputs(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int):
+def reference_outputs(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op's outputs from the PyTorch reference, for calls the kernels cannot run (the CPU without the
     interpreter, other dtypes): torch.compile graphs call the op on any device."""
     with torch.no_grad():

@@ -21,6 +21,7 @@ other kernel (they reach torch's function untouched). It is installed on the fir
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -62,7 +63,7 @@ def _arg_key(value):
     return (type(value).__name__, value)
 
 
-def key(kernel, kernel_args: dict, rest: tuple) -> tuple | None:
+def key(kernel: Callable, kernel_args: dict, rest: tuple) -> tuple | None:
     """The memo's key for generate_ttir(kernel, kernel_args, *rest), or None where the call is not cached."""
     identity = _kernel_identity(kernel)
     if identity is None or not isinstance(kernel_args, dict):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -26,7 +27,7 @@ LOW_PRECISION = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 @contextmanager
-def regions_off(asked: set[tuple[str, str]]):
+def regions_off(asked: set[tuple[str, str]]) -> Iterator[None]:
     """Autocast regions opened inside do nothing; each one that would have enabled a low-precision dtype is added
     to `asked` as (device type, dtype name)."""
     enter, leave = _AUTOCAST.__enter__, _AUTOCAST.__exit__

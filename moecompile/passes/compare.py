@@ -75,7 +75,7 @@ def token_errors(got: torch.Tensor, want: torch.Tensor, scale: float) -> torch.T
     return torch.where((got_ok != want_ok).any(dim=-1), torch.full_like(err, math.inf), err)
 
 
-def output_pairs(got_outputs, want_outputs, num_experts: int):
+def output_pairs(got_outputs: tuple, want_outputs: tuple, num_experts: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(got, want) for each output of a block, given as (hidden states, aux or None) pairs; top-k weights (an aux
     output whose last size is not E) are compared as sorted sets, since their order is free."""
     (got, got_aux), (want, want_aux) = got_outputs, want_outputs

@@ -74,7 +74,7 @@ def _own_tensors(module: nn.Module):
     yield from ((n, b) for n, b in module.named_buffers(recurse=False) if b is not None)
 
 
-def effective_parameters(module: nn.Module):
+def effective_parameters(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """(qualified name, tensor) for the parameters of `module` and its submodules as forward sees them: a
     parametrized tensor (weight norm, nn.utils.parametrize) by its own name, computed, instead of its originals."""
     for name, sub in module.named_modules():

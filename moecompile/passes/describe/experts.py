@@ -287,7 +287,8 @@ def list_hypothesis(candidate: Candidate, copy_block: nn.Module, x: torch.Tensor
     return ExpertsHypothesis(spec, extract)
 
 
-def match_stacked_alone(candidate, probe, hyps, flat_x, gen) -> ExpertsHypothesis | None:
+def match_stacked_alone(candidate: Candidate, probe: nn.Module, hyps: list[ExpertsHypothesis], flat_x: torch.Tensor,
+                        gen: torch.Generator) -> ExpertsHypothesis | None:
     """HF `*Experts` modules take (hidden_states, top_k_index, top_k_weights): match the experts on their own."""
     owner = candidate.stacked_owner
     rel_owner = rel_module(candidate, next(r.owner_path for r in candidate.stacked if r.owner is owner))
@@ -326,7 +327,9 @@ def match_stacked_alone(candidate, probe, hyps, flat_x, gen) -> ExpertsHypothesi
     return None
 
 
-def describe_shared(candidate: Candidate, probe: nn.Module, x: torch.Tensor):
+def describe_shared(candidate: Candidate, probe: nn.Module, x: torch.Tensor
+                    ) -> tuple[SharedExpertSpec | None, Callable[[nn.Module], dict] | None]:
+    """The shared expert's spec and weights recipe (None, None without one); its gate read as a sigmoid gate."""
     if not candidate.shared:
         if candidate.shared_gate is not None:
             raise DescribeError(f"{candidate.shared_gate[0]} looks like a shared-expert gate but no shared expert "

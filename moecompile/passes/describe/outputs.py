@@ -25,7 +25,8 @@ from ...spec import AuxLossSpec, MoESpec, MoEWeights
 from .base import rel_err
 
 
-def fit_scale(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, y_target: torch.Tensor):
+def fit_scale(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, y_target: torch.Tensor
+              ) -> tuple[MoESpec, MoEWeights]:
     """Least-squares scaling factor of the routed sum, rounded to 1.0 when it is within rounding of it."""
     routing_spec = replace(spec, shared=None, extra_output="none", has_output_bias=False, aux_loss=None)
     y_routed, _ = reference_forward(routing_spec, weights, x)
