@@ -7,6 +7,7 @@
 #   training   the one-layer training benchmark, benchmarks/moe_train.py (TRAIN_ARGS, e.g. --quick)
 #   memory     the full-size memory test: a Qwen3-30B-A3B-shaped model (48 layers, bf16), gc disabled while
 #              optimize runs
+# KERNELS_K widens or narrows the kernel cases (a pytest -k expression); KERNELS_TIMEOUT / BACKWARD_TIMEOUT shorten the test parts (200 / 300 s) to fit one command.
 # e.g. FUZZ_S=120 bash benchmarks/device_verification.sh kernels backward training
 set -uo pipefail
 export PYTHONPATH=$PWD
@@ -15,8 +16,8 @@ mkdir -p "$OUT/results"
 python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
 
 kernels() {
-    timeout 200 python -m pytest -q -rf -p no:cacheprovider tests/kernels/test_gating.py tests/kernels/test_grouped.py \
-        -k "cuda and (fill0 or nan_token or grouped)" > "$OUT/gpu_kernels.log" 2>&1
+    timeout ${KERNELS_TIMEOUT:-200} python -m pytest -q -rf -p no:cacheprovider tests/kernels/test_gating.py tests/kernels/test_grouped.py \
+        -k "${KERNELS_K:-cuda and (fill0 or nan_token or grouped)}" > "$OUT/gpu_kernels.log" 2>&1
     echo "kernels rc=$?" | tee -a "$OUT/gpu_kernels.log"; tail -n 8 "$OUT/gpu_kernels.log"
     local fuzz_s=${FUZZ_S:-300}
     timeout $((fuzz_s + 40)) python benchmarks/fuzz_moe.py --device cuda --descriptions 10000 --blocks 0 \
@@ -26,7 +27,7 @@ kernels() {
 
 backward() {
     # BACKWARD_K: a -k expression for a shorter run, e.g. "cuda and bfloat16"
-    timeout 300 python -m pytest -q -rf -p no:cacheprovider tests/kernels/test_backward.py tests/test_training.py \
+    timeout ${BACKWARD_TIMEOUT:-300} python -m pytest -q -rf -p no:cacheprovider tests/kernels/test_backward.py tests/test_training.py \
         ${BACKWARD_K:+-k "$BACKWARD_K"} > "$OUT/gpu_backward.log" 2>&1
     echo "backward rc=$?" | tee -a "$OUT/gpu_backward.log"; tail -n 12 "$OUT/gpu_backward.log"
 }

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny HF models from configs (moecompile.hf_zoo) and hand-written modules (handwritten.py)."""
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -19,6 +20,10 @@ if WORKERS:
 # Without a GPU the Triton kernels run in the interpreter; it must be chosen before moecompile (triton.jit) is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Tile tables a user tuned on this machine (~/.cache/moecompile/tuned) must not change what the tests run: each
+# process reads an empty directory of its own unless a test points it elsewhere.
+os.environ["MOECOMPILE_TUNED_DIR"] = tempfile.mkdtemp(prefix="moecompile-tuned-")
 
 sys.path.insert(0, str(Path(__file__).parent))
 warnings.filterwarnings("ignore", message=".*experts_implementation.*")

@@ -1,19 +1,24 @@
-"""Tile sizes for the expert GEMMs: a table measured on Hopper for the benchmark shapes, a heuristic elsewhere.
+"""Tile sizes for the expert GEMMs: tuned tables (the user's, then one measured on Hopper), a heuristic elsewhere.
 
 Place in the pipeline: kernels/launch.py asks `choose(...)` once per call (a dict lookup); the choice depends only on
-shapes, so it is the same on every call with the same shapes and inside CUDA graphs. The table is written by
-`tools/tune_moe.py` on the device and committed as `hopper_table.json` beside this file.
+shapes, so it is the same on every call with the same shapes and inside CUDA graphs. Three sources, first match wins:
+a table the user tuned for this GPU (`python -m moecompile.tune`, written to `tuned_path(device)`), the table measured
+on Hopper for the benchmark shapes (`hopper_table.json` beside this file, written by the same tuner), the heuristic.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
+
+from ..state import kept
+from .settings import settings
 
 TABLE_PATH = Path(__file__).with_name("hopper_table.json")
 
@@ -41,6 +46,8 @@ class MoEConfig:
 
     up: GemmConfig
     down: GemmConfig
+    # the routed experts on torch._grouped_mm, as measured by the tuner (None: settings.grouped_mm_min_rows decides)
+    grouped_mm: bool | None = None
 
     def __post_init__(self) -> None:
         if self.up.BM != self.down.BM:
@@ -55,13 +62,6 @@ def rows_per_expert(tokens: int, slots: int, num_experts: int) -> float:
 
 def table_key(tokens: int, hidden: int, inter: int, num_experts: int, slots: int) -> str:
     return f"T{tokens}_H{hidden}_I{inter}_E{num_experts}_S{slots}"
-
-
-@lru_cache(maxsize=1)
-def _table() -> dict[str, dict]:
-    if not TABLE_PATH.exists():
-        return {}
-    return json.loads(TABLE_PATH.read_text())
 
 
 def row_block(tokens: int, slots: int, num_experts: int) -> int:
@@ -116,34 +116,143 @@ def for_fp32(cfg: GemmConfig) -> GemmConfig:
     return GemmConfig(**{**cfg.to_dict(), "BK": min(cfg.BK, 32), "num_stages": 2})
 
 
+class TileTable:
+    """Tuned tiles by layer shape and token count (`table_key`), as written by `python -m moecompile.tune`.
+
+    The file: {"format": 1, "device": ..., "dtype": ..., "written": ..., "versions": {...},
+    "entries": {table_key: {"up": GemmConfig fields, "down": ..., "grouped_mm": bool (optional), "ms": ...}}}."""
+
+    FORMAT = 1
+
+    def __init__(self, entries: dict[str, MoEConfig], path: Path | None = None):
+        self.entries = entries
+        self.path = path
+        self._nearest: dict[tuple[int, int, int, int, int], int | None] = {}
+        self._tokens: dict[tuple[int, int, int, int], tuple[int, ...]] = {}
+
+    @classmethod
+    def load(cls, path: Path) -> TileTable:
+        """The table in `path` ({} when there is none); TileTableError naming the file when it cannot be read."""
+        if not path.exists():
+            return cls({}, path)
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != cls.FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, this moecompile reads format {cls.FORMAT}")
+            return cls({key: config_of(entry) for key, entry in data["entries"].items()}, path)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise TileTableError(
+                f"the tuned tiles in {path} cannot be read ({type(exc).__name__}: {exc}); write it again with "
+                f"`python -m moecompile.tune` or delete it (the kernels then use their heuristic)") from None
+
+    def _tuned_tokens(self, hidden: int, inter: int, num_experts: int, slots: int) -> tuple[int, ...]:
+        """Token counts the table has entries for at this layer shape."""
+        shape = (hidden, inter, num_experts, slots)
+        if shape not in self._tokens:
+            pattern = re.compile(r"T(\d+)" + re.escape(table_key(0, *shape)[len("T0"):]))
+            self._tokens[shape] = tuple(sorted(int(m.group(1)) for m in map(pattern.fullmatch, self.entries) if m))
+        return self._tokens[shape]
+
+    def nearest_tuned(self, tokens: int, hidden: int, inter: int, num_experts: int, slots: int) -> int | None:
+        """The tuned token count nearest to `tokens` (by ratio) at this layer shape, if within a factor of 2 and in
+        the heuristic's row block regime (decode-sized calls keep their small row blocks)."""
+        key = (tokens, hidden, inter, num_experts, slots)
+        if key not in self._nearest:
+            regime = row_block(tokens, slots, num_experts)
+            near = [(max(tuned, tokens) / max(1, min(tuned, tokens)), tuned)
+                    for tuned in self._tuned_tokens(hidden, inter, num_experts, slots)
+                    if row_block(tuned, slots, num_experts) == regime]
+            best = min(near, default=None)
+            self._nearest[key] = best[1] if best is not None and best[0] <= 2 else None
+        return self._nearest[key]
+
+    def lookup(self, tokens: int, hidden: int, inter: int, num_experts: int, slots: int) -> MoEConfig | None:
+        tuned = self.nearest_tuned(tokens, hidden, inter, num_experts, slots)
+        return None if tuned is None else self.entries[table_key(tuned, hidden, inter, num_experts, slots)]
+
+
+class TileTableError(ValueError):
+    pass
+
+
+def config_of(entry: dict) -> MoEConfig:
+    """A table entry's tiles (and its experts path, when the tuner measured both)."""
+    grouped_mm = entry.get("grouped_mm")
+    if grouped_mm is not None and not isinstance(grouped_mm, bool):
+        raise TypeError(f"grouped_mm must be true, false or absent, not {grouped_mm!r}")
+    return MoEConfig(GemmConfig(**entry["up"]), GemmConfig(**entry["down"]), grouped_mm)
+
+
+def entry_of(cfg: MoEConfig) -> dict:
+    entry: dict = dict(up=cfg.up.to_dict(), down=cfg.down.to_dict())
+    if cfg.grouped_mm is not None:
+        entry["grouped_mm"] = cfg.grouped_mm
+    return entry
+
+
 @cache
-def _tuned_tokens(hidden: int, inter: int, num_experts: int, slots: int) -> tuple[int, ...]:
-    """Token counts the table has entries for at this layer shape."""
-    pattern = re.compile(r"T(\d+)" + re.escape(table_key(0, hidden, inter, num_experts, slots)[len("T0"):]))
-    return tuple(sorted(int(m.group(1)) for m in map(pattern.fullmatch, _table()) if m))
+def shipped_table() -> TileTable:
+    """The table measured on Hopper for the benchmark shapes, shipped beside this file."""
+    return TileTable.load(TABLE_PATH)
 
 
-@lru_cache(maxsize=4096)
-def nearest_tuned(tokens: int, hidden: int, inter: int, num_experts: int, slots: int) -> int | None:
-    """The tuned token count nearest to `tokens` (by ratio) at this layer shape, if within a factor of 2 and in
-    the heuristic's row block regime (decode-sized calls keep their small row blocks)."""
-    regime = row_block(tokens, slots, num_experts)
-    near = [(max(tuned, tokens) / max(1, min(tuned, tokens)), tuned)
-            for tuned in _tuned_tokens(hidden, inter, num_experts, slots)
-            if row_block(tuned, slots, num_experts) == regime]
-    best = min(near, default=None)
-    return best[1] if best is not None and best[0] <= 2 else None
+TUNED_DIR_ENV = "MOECOMPILE_TUNED_DIR"
+
+
+def tuned_dir() -> Path:
+    """Where `python -m moecompile.tune` writes, and the kernels read, a user's tuned tables:
+    $MOECOMPILE_TUNED_DIR, else $XDG_CACHE_HOME/moecompile/tuned (~/.cache/moecompile/tuned)."""
+    if os.environ.get(TUNED_DIR_ENV):
+        return Path(os.environ[TUNED_DIR_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "moecompile", "tuned")
+
+
+def device_name(device: torch.device) -> str:
+    """The file name a device's tuned table has: its GPU's name (e.g. NVIDIA_H200), "cpu" for the interpreter."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def tuned_path(device: torch.device) -> Path:
+    return tuned_dir() / f"{device_name(device)}.json"
+
+
+# read once per device and directory; moecompile.reset() (or the tuner, after writing) makes the next call read again
+_USER_TABLES: dict[tuple[str, str | None], TileTable] = kept("kernels/configs.py: user-tuned tile tables by device",
+                                                             {})
+
+
+def user_table(device: torch.device) -> TileTable:
+    key = (str(device), os.environ.get(TUNED_DIR_ENV))
+    table = _USER_TABLES.get(key)
+    if table is None:
+        table = _USER_TABLES[key] = TileTable.load(tuned_path(device))
+    return table
+
+
+def forget_user_tables() -> None:
+    """Read the user's tables again at the next call (after the tuner writes one)."""
+    _USER_TABLES.clear()
+
+
+def untuned_choice(tokens: int, hidden: int, inter: int, num_experts: int, slots: int,
+                   device: torch.device) -> MoEConfig:
+    """The tiles without a user's table: on a Hopper GPU the shipped table's, else the heuristic's."""
+    shape = (tokens, hidden, inter, num_experts, slots)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        tuned = shipped_table().lookup(*shape)
+        if tuned is not None:
+            return tuned
+    return heuristic(*shape, sm_count_of(device))
 
 
 def choose(tokens: int, hidden: int, inter: int, num_experts: int, slots: int, device: torch.device) -> MoEConfig:
-    """On a Hopper GPU, the tuned entry for this layer shape at the nearest tuned token count (nearest_tuned), else
-    the heuristic."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
-        tuned = nearest_tuned(tokens, hidden, inter, num_experts, slots)
-        if tuned is not None:
-            entry = _table()[table_key(tuned, hidden, inter, num_experts, slots)]
-            return MoEConfig(GemmConfig(**entry["up"]), GemmConfig(**entry["down"]))
-    return heuristic(tokens, hidden, inter, num_experts, slots, sm_count_of(device))
+    """The tiles for one call: forced ones (settings.moe_config, the tuner's), else the user's tuned table for this
+    device (tuned_path) at the nearest tuned token count (TileTable.nearest_tuned), else the untuned choice."""
+    if settings.moe_config is not None:
+        return settings.moe_config
+    tuned = user_table(device).lookup(tokens, hidden, inter, num_experts, slots)
+    return tuned if tuned is not None else untuned_choice(tokens, hidden, inter, num_experts, slots, device)
 
 
 @cache

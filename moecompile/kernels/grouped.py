@@ -61,11 +61,14 @@ def unsupported_reason(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> s
     return None
 
 
-def applies(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> bool:
-    """Whether this call's routed experts take grouped_mm: enough rows an expert, and a layout it reads."""
+def applies(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, tuned: bool | None = None) -> bool:
+    """Whether this call's routed experts take grouped_mm: a layout it reads, and enough rows an expert or a tuned
+    table's measured choice (`tuned`, configs.MoEConfig.grouped_mm). settings.grouped_mm_min_rows None is never."""
     threshold = settings.grouped_mm_min_rows
     if threshold is None or unsupported_reason(spec, weights, x) is not None:
         return False
+    if tuned is not None:
+        return tuned
     return configs.rows_per_expert(x.shape[0], spec.router.top_k, spec.num_experts) >= threshold
 
 

@@ -298,7 +298,7 @@ def forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int
     x = x.contiguous()
     I = spec.experts.intermediate_size
     cfg = configs.choose(T, H, I, E, min(S, 8), x.device)
-    on_grouped_mm = grouped.applies(spec, weights, x)  # many rows an expert: CUTLASS's grouped GEMM
+    on_grouped_mm = grouped.applies(spec, weights, x, cfg.grouped_mm)  # many rows an expert: CUTLASS's grouped GEMM
     BM = 1 if on_grouped_mm else cfg.up.BM  # grouped_mm reads unpadded rows
     implicit = r.is_variable_k
     # grouped_mm's combine writes y from the expert rows: an accumulator only for the shared experts' sum

@@ -1,4 +1,4 @@
-"""The expert GEMMs (kernels/experts.py) and their tiles (kernels/configs.py): every MLP variant, low precision and
+"""The expert GEMMs (kernels/experts.py): every MLP variant, low precision and
 a real layer size, through the whole op against the fp64 reference.
 
 Tolerances (normwise, vs fp64 on the same inputs) are in cases.TOLERANCE: fp32 1e-5, fp16 3e-3, bf16 1.5e-2;
@@ -25,26 +25,6 @@ def test_mlp_variants_cpu(mlp):
 @pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_grouped_corr", "relu"])
 def test_low_precision_cpu(dtype, router):
     run_case(router, 16, 4, 29, 72, 40, DTYPES[dtype], "cpu")
-
-
-def test_tuned_tiles_serve_token_counts_within_twice_theirs_in_the_same_regime(monkeypatch):
-    """configs.choose takes a tuned entry for token counts within 2x of the tuned one whose heuristic row block is
-    the same (decode-sized calls keep their own); other counts and other layer shapes get the heuristic."""
-    from moecompile.kernels import configs
-
-    entry = {"up": dict(BM=64, BN=128, BK=64), "down": dict(BM=64, BN=128, BK=64)}
-    monkeypatch.setattr(configs, "_table", lambda: {configs.table_key(1024, 2048, 768, 128, 8): entry})
-    configs._tuned_tokens.cache_clear()
-    configs.nearest_tuned.cache_clear()
-    try:
-        shape = (2048, 768, 128, 8)
-        # 1024 tokens x 8 slots over 128 experts is 64 rows an expert (64-row blocks); 700 tokens is 44 (32-row)
-        assert [configs.nearest_tuned(T, *shape) for T in (1024, 800, 2048, 2049, 700, 1)] == [
-            1024, 1024, 1024, None, None, None]
-        assert configs.nearest_tuned(1024, 2048, 768, 64, 8) is None
-    finally:
-        configs._tuned_tokens.cache_clear()
-        configs.nearest_tuned.cache_clear()
 
 
 @needs_cuda
