@@ -5,6 +5,7 @@
 #              then the fuzz campaign's descriptions through the Triton kernels for FUZZ_S seconds (300)
 #   backward   the Triton backward's CUDA tests and the compiled-training tests (test_backward.py, test_training.py)
 #   training   the one-layer training benchmark, benchmarks/moe_train.py (TRAIN_ARGS, e.g. --quick)
+#   tune       the tile tuner on the GPU (python -m moecompile.tune), Qwen3-30B-A3B at 1 and 1024 tokens, TUNE_S s
 #   memory     the full-size memory test: a Qwen3-30B-A3B-shaped model (48 layers, bf16), gc disabled while
 #              optimize runs
 # KERNELS_K widens or narrows the kernel cases (a pytest -k expression); KERNELS_TIMEOUT / BACKWARD_TIMEOUT shorten the test parts (200 / 300 s) to fit one command.
@@ -38,6 +39,12 @@ training() {
     echo "training rc=$?" | tee -a "$OUT/moe_train.log"; tail -n 22 "$OUT/moe_train.log"
 }
 
+tune() {
+    timeout $((${TUNE_S:-90} + 60)) python -m moecompile.tune --shape qwen3_30b_a3b --tokens 1 1024 \
+        --budget-s "${TUNE_S:-90}" --out "$OUT/results/tuned_qwen3.json" > "$OUT/tune.log" 2>&1
+    echo "tune rc=$?" | tee -a "$OUT/tune.log"; tail -n 4 "$OUT/tune.log"
+}
+
 memory() {
     MOECOMPILE_RESULTS="$OUT/results" timeout 560 python -m pytest -q -rf -p no:cacheprovider -s \
         tests/passes/test_memory.py -k gpu > "$OUT/gpu_memory.log" 2>&1
@@ -46,7 +53,7 @@ memory() {
 
 for part in "$@"; do
     case "$part" in
-        kernels | backward | training | memory) "$part" ;;
-        *) echo "unknown part $part (kernels, backward, training, memory)"; exit 2 ;;
+        kernels | backward | training | tune | memory) "$part" ;;
+        *) echo "unknown part $part (kernels, backward, training, tune, memory)"; exit 2 ;;
     esac
 done
