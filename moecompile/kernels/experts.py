@@ -110,7 +110,7 @@ def _expert_up_kernel(
     x_ptr, w1_ptr, b1_ptr, h_ptr, pair_weight_ptr,
     sorted_pair_ptr, block_expert_ptr, block_end_ptr, num_blocks_ptr,
     T, H, I, S, block_lo, round_blocks,
-    stride_xt, stride_w1e, stride_w1f, stride_w1h, stride_b1e, stride_ht,
+    stride_xt, stride_w1e, stride_w1f, stride_w1h, stride_w1u, stride_b1e, stride_b1f, stride_b1u, stride_ht,
     alpha, limit, NUM_PROGS,
     DENSE: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_B1: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -128,7 +128,7 @@ def _expert_up_kernel(
         a_ptrs = x_ptr + token.to(tl.int64)[:, None] * stride_xt + ks[None, :]
         w_base = w1_ptr + expert.to(tl.int64) * stride_w1e
         g_ptrs = w_base + cols.to(tl.int64)[None, :] * stride_w1f + ks[:, None] * stride_w1h
-        u_ptrs = g_ptrs + I * stride_w1f
+        u_ptrs = g_ptrs + stride_w1u  # up row j from gate row j: I rows on (concatenated), one on (interleaved)
         if WEIGHT_ON_INPUT:
             in_scale = tl.load(pair_weight_ptr + pair, mask=row_ok, other=0.0)
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
@@ -148,9 +148,10 @@ def _expert_up_kernel(
             u_ptrs += BK * stride_w1h
         if HAS_B1:
             b_base = b1_ptr + expert.to(tl.int64) * stride_b1e
-            acc_g += tl.load(b_base + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc_g += tl.load(b_base + cols * stride_b1f, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             if GATED:
-                acc_u += tl.load(b_base + I + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                acc_u += tl.load(b_base + stride_b1u + cols * stride_b1f, mask=col_ok,
+                                 other=0.0).to(tl.float32)[None, :]
         out = mlp_activation(acc_g, acc_u, alpha, limit, GATED, ACT)
         h_ptrs = h_ptr + (rows - block_lo * BM).to(tl.int64)[:, None] * stride_ht + cols[None, :]
         tl.store(h_ptrs, out.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

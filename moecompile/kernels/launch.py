@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -203,9 +204,10 @@ def _programs(tiles: int, device: torch.device, cfg: configs.GemmConfig, b_tiles
 
 
 def _run_experts(mlp, x, w1, w2, b1, b2, acc, cfg: configs.MoEConfig, *, dense: bool, S: int = 1,
-                 table=None, pair_weight=None, row_scale=None, weight_on_input=False, rounds=1, round_blocks=0):
+                 table=None, pair_weight=None, row_scale=None, weight_on_input=False, rounds=1, round_blocks=0,
+                 w1_up: int | None = None, b1_up: int | None = None):
     """Up then down GEMM for one expert set; routed rows come from `table` (dispatch's output), dense rows are the
-    tokens. Adds into acc [T, H] fp32."""
+    tokens. Adds into acc [T, H] fp32. w1 and w2 may be strided views ([E, F, H] and [E, H, I] in any strides)."""
     T, H = x.shape
     I = mlp.intermediate_size
     dot_fp32 = x.dtype == torch.float32 or DOTS_IN_FP32
@@ -221,6 +223,11 @@ def _run_experts(mlp, x, w1, w2, b1, b2, acc, cfg: configs.MoEConfig, *, dense: 
     w1s = w1.stride() if w1.dim() == 3 else (0, *w1.stride())
     w2s = w2.stride() if w2.dim() == 3 else (0, *w2.stride())
     b1s = 0 if b1 is None else (b1.stride(0) if b1.dim() == 2 else 0)
+    # gate row j to up row j, in elements (and the bias's): I rows on in the canonical [gate; up] layout; callers
+    # with another layout (interleaved gate/up columns) pass w1 and b1 as views of the gate rows and these offsets
+    b1_col = 1 if b1 is None else b1.stride(-1)
+    w1_up = I * w1s[1] if w1_up is None else w1_up
+    b1_up = I * b1_col if b1_up is None else b1_up
     b2s = 0 if b2 is None else (b2.stride(0) if b2.dim() == 2 else 0)
     pw = pair_weight if pair_weight is not None else acc
     rs = row_scale if row_scale is not None else acc
@@ -233,7 +240,7 @@ def _run_experts(mlp, x, w1, w2, b1, b2, acc, cfg: configs.MoEConfig, *, dense: 
             x, w1, b1 if b1 is not None else acc, h, pw,
             sorted_pair, block_expert, block_end, num_blocks,
             T, H, I, S, block_lo, round_blocks,
-            x.stride(0), w1s[0], w1s[1], w1s[2], b1s, h.stride(0),
+            x.stride(0), w1s[0], w1s[1], w1s[2], w1_up, b1s, b1_col, b1_up, h.stride(0),
             float(mlp.activation_alpha), float(mlp.activation_limit), up_programs,
             DENSE=dense, GATED=mlp.gated, ACT=ACTIVATION_CODES[mlp.activation], HAS_B1=b1 is not None,
             WEIGHT_ON_INPUT=weight_on_input, DOT_FP32=dot_fp32,
@@ -292,7 +299,6 @@ def forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int
     """The block's launches on x [T, H]: (y [T, H] in x's dtype, logits [T, E] fp32, slot weights [T, S] fp32)."""
     T, H = x.shape
     E, S = spec.num_experts, slots_of(spec)
-    r = spec.router
     if T == 0:
         return x.new_empty(0, H), x.new_empty(0, E, dtype=torch.float32), x.new_empty(0, S, dtype=torch.float32)
     x = x.contiguous()
@@ -300,7 +306,6 @@ def forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int
     cfg = configs.choose(T, H, I, E, min(S, 8), x.device)
     on_grouped_mm = grouped.applies(spec, weights, x, cfg.grouped_mm)  # many rows an expert: CUTLASS's grouped GEMM
     BM = 1 if on_grouped_mm else cfg.up.BM  # grouped_mm reads unpadded rows
-    implicit = r.is_variable_k
     # grouped_mm's combine writes y from the expert rows: an accumulator only for the shared experts' sum
     acc = None if on_grouped_mm and spec.shared is None else _empty(T, H, device=x.device, dtype=torch.float32)
     table = None
@@ -320,6 +325,31 @@ def forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int
             _run_experts(shared_mlp, x, weights.shared_w1, weights.shared_w2, weights.shared_b1, weights.shared_b2,
                          acc, shared_cfg, dense=True, row_scale=sg)
 
+    y = _routed(spec, weights, x, cfg, on_grouped_mm, acc, ids, weight, counts_cursor, table, side)
+    return y, logits, weight
+
+
+@dataclass(frozen=True)
+class GateUpLayout:
+    """Where w1's up rows (and b1's up columns) are, in elements from the gate's, when w1 and b1 are views of the gate
+    rows only (interleaved gate/up columns, transformers' is_concatenated=False); None: the canonical [gate; up]."""
+
+    w1_up: int | None = None
+    b1_up: int | None = None
+
+
+CANONICAL = GateUpLayout()
+
+
+def _routed(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, cfg: configs.MoEConfig, on_grouped_mm: bool,
+            acc: torch.Tensor | None, ids: torch.Tensor, weight: torch.Tensor, counts_cursor: torch.Tensor,
+            table: tuple | None, side: torch.cuda.Stream | None,
+            layout: GateUpLayout = CANONICAL) -> torch.Tensor:
+    """Dispatch (unless gating built the table), the routed experts and the combine: y [T, H] in x's dtype."""
+    T, H = x.shape
+    E, S = spec.num_experts, weight.shape[1]
+    BM = 1 if on_grouped_mm else cfg.up.BM
+    implicit = spec.router.is_variable_k
     if table is None:
         table, max_blocks = _dispatch(ids, weight, counts_cursor, E, BM, implicit=implicit,
                                       skip_nonpositive=implicit)
@@ -328,17 +358,36 @@ def forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int
     if on_grouped_mm:  # acc holds the shared experts' sum only; the combine kernel writes y
         rows, row_of_pair = grouped.expert_rows(spec, weights, x, weight, counts_cursor[:E], table[0], _kernel)
         _join(side, x.device)
-        y = grouped.combine(spec, rows, row_of_pair, weight, acc,
-                            weights.output_bias, _kernel)
-        return y, logits, weight
+        return grouped.combine(spec, rows, row_of_pair, weight, acc, weights.output_bias, _kernel)
     if implicit:  # ReLU routing: a bounded buffer and a fixed number of rounds, however many gates are positive
         round_blocks = min(max_blocks, triton.cdiv(T * min(E, RELU_ROUND_SLOTS), BM) + min(E, T * E))
     else:
         round_blocks = max_blocks
     _run_experts(spec.experts, x, weights.w1, weights.w2, weights.b1, weights.b2, acc, cfg, dense=False, S=S,
-                 table=table, pair_weight=weight, weight_on_input=r.weight_on_input,
-                 rounds=triton.cdiv(max_blocks, round_blocks), round_blocks=round_blocks)
-    return _finish(weights, x, acc, side), logits, weight
+                 table=table, pair_weight=weight, weight_on_input=spec.router.weight_on_input,
+                 rounds=triton.cdiv(max_blocks, round_blocks), round_blocks=round_blocks,
+                 w1_up=layout.w1_up, b1_up=layout.b1_up)
+    return _finish(weights, x, acc, side)
+
+
+def forward_routed(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor,
+                   layout: GateUpLayout = CANONICAL) -> torch.Tensor:
+    """The routed experts alone, on a routing made elsewhere (transformers' own router in front of its experts
+    module): ids [T, k] and weights [T, k] -> y [T, H] in x's dtype. Only spec.experts and the top-k count are
+    read from spec; weights.w1 / w2 / b1 / b2 may be strided views (layout: where the up rows are)."""
+    T, H = x.shape
+    E, k = spec.num_experts, ids.shape[1]
+    if T == 0:
+        return x.new_empty(0, H)
+    x = x.contiguous()
+    cfg = configs.choose(T, H, spec.experts.intermediate_size, E, min(k, 8), x.device)
+    on_grouped_mm = layout == CANONICAL and grouped.applies(spec, weights, x, cfg.grouped_mm)
+    ids = ids.to(torch.int32).contiguous()
+    weight = weight.to(torch.float32).contiguous()
+    counts_cursor = torch.zeros(2 * E, device=x.device, dtype=torch.int32)
+    counts_cursor[:E].scatter_add_(0, ids.view(-1).long(), torch.ones_like(ids.view(-1)))
+    acc = None if on_grouped_mm else torch.zeros(T, H, device=x.device, dtype=torch.float32)
+    return _routed(spec, weights, x, cfg, on_grouped_mm, acc, ids, weight, counts_cursor, None, None, layout)
 
 
 def _join(side: torch.cuda.Stream | None, device: torch.device) -> None:
