@@ -11,6 +11,7 @@ from .backends.onnx import export_onnx, export_report
 from .checkpoint import convert, from_pretrained
 from .errors import MoECompileError
 from .fused import FusedMoE
+from .hf_experts import register_transformers
 from .passes.log import BlockRecord, Report
 from .passes.routing import RoutingChange
 from .pipeline import optimize, report, rewrite_routing
@@ -22,4 +23,4 @@ from .stats import LayerStats, routing_stats
 __all__ = ["optimize", "report", "FusedMoE", "MoECompileError", "MoESpec", "RouterSpec", "MLPSpec",
            "SharedExpertSpec", "AuxLossSpec", "MoEWeights", "Report", "BlockRecord", "rewrite_routing", "RoutingChange",
            "routing_stats", "LayerStats", "ReMoERegularizer", "convert", "from_pretrained", "backend",
-           "export_onnx", "export_report", "reset", "kept_state"]
+           "export_onnx", "export_report", "reset", "kept_state", "register_transformers"]

@@ -57,6 +57,13 @@ def moe_families() -> list[str]:
     return found
 
 
+def decorated_families() -> list[str]:
+    """Families whose experts class carries transformers' @use_experts_implementation (the experts switch)."""
+    return [family for family in moe_families()
+            if any("@use_experts_implementation" in f.read_text(errors="ignore")
+                   for f in (_models_dir() / family).glob("modeling_*.py"))]
+
+
 def _config_and_model_classes(family: str):
     from transformers.models.auto import configuration_auto, modeling_auto
 

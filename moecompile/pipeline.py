@@ -188,8 +188,9 @@ def rewrite_routing(model: nn.Module, routing: str, *, k: int | str | None = Non
 
 
 def report(model: nn.Module) -> Report:
-    """The report of the last optimize() of `model` (the input or the returned model), or of the graphs that
-    torch.compile(model, backend="moecompile") compiled so far."""
+    """The report of the last optimize() of `model` (the input or the returned model), of the graphs that
+    torch.compile(model, backend="moecompile") compiled so far, or of its experts modules running with
+    experts_implementation="moecompile" (hf_experts.py)."""
     try:
         return _REPORTS[model]
     except KeyError:
@@ -199,6 +200,11 @@ def report(model: nn.Module) -> Report:
     compiled = graph_report(model)
     if compiled is not None:
         return compiled
+    from .hf_experts import experts_report
+
+    experts = experts_report(model)
+    if experts is not None:
+        return experts
     if hasattr(model, "_orig_mod"):  # a torch.compile wrapper: the backend saw no graph holding its parameters
         raise MoECompileError(
             f"report: torch.compile handed the moecompile backend no graph holding {type(model._orig_mod).__name__}'s "

@@ -32,7 +32,9 @@ class BlockRecord:
 
     path: str
     module_type: str
-    decision: str = "pending"  # "fused" | "left" (and "pending" while passes run)
+    # "fused" | "left" (and "pending" while passes run); "experts_kernels": an experts module run by
+    # experts_implementation="moecompile" (hf_experts.py), the router left to transformers
+    decision: str = "pending"
     reason: str = ""  # why it was left, or a note on how it was fused
     spec: dict | None = None
     spec_summary: str = ""
