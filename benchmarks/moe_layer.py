@@ -1,5 +1,6 @@
-"""MoE layer benchmark: HF transformers' block (experts_implementation="grouped_mm", eager and torch.compile) against
-moecompile's FusedMoE (eager and in a CUDA graph), and the roofline floor, side by side in one process (bf16).
+"""MoE layer benchmark: HF transformers' block (experts_implementation="grouped_mm", eager and torch.compile; and
+experts_implementation="moecompile" under torch.compile) against moecompile's FusedMoE (eager and in a CUDA graph),
+and the roofline floor, side by side in one process (bf16).
 
 floor = max(bytes of the distinct active experts' weights (+ shared expert + router) / measured copy bandwidth,
             FLOPs of the active (token, expert) pairs / measured bf16 matmul rate)
@@ -97,6 +98,21 @@ def canonical(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t if t.shape[1] == rows else t.transpose(1, 2)
 
 
+def hf_moecompile_experts(block, config):
+    """The same HF block (sharing its weights) with experts_implementation="moecompile": transformers' router, then
+    moecompile's dispatch and expert kernels (hf_experts.py)."""
+    import copy
+
+    import moecompile
+    moecompile.register_transformers()
+    config = copy.deepcopy(config)
+    config._experts_implementation = "moecompile"
+    with torch.device("meta"):
+        twin_block = type(block)(config).eval()
+    twin_block.load_state_dict(block.state_dict(), assign=True)
+    return twin_block
+
+
 def twin(block, family: str, H: int, I: int, E: int, k: int, relu: bool) -> FusedMoE:
     """A FusedMoE on the HF block's own tensors (no weight copies except the small shared expert's gate/up)."""
     ex = block.experts
@@ -182,9 +198,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def run_shape(name: str, cfg: dict, tokens, ceilings: dict, quick: bool, rows: list) -> None:
     H, I, E, k = cfg["H"], cfg["I"], cfg["E"], cfg["k"]
-    block, _ = hf_block(cfg["family"], H, I, E, k)
+    block, config = hf_block(cfg["family"], H, I, E, k)
     fused = twin(block, cfg["family"], H, I, E, k, cfg.get("relu", False))
     compiled = torch.compile(block)  # the default: static first, then dynamic token counts
+    hf_ours = torch.compile(hf_moecompile_experts(block, config))
     for T in tokens:
         x = torch.randn(1, T, H, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
@@ -196,7 +213,7 @@ def run_shape(name: str, cfg: dict, tokens, ceilings: dict, quick: bool, rows: l
             floor, info = floor_ms(fused, x[0], ceilings)
             common = dict(shape=name, tokens=T, floor_ms=floor, **info)
             impls = {"hf_grouped_mm": lambda: block(x), "hf_grouped_mm_compile": lambda: compiled(x),
-                     "moecompile": lambda: fused(x)}
+                     "hf_moecompile_experts_compile": lambda: hf_ours(x), "moecompile": lambda: fused(x)}
             for impl, fn in impls.items():
                 try:
                     torch.cuda.synchronize()
@@ -219,7 +236,7 @@ def run_shape(name: str, cfg: dict, tokens, ceilings: dict, quick: bool, rows: l
             rows.append(dict(common, impl="moecompile_cudagraph", ms=ms, peak_mb=graph_mb))
             print(json.dumps(rows[-1]), flush=True)
             del graph
-    del block, fused, compiled
+    del block, fused, compiled, hf_ours
     torch.compiler.reset()
     torch.cuda.empty_cache()
 
@@ -237,8 +254,10 @@ def markdown(result: dict) -> str:
              f"Ceilings measured in the same run: copy {result['ceilings']['copy_GBps']:.0f} GB/s, bf16 matmul "
              f"{result['ceilings']['bf16_TFLOPs']:.0f} TFLOP/s. Times are medians in ms; `floor` is the roofline "
              "floor; `% floor` = floor / moecompile eager; `x compile` = HF grouped_mm compiled / moecompile eager.",
-             "", "| shape | tokens | HF grouped_mm | HF compiled | moecompile | moecompile graph | floor | % floor "
-             "| x compile | peak MB HF / HF compiled / ours | err ours / HF |", "|---" * 11 + "|"]
+             "`HF + our experts` is the HF block with experts_implementation=\"moecompile\" (transformers' router, "
+             "moecompile's expert kernels) under torch.compile.",
+             "", "| shape | tokens | HF grouped_mm | HF compiled | HF + our experts | moecompile | moecompile graph "
+             "| floor | % floor | x compile | peak MB HF / HF compiled / ours | err ours / HF |", "|---" * 12 + "|"]
     speedups = []
     seen = sorted({(r["shape"], r["tokens"]) for r in rows}, key=lambda st: (list(SHAPES).index(st[0]), st[1]))
 
@@ -252,7 +271,8 @@ def markdown(result: dict) -> str:
             speedups.append(sp)
         floor = g("moecompile").get("floor_ms")
         lines.append(
-            f"| {shape} | {T} | {f(g('hf_grouped_mm').get('ms'))} | {f(comp)} | {f(ours)} | "
+            f"| {shape} | {T} | {f(g('hf_grouped_mm').get('ms'))} | {f(comp)} | "
+            f"{f(g('hf_moecompile_experts_compile').get('ms'))} | {f(ours)} | "
             f"{f(g('moecompile_cudagraph').get('ms'))} | {f(floor)} | {f(100 * floor / ours if ours else None, '.0f')} "
             f"| {f(sp, '.2f')} | {f(g('hf_grouped_mm').get('peak_mb'), '.0f')} / "
             f"{f(g('hf_grouped_mm_compile').get('peak_mb'), '.0f')} / {f(g('moecompile').get('peak_mb'), '.0f')} | "
