@@ -5,6 +5,8 @@
 #              then the fuzz campaign's descriptions through the Triton kernels for FUZZ_S seconds (300)
 #   backward   the Triton backward's CUDA tests and the compiled-training tests (test_backward.py, test_training.py)
 #   training   the one-layer training benchmark, benchmarks/moe_train.py (TRAIN_ARGS, e.g. --quick)
+#   hf_experts experts_implementation="moecompile" on CUDA (tests/test_hf_experts.py), then the layer benchmark's
+#              rows for it at LAYER_TOKENS (default 1 4096) on Qwen3-30B-A3B
 #   tune       the tile tuner on the GPU (python -m moecompile.tune), Qwen3-30B-A3B at 1 and 1024 tokens, TUNE_S s
 #   memory     the full-size memory test: a Qwen3-30B-A3B-shaped model (48 layers, bf16), gc disabled while
 #              optimize runs
@@ -39,6 +41,18 @@ training() {
     echo "training rc=$?" | tee -a "$OUT/moe_train.log"; tail -n 22 "$OUT/moe_train.log"
 }
 
+hf_experts() {
+    timeout ${HF_EXPERTS_TIMEOUT:-150} python -m pytest -q -rf -p no:cacheprovider tests/test_hf_experts.py \
+        > "$OUT/gpu_hf_experts.log" 2>&1
+    echo "hf_experts rc=$?" | tee -a "$OUT/gpu_hf_experts.log"; tail -n 6 "$OUT/gpu_hf_experts.log"
+    if [ -n "${LAYER_TOKENS:-}" ]; then
+        # shellcheck disable=SC2086
+        timeout 240 python benchmarks/moe_layer.py --quick --shapes qwen3_30b_a3b --tokens $LAYER_TOKENS \
+            --out "$OUT/results" > "$OUT/moe_layer.log" 2>&1
+        echo "moe_layer rc=$?" | tee -a "$OUT/moe_layer.log"; tail -n 8 "$OUT/moe_layer.log"
+    fi
+}
+
 tune() {
     timeout $((${TUNE_S:-90} + 60)) python -m moecompile.tune --shape qwen3_30b_a3b --tokens 1 1024 \
         --budget-s "${TUNE_S:-90}" --out "$OUT/results/tuned_qwen3.json" > "$OUT/tune.log" 2>&1
@@ -53,7 +67,7 @@ memory() {
 
 for part in "$@"; do
     case "$part" in
-        kernels | backward | training | tune | memory) "$part" ;;
-        *) echo "unknown part $part (kernels, backward, training, tune, memory)"; exit 2 ;;
+        kernels | backward | training | hf_experts | tune | memory) "$part" ;;
+        *) echo "unknown part $part (kernels, backward, training, hf_experts, tune, memory)"; exit 2 ;;
     esac
 done
