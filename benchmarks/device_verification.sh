@@ -6,7 +6,7 @@
 #   backward   the Triton backward's CUDA tests and the compiled-training tests (test_backward.py, test_training.py)
 #   training   the one-layer training benchmark, benchmarks/moe_train.py (TRAIN_ARGS, e.g. --quick)
 #   hf_experts experts_implementation="moecompile" on CUDA (tests/test_hf_experts.py), then the layer benchmark's
-#              rows for it at LAYER_TOKENS (default 1 4096) on Qwen3-30B-A3B
+#              rows for it on Qwen3-30B-A3B when LAYER_TOKENS is set (e.g. "1 4096")
 #   tune       the tile tuner on the GPU (python -m moecompile.tune), Qwen3-30B-A3B at 1 and 1024 tokens, TUNE_S s
 #   memory     the full-size memory test: a Qwen3-30B-A3B-shaped model (48 layers, bf16), gc disabled while
 #              optimize runs
