@@ -23,6 +23,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -35,18 +36,19 @@ from .state import kept
 NAME = "moecompile"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # transformers.activations classes (and torch's) by what they compute, as MLPSpec activations
-_ACTIVATIONS = {
+_ACTIVATIONS = MappingProxyType({
     "SiLU": "silu", "SiLUActivation": "silu",
     "GELU": "gelu", "GELUActivation": "gelu",
     "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
     "ReLU": "relu", "ReLUSquaredActivation": "relu2",
-}
+})
 
 # experts classes whose own _apply_gate is gpt-oss's clamped SwiGLU: the attributes holding alpha and the limit
-_CLAMPED_SWIGLU = {"GptOssExperts": ("alpha", "limit"), "OpenAIPrivacyFilterExperts": ("alpha", "limit"),
-                   "MiniMaxM3VLExperts": ("swiglu_alpha", "swiglu_limit")}
+_CLAMPED_SWIGLU = MappingProxyType({"GptOssExperts": ("alpha", "limit"),
+                                   "OpenAIPrivacyFilterExperts": ("alpha", "limit"),
+                                   "MiniMaxM3VLExperts": ("swiglu_alpha", "swiglu_limit")})
 # ... and those whose _apply_gate is the default one computed in fp32 (which the kernels do anyway)
-_DEFAULT_GATE_IN_FP32 = {"BeamExperts"}
+_DEFAULT_GATE_IN_FP32 = frozenset({"BeamExperts"})
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,17 @@ from moecompile.kernels import launch
 
 moecompile.register_transformers()
 
+# the GPU when there is one (the device run), else the CPU with the kernels in Triton's interpreter
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build(family: str, implementation: str, dtype: torch.dtype = torch.float32):
+    return hf_zoo.build(family, implementation, dtype=dtype).to(DEVICE)
+
+
+def inputs_of(model, **kwargs) -> dict:
+    return {k: v.to(DEVICE) for k, v in hf_zoo.example_inputs(model, **kwargs).items()}
+
 # families whose experts compute what the kernels do not (transformers 5.25): the reason the refusal names
 REFUSED = {
     "bailing_hybrid": "_apply_gate",  # clamps after the activation
@@ -47,8 +58,8 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def twins(family: str, dtype: torch.dtype = torch.float32):
     """The family's tiny model under grouped_mm and the same weights under moecompile."""
-    ref = hf_zoo.build(family, "grouped_mm", dtype=dtype)
-    ours = hf_zoo.build(family, "moecompile", dtype=dtype)
+    ref = build(family, "grouped_mm", dtype)
+    ours = build(family, "moecompile", dtype)
     ours.load_state_dict(ref.state_dict())
     return ref, ours
 
@@ -56,15 +67,15 @@ def twins(family: str, dtype: torch.dtype = torch.float32):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_decorated_family_matches_grouped_mm_or_is_refused(family, quiet):
     try:
-        ref = hf_zoo.build(family, "grouped_mm")
+        ref = build(family, "grouped_mm")
     except Exception as exc:  # transformers (or the tiny config) refuses the switch itself: the same for ours
         with pytest.raises(type(exc)):
-            hf_zoo.build(family, "moecompile")
+            build(family, "moecompile")
         return
     assert hf_zoo.has_experts_implementation(ref)
-    ours = hf_zoo.build(family, "moecompile")
+    ours = build(family, "moecompile")
     ours.load_state_dict(ref.state_dict())
-    inputs = hf_zoo.example_inputs(ref)
+    inputs = inputs_of(ref)
     with torch.no_grad():
         want = hf_zoo.model_output(ref, inputs)
         if family in REFUSED:
@@ -85,7 +96,7 @@ def test_every_decorated_family_matches_grouped_mm_or_is_refused(family, quiet):
 ])
 def test_low_precision(family, dtype, tol, quiet):
     ref, ours = twins(family, dtype)
-    inputs = hf_zoo.example_inputs(ref, batch=3, seq=21)
+    inputs = inputs_of(ref, batch=3, seq=21)
     with torch.no_grad():
         assert relative(hf_zoo.model_output(ours, inputs), hf_zoo.model_output(ref, inputs)) <= tol
 
@@ -101,9 +112,9 @@ def test_experts_module_alone_on_zero_one_and_many_tokens(tokens, quiet):
     ref_experts, our_experts = experts_module(ref), experts_module(ours)
     H, E = ref.config.hidden_size, ref_experts.num_experts
     gen = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, H, generator=gen)
-    ids = torch.rand(tokens, E, generator=gen).topk(2, dim=-1).indices
-    weights = torch.rand(tokens, 2, generator=gen)
+    x = torch.randn(tokens, H, generator=gen).to(DEVICE)
+    ids = torch.rand(tokens, E, generator=gen).topk(2, dim=-1).indices.to(DEVICE)
+    weights = torch.rand(tokens, 2, generator=gen).to(DEVICE)
     with torch.no_grad():
         want, got = ref_experts(x, ids, weights), our_experts(x, ids, weights)
     assert got.shape == want.shape == (tokens, H)
@@ -114,29 +125,29 @@ def test_experts_module_alone_on_zero_one_and_many_tokens(tokens, quiet):
 def test_flags_are_read_from_the_decorator():
     """gpt-oss: interleaved (is_concatenated=False), transposed, biases, its clamped SwiGLU with its alpha and
     limit; nemotron_h: no gate; Mixtral: the defaults."""
-    gpt_oss = hf_experts.plan_of(experts_module(hf_zoo.build("gpt_oss", "moecompile")))
+    gpt_oss = hf_experts.plan_of(experts_module(build("gpt_oss", "moecompile")))
     assert (gpt_oss.interleaved, gpt_oss.transposed, gpt_oss.has_bias, gpt_oss.activation) == (
         True, True, True, "clamped_swiglu")
     assert (gpt_oss.alpha, gpt_oss.limit) == (1.702, 7.0)
-    nemotron = hf_experts.plan_of(experts_module(hf_zoo.build("nemotron_h", "moecompile")))
+    nemotron = hf_experts.plan_of(experts_module(build("nemotron_h", "moecompile")))
     assert nemotron.gated is False
-    mixtral = hf_experts.plan_of(experts_module(hf_zoo.build("mixtral", "moecompile")))
+    mixtral = hf_experts.plan_of(experts_module(build("mixtral", "moecompile")))
     assert mixtral == hf_experts.ExpertsPlan(True, "silu")
 
 
 def test_expert_parallel_is_refused(quiet):
-    model = hf_zoo.build("qwen3_moe", "moecompile")
+    model = build("qwen3_moe", "moecompile")
     for m in model.modules():
         if hasattr(m, "has_gate"):
             m._is_expert_parallel = True
     with pytest.raises(moecompile.MoECompileError, match="expert parallelism"), torch.no_grad():
-        hf_zoo.model_output(model, hf_zoo.example_inputs(model))
+        hf_zoo.model_output(model, inputs_of(model))
 
 
 def test_an_activation_that_disagrees_with_its_class_is_refused(quiet, monkeypatch):
     """The probe check: a class read by name whose gate computes something else (a later transformers) is refused
     on its first eager call, not run wrongly."""
-    model = hf_zoo.build("qwen3_moe", "moecompile")
+    model = build("qwen3_moe", "moecompile")
     experts = experts_module(model)
     monkeypatch.setattr(type(experts), "_apply_gate", lambda self, h: torch.nn.functional.gelu(h.chunk(2, -1)[0]) *
                         h.chunk(2, -1)[1])
@@ -144,7 +155,7 @@ def test_an_activation_that_disagrees_with_its_class_is_refused(quiet, monkeypat
     hf_experts._CHECKED.clear()
     try:
         with pytest.raises(moecompile.MoECompileError, match="does not compute silu"), torch.no_grad():
-            hf_zoo.model_output(model, hf_zoo.example_inputs(model))
+            hf_zoo.model_output(model, inputs_of(model))
     finally:
         hf_experts._CHECKED.clear()
 
@@ -152,7 +163,7 @@ def test_an_activation_that_disagrees_with_its_class_is_refused(quiet, monkeypat
 def test_gradients_take_transformers_path_and_match(quiet):
     """With gradients the experts run transformers' grouped_mm code (said in the report); gradients equal."""
     ref, ours = twins("qwen3_moe")
-    inputs = hf_zoo.example_inputs(ref)
+    inputs = inputs_of(ref)
     ref(**inputs).logits.square().mean().backward()
     ours(**inputs).logits.square().mean().backward()
     for (name, a), (_, b) in zip(ref.named_parameters(), ours.named_parameters(), strict=True):
@@ -163,7 +174,8 @@ def test_gradients_take_transformers_path_and_match(quiet):
 
 def test_without_the_interpreter_the_cpu_takes_transformers_path(quiet, monkeypatch):
     monkeypatch.setattr(launch, "INTERPRETED", False)
-    ref, ours = twins("olmoe")
+    ref, ours = (hf_zoo.build("olmoe", impl) for impl in ("grouped_mm", "moecompile"))  # on the CPU
+    ours.load_state_dict(ref.state_dict())
     inputs = hf_zoo.example_inputs(ref)
     with torch.no_grad():
         assert relative(hf_zoo.model_output(ours, inputs), hf_zoo.model_output(ref, inputs)) <= 1e-6
@@ -171,8 +183,8 @@ def test_without_the_interpreter_the_cpu_takes_transformers_path(quiet, monkeypa
 
 
 def test_set_experts_implementation_switches_and_the_report_says_so(quiet):
-    model = hf_zoo.build("qwen3_moe", "grouped_mm")
-    inputs = hf_zoo.example_inputs(model)
+    model = build("qwen3_moe", "grouped_mm")
+    inputs = inputs_of(model)
     with torch.no_grad():
         want = hf_zoo.model_output(model, inputs)
         model.set_experts_implementation("moecompile")
@@ -187,7 +199,7 @@ def test_set_experts_implementation_switches_and_the_report_says_so(quiet):
 def test_torch_compile_fullgraph_has_no_graph_break(quiet):
     """fullgraph=True raises on any graph break; the kernels are one opaque op in the graph."""
     ref, ours = twins("qwen3_moe")
-    inputs = hf_zoo.example_inputs(ref)
+    inputs = inputs_of(ref)
     ops = (torch.ops.moecompile.hf_experts, torch.ops.moecompile.hf_experts.default)
     torch._dynamo.reset()
     compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)

@@ -83,7 +83,7 @@ def test_autocast_runs_the_experts_in_bf16_with_fp32_parameters(count_backward):
     """Under autocast the expert matmuls run in bf16, as nn.Linear's would; the gradients reach the fp32
     parameters and agree with float64 autograd on the bf16-rounded expert weights and input."""
     block = _block(mlp="swiglu")
-    x, probe = torch.randn(37, 32), torch.randn(37, 32)
+    x, probe = torch.randn(37, 32, device=DEVICE), torch.randn(37, 32, device=DEVICE)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         assert block(x).dtype == torch.bfloat16
         got = _grads(block, x, probe)
@@ -91,9 +91,9 @@ def test_autocast_runs_the_experts_in_bf16_with_fp32_parameters(count_backward):
     assert all(g.dtype == torch.float32 for g in got.values())
     rounded = {n: (p.detach().bfloat16() if n in ("w1", "w2") else p.detach()).cpu().double().requires_grad_(True)
                for n, p in block.named_parameters()}
-    xr = x.bfloat16().double().requires_grad_(True)
+    xr = x.bfloat16().cpu().double().requires_grad_(True)
     y, _ = moecompile.reference.reference_forward(block.spec, MoEWeights(**rounded), xr)
-    (y * probe.double()).sum().backward()
+    (y * probe.cpu().double()).sum().backward()
     _assert_same(got, {"x": xr.grad, **{n: t.grad for n, t in rounded.items()}}, 2.5e-2)
 
 

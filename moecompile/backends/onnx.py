@@ -212,11 +212,12 @@ def _verify_into_report(tmp_file: Path, model: nn.Module, args, kwargs, hf: bool
     verify_start = time.perf_counter()
     was_training = model.training
     try:
-        err, lengths, ties = _verify(tmp_file, _Outputs(model.eval(), len(args), list(kwargs), hf), inputs, dynamic)
+        err, lengths, ties, provider = _verify(tmp_file, _Outputs(model.eval(), len(args), list(kwargs), hf),
+                                               inputs, dynamic)
     finally:
         model.train(was_training)
     rep.passes.append(PassRun(name="verify_onnxruntime", seconds=time.perf_counter() - verify_start,
-                              modified=False, note=f"max error {err:.1e} of max |output| at lengths "
+                              modified=False, note=f"{provider}: max error {err:.1e} of max |output| at lengths "
                                                    f"{'/'.join(map(str, lengths))}" + (f" ({ties})" if ties else "")))
     _write_report(tmp_file, rep)
 
@@ -379,9 +380,10 @@ def _random_like(name: str, t: torch.Tensor, length: int, vocab: int, gen: torch
     return torch.randint(0, vocab, shape, generator=gen).to(t.dtype)
 
 
-def _verify(file: Path, original: _Outputs, inputs: tuple, dynamic: bool) -> tuple[float, tuple, str]:
+def _verify(file: Path, original: _Outputs, inputs: tuple, dynamic: bool) -> tuple[float, tuple, str, str]:
     """Worst error of onnxruntime against `original` (the user's model, called as the exported wrapper is) on
-    random inputs shaped like `inputs`, at the example's length and 5 more, and a note ("" or what ties changed).
+    random inputs shaped like `inputs`, at the example's length and 5 more, a note ("" or what ties changed), and
+    the provider that ran it (CUDA where onnxruntime-gpu and a GPU are there, else the CPU).
 
     Over the tolerance, PyTorch runs once more with ONNX TopK's tie order (topk_ties.py): if that matches, the
     model's own top-k met exact ties, which onnxruntime breaks by the lower index and torch.topk in its own order;
@@ -427,7 +429,7 @@ def _verify(file: Path, original: _Outputs, inputs: tuple, dynamic: bool) -> tup
                          f"{tie_err:.1e} with ties broken as ONNX TopK does (lower index first)")
             err = tie_err
         worst = max(worst, err)
-    return worst, lengths, "; ".join(notes)
+    return worst, lengths, "; ".join(notes), session.get_providers()[0]
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -50,8 +50,9 @@ _POOLS: dict[tuple[int, int], tuple] = kept("kernels.graphs: their memory pools"
 
 
 def applies(x: torch.Tensor) -> bool:
+    # deterministic mode is read at launch; a graph captured outside it would replay its atomics
     return (x.is_cuda and 0 < x.shape[0] <= MAX_TOKENS and enabled()
-            and not torch.cuda.is_current_stream_capturing())
+            and not torch.cuda.is_current_stream_capturing() and not torch.are_deterministic_algorithms_enabled())
 
 
 def call(key: tuple, forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], x: torch.Tensor,

@@ -205,9 +205,10 @@ def _programs(tiles: int, device: torch.device, cfg: configs.GemmConfig, b_tiles
 
 def _run_experts(mlp, x, w1, w2, b1, b2, acc, cfg: configs.MoEConfig, *, dense: bool, S: int = 1,
                  table=None, pair_weight=None, row_scale=None, weight_on_input=False, rounds=1, round_blocks=0,
-                 w1_up: int | None = None, b1_up: int | None = None):
+                 w1_up: int | None = None, b1_up: int | None = None, pair_rows: bool = False):
     """Up then down GEMM for one expert set; routed rows come from `table` (dispatch's output), dense rows are the
-    tokens. Adds into acc [T, H] fp32. w1 and w2 may be strided views ([E, F, H] and [E, H, I] in any strides)."""
+    tokens. Adds into acc [T, H] fp32, or with pair_rows stores each (token, slot) pair's row into acc [T*S, H]
+    (deterministic mode; cfg.down must not split K). w1 and w2 may be strided views ([E, F, H] and [E, H, I])."""
     T, H = x.shape
     I = mlp.intermediate_size
     dot_fp32 = x.dtype == torch.float32 or DOTS_IN_FP32
@@ -254,7 +255,7 @@ def _run_experts(mlp, x, w1, w2, b1, b2, acc, cfg: configs.MoEConfig, *, dense: 
             h.stride(0), w2s[0], w2s[1], w2s[2], b2s, acc.stride(0), down_programs,
             DENSE=dense, HAS_B2=b2 is not None, APPLY_WEIGHT=pair_weight is not None and not weight_on_input,
             HAS_ROW_SCALE=row_scale is not None, DOT_FP32=dot_fp32,
-            BM=down.BM, BN=down.BN, BK=down.BK, SPLIT_K=down.split_k, GROUP_M=down.GROUP_M,
+            BM=down.BM, BN=down.BN, BK=down.BK, SPLIT_K=down.split_k, GROUP_M=down.GROUP_M, PAIR_ROWS=pair_rows,
             num_warps=down.num_warps, num_stages=down.num_stages,
         )
 
@@ -303,7 +304,7 @@ def forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int
         return x.new_empty(0, H), x.new_empty(0, E, dtype=torch.float32), x.new_empty(0, S, dtype=torch.float32)
     x = x.contiguous()
     I = spec.experts.intermediate_size
-    cfg = configs.choose(T, H, I, E, min(S, 8), x.device)
+    cfg = _deterministic(configs.choose(T, H, I, E, min(S, 8), x.device))
     on_grouped_mm = grouped.applies(spec, weights, x, cfg.grouped_mm)  # many rows an expert: CUTLASS's grouped GEMM
     BM = 1 if on_grouped_mm else cfg.up.BM  # grouped_mm reads unpadded rows
     # grouped_mm's combine writes y from the expert rows: an accumulator only for the shared experts' sum
@@ -319,8 +320,9 @@ def forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int
     side = None
     if spec.shared is not None:  # on a second stream, overlapped with dispatch and the routed experts
         shared_mlp = spec.shared.mlp
-        shared_cfg = configs.choose(T, H, shared_mlp.intermediate_size, 1, 1, x.device)
-        side = _side_stream(x.device)
+        shared_cfg = _deterministic(configs.choose(T, H, shared_mlp.intermediate_size, 1, 1, x.device))
+        # deterministic mode: on this stream, before the routed experts add theirs (a fixed order of sums)
+        side = None if torch.are_deterministic_algorithms_enabled() else _side_stream(x.device)
         with _on_stream(side):
             _run_experts(shared_mlp, x, weights.shared_w1, weights.shared_w2, weights.shared_b1, weights.shared_b2,
                          acc, shared_cfg, dense=True, row_scale=sg)
@@ -363,11 +365,23 @@ def _routed(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, cfg: configs.Mo
         round_blocks = min(max_blocks, triton.cdiv(T * min(E, RELU_ROUND_SLOTS), BM) + min(E, T * E))
     else:
         round_blocks = max_blocks
-    _run_experts(spec.experts, x, weights.w1, weights.w2, weights.b1, weights.b2, acc, cfg, dense=False, S=S,
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    # deterministic mode: each pair's row stored, then summed in slot order (no fp32 atomics racing per token)
+    out = torch.zeros(T * S, H, device=x.device, dtype=torch.float32) if deterministic else acc
+    _run_experts(spec.experts, x, weights.w1, weights.w2, weights.b1, weights.b2, out, cfg, dense=False, S=S,
                  table=table, pair_weight=weight, weight_on_input=spec.router.weight_on_input,
                  rounds=triton.cdiv(max_blocks, round_blocks), round_blocks=round_blocks,
-                 w1_up=layout.w1_up, b1_up=layout.b1_up)
+                 w1_up=layout.w1_up, b1_up=layout.b1_up, pair_rows=deterministic)
+    if deterministic:
+        acc += out.view(T, S, H).sum(dim=1)
     return _finish(weights, x, acc, side)
+
+
+def _deterministic(cfg: configs.MoEConfig) -> configs.MoEConfig:
+    """The tiles, with the down GEMM's K split (partial sums added atomically) removed in deterministic mode."""
+    if cfg.down.split_k == 1 or not torch.are_deterministic_algorithms_enabled():
+        return cfg
+    return configs.MoEConfig(cfg.up, configs.GemmConfig(**{**cfg.down.to_dict(), "split_k": 1}), cfg.grouped_mm)
 
 
 def forward_routed(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor,
@@ -380,7 +394,7 @@ def forward_routed(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, ids: tor
     if T == 0:
         return x.new_empty(0, H)
     x = x.contiguous()
-    cfg = configs.choose(T, H, spec.experts.intermediate_size, E, min(k, 8), x.device)
+    cfg = _deterministic(configs.choose(T, H, spec.experts.intermediate_size, E, min(k, 8), x.device))
     on_grouped_mm = layout == CANONICAL and grouped.applies(spec, weights, x, cfg.grouped_mm)
     ids = ids.to(torch.int32).contiguous()
     weight = weight.to(torch.float32).contiguous()

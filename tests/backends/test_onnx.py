@@ -294,6 +294,10 @@ def test_the_pass_log_travels_in_the_file(tmp_path, quiet):
                            capture_output=True, text=True, check=True).stdout
     assert moecompile.Report.from_json(there).to_dict() == here.to_dict()
     assert [p.name for p in here.passes][-2:] == ["export_onnx", "verify_onnxruntime"]
+    import onnxruntime as ort  # the verify line names the provider that ran the file: CUDA where it can
+
+    on_cuda = torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+    assert here.passes[-1].note.startswith("CUDAExecutionProvider:" if on_cuda else "CPUExecutionProvider:")
     assert all(b.export for b in here.blocks if b.decision == "fused")
     check_hf_lengths(model, moved / "m.onnx")  # the rewritten log left the weights as they were
     plain = tmp_path / "plain.onnx"
