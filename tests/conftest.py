@@ -42,3 +42,14 @@ def mixtral():
     from moecompile import hf_zoo
 
     return hf_zoo.build("mixtral", "grouped_mm")
+
+
+@pytest.fixture
+def tuned_dir(tmp_path, monkeypatch):
+    """An empty directory of user-tuned tile tables (kernels/configs.py), forgotten before and after the test."""
+    from moecompile.kernels import configs
+
+    monkeypatch.setenv(configs.TUNED_DIR_ENV, str(tmp_path))
+    configs.forget_user_tables()
+    yield tmp_path
+    configs.forget_user_tables()

@@ -16,14 +16,6 @@ from moecompile.kernels.settings import settings
 SHAPE = "H=64,I=40,E=8,k=2"
 
 
-@pytest.fixture
-def tuned_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(configs.TUNED_DIR_ENV, str(tmp_path))
-    configs.forget_user_tables()
-    yield tmp_path
-    configs.forget_user_tables()
-
-
 def fake_timing(monkeypatch, fastest):
     """1 ms for the untuned choice, 0.5 ms for `fastest`'s up tiles, 2 ms for any other candidate."""
     def time_ms(fn, device):

@@ -22,15 +22,11 @@ FAMILY_CASES = [("mixtral", "grouped_mm"), ("mixtral", "batched_mm"), ("qwen3_mo
                 ("gpt_oss", "grouped_mm")]
 
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/backends/conftest.py
+
+
 def close(got, want, rel=1e-4):
     return (got - want).abs().max().item() <= rel * want.abs().max().item()
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def test_registered_through_the_entry_point_without_importing_moecompile():

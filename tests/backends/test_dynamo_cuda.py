@@ -15,7 +15,8 @@ import torch
 import moecompile
 from moecompile import hf_zoo
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
+pytestmark = [pytest.mark.usefixtures("fresh_dynamo"),
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")]
 
 FAMILY_CASES = [("qwen3_moe", "grouped_mm"), ("mixtral", "grouped_mm"), ("mixtral", "batched_mm"),
                 ("qwen2_moe", "grouped_mm"), ("olmoe", "batched_mm"), ("deepseek_v3", "grouped_mm"),
@@ -41,13 +42,6 @@ def logits_within_bf16(got: torch.Tensor, eager: torch.Tensor, want: torch.Tenso
     theirs_flipped = (theirs > 10 * theirs.median()).float().mean().item()  # the baseline's own outlier tokens
     ok = ours.median() <= 1.5 * theirs.median() + 1e-3 and flipped <= 0.05 + theirs_flipped
     return ok, f"median token err {ours.median():.2e} (eager {theirs.median():.2e}), {flipped:.1%} tokens over 10x"
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def bf16_and_fp32(family: str, impl: str):

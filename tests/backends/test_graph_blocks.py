@@ -14,16 +14,11 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 sys.path.insert(1, str(Path(__file__).parent.parent / "passes" / "describe"))  # the hand-written form modules
 import handwritten  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/backends/conftest.py
+
 
 def close(got, want, rel=1e-4):
     return (got - want).abs().max().item() <= rel * want.abs().max().item()
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("build, shape", [

@@ -14,15 +14,11 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 sys.path.insert(1, str(Path(__file__).parent.parent / "passes" / "describe"))  # the hand-written form modules
 
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/backends/conftest.py
+
+
 def close(got, want, rel=1e-4):
     return (got - want).abs().max().item() <= rel * want.abs().max().item()
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("k, factor, capacity", [(1, 0.75, 12), (2, 0.5, 16)], ids=["top1gating", "top2gating"])

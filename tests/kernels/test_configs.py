@@ -20,15 +20,6 @@ TUNED = configs.MoEConfig(configs.GemmConfig(BM=32, BN=32, BK=32, GROUP_M=2, num
                           configs.GemmConfig(BM=32, BN=64, BK=16, GROUP_M=2, num_warps=2, num_stages=2, split_k=2))
 
 
-@pytest.fixture
-def tuned_dir(tmp_path, monkeypatch):
-    """An empty directory of user tables; the tables read before are forgotten before and after."""
-    monkeypatch.setenv(configs.TUNED_DIR_ENV, str(tmp_path))
-    configs.forget_user_tables()
-    yield tmp_path
-    configs.forget_user_tables()
-
-
 def write_table(path, entries: dict) -> None:
     path.write_text(json.dumps({"format": 1, "device": "cpu", "entries": entries}))
 
