@@ -95,10 +95,19 @@ def test_every_decorated_family_matches_grouped_mm_or_is_refused(family, quiet):
     ("nemotron_h", torch.float16, 5e-3),  # no gate (plain MLP experts)
 ])
 def test_low_precision(family, dtype, tol, quiet):
+    """Against the same weights in fp32 (normwise): moecompile's experts in `dtype` within `tol`, and no further
+    off than transformers' grouped_mm in `dtype` is, up to 2x. Two 16-bit runs are not compared with each other:
+    rounding in one layer flips near-tied routing choices in the next (seen on the GPU in bf16 gpt-oss)."""
+    exact = build(family, "grouped_mm")
     ref, ours = twins(family, dtype)
+    ref.load_state_dict(exact.state_dict())
+    ours.load_state_dict(exact.state_dict())
     inputs = inputs_of(ref, batch=3, seq=21)
     with torch.no_grad():
-        assert relative(hf_zoo.model_output(ours, inputs), hf_zoo.model_output(ref, inputs)) <= tol
+        want = hf_zoo.model_output(exact, inputs).double()
+        theirs, got = (hf_zoo.model_output(m, inputs).double() for m in (ref, ours))
+    err, their_err = ((o - want).norm().item() / want.norm().item() for o in (got, theirs))
+    assert err <= tol and err <= max(2 * their_err, tol / 4), (err, their_err)
 
 
 def experts_module(model):

@@ -30,9 +30,13 @@ _PER_CALL = ("T", "block_lo", "round_blocks", "NUM_PROGS")
 @triton.jit
 def mma(a, b, acc, DOT_FP32: tl.constexpr):
     """acc + a @ b: on the tensor cores in the operands' dtype, or with fp32 operands and exact fp32 products."""
+    # if/else, not an early return: Triton 3.6 also compiles the statement after a static if's return, and that
+    # dot of mixed dtypes (a 16-bit input beside an fp32 router under autocast) fails to compile
     if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
 
 
 @triton.jit
