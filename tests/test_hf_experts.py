@@ -202,7 +202,7 @@ def test_set_experts_implementation_switches_and_the_report_says_so(quiet):
     report = moecompile.report(model)
     assert len(report.blocks) == model.config.num_hidden_layers
     assert all(b.decision == "experts_kernels" and b.method == "experts_implementation" for b in report.blocks)
-    assert "router is not fused" in report.table()
+    assert "router is not fused" in report.table() and "experts on moecompile's kernels" in report.table()
 
 
 def test_torch_compile_fullgraph_has_no_graph_break(quiet):

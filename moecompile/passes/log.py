@@ -118,7 +118,8 @@ class Report:
         rows = []
         for b in self.blocks:
             err = "-" if b.max_abs_error is None else f"{b.max_abs_error:.2e}"
-            rows.append((b.path or "<root>", b.decision, err, b.spec_summary if b.decision == "fused" else b.reason))
+            described = b.decision in ("fused", "experts_kernels")
+            rows.append((b.path or "<root>", b.decision, err, b.spec_summary if described else b.reason))
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header[:3])]
         lines = [f"moecompile: {self.model_type}: {len(self.fused)} of {len(self.blocks)} MoE blocks fused"]
         if self.message:
