@@ -68,7 +68,13 @@ class ExpertsPlan:
         return (f"{int(self.gated)};{self.activation};{self.alpha!r};{self.limit!r};{int(self.has_bias)};"
                 f"{int(self.transposed)};{int(self.interleaved)}")
 
+    @lru_cache(maxsize=64)  # noqa: B019 (plans are few and frozen; the op asks on every call)
+    def mlp(self, hidden: int, inter: int) -> MLPSpec:
+        return MLPSpec(hidden_size=hidden, intermediate_size=inter, gated=self.gated, activation=self.activation,
+                       activation_alpha=self.alpha, activation_limit=self.limit, has_bias=self.has_bias)
+
     @classmethod
+    @lru_cache(maxsize=64)
     def from_key(cls, key: str) -> ExpertsPlan:
         gated, activation, alpha, limit, has_bias, transposed, interleaved = key.split(";")
         return cls(gated == "1", activation, float(alpha), float(limit), has_bias == "1", transposed == "1",
@@ -133,7 +139,7 @@ def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index:
 
 
 # (experts class, plan) -> the plan, or why the module's own activation disagrees with it on probe values
-_CHECKED: dict[tuple[type, str], ExpertsPlan | str] = kept("hf_experts.py: activations checked by probing", {})
+_CHECKED: dict[tuple[type, ExpertsPlan], ExpertsPlan | str] = kept("hf_experts.py: activations checked by probing", {})
 
 
 def _checked(module: nn.Module, plan: ExpertsPlan | str) -> ExpertsPlan | str:
@@ -142,13 +148,12 @@ def _checked(module: nn.Module, plan: ExpertsPlan | str) -> ExpertsPlan | str:
     calls only (the first per class); torch.compile traces plan_of alone."""
     if isinstance(plan, str):
         return plan
-    key = (type(module), plan.to_key())
+    key = (type(module), plan)
     if key not in _CHECKED:
         _CHECKED[key] = plan
         from .reference import activation, glu
 
-        mlp = MLPSpec(hidden_size=1, intermediate_size=64, gated=plan.gated, activation=plan.activation,
-                      activation_alpha=plan.alpha, activation_limit=plan.limit)
+        mlp = plan.mlp(hidden=1, inter=64)
         with torch.no_grad():
             h = torch.randn(32, 128 if plan.gated else 64, generator=torch.Generator().manual_seed(0)) * 6
             h = h.to(device=module.down_proj.device)
@@ -180,20 +185,14 @@ def _record(module: nn.Module, path: str) -> None:
         _PATHS[module] = path
 
 
-@lru_cache(maxsize=64)
-def _mlp_of(plan_key: str, hidden: int, inter: int) -> tuple[MLPSpec, ExpertsPlan]:
-    plan = ExpertsPlan.from_key(plan_key)
-    return MLPSpec(hidden_size=hidden, intermediate_size=inter, gated=plan.gated, activation=plan.activation,
-                   activation_alpha=plan.alpha, activation_limit=plan.limit, has_bias=plan.has_bias), plan
-
-
 @torch.library.custom_op("moecompile::hf_experts", mutates_args=())
 def _hf_experts_op(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                    down: torch.Tensor, bias1: torch.Tensor | None, bias2: torch.Tensor | None,
                    plan_key: str) -> torch.Tensor:
     """One opaque call for torch.compile: the experts' weights in the module's own layout, read as views."""
-    down_canonical = down.transpose(1, 2) if ExpertsPlan.from_key(plan_key).transposed else down  # [E, H, I]
-    mlp, plan = _mlp_of(plan_key, x.shape[-1], down_canonical.shape[2])
+    plan = ExpertsPlan.from_key(plan_key)
+    down_canonical = down.transpose(1, 2) if plan.transposed else down  # [E, H, I]
+    mlp = plan.mlp(x.shape[-1], down_canonical.shape[2])
     w1 = gate_up.transpose(1, 2) if plan.transposed else gate_up  # [E, F, H]
     layout = launch.CANONICAL
     if plan.interleaved:  # views of the gate rows; each up row one row (bias column) further on

@@ -48,7 +48,7 @@ def _num(value, fmt=".2e") -> str:
 def _blocks(rep: Report) -> str:
     rows = []
     for b in rep.blocks:
-        what = b.spec_summary if b.decision in ("fused", "experts_kernels") else b.reason
+        what = b.summary
         rows.append(f"<tr><td>{_e(b.path or '<root>')}</td><td>{_e(b.module_type)}</td>"
                     f"<td class='{_e(b.decision)}'>{_e(b.decision)}</td><td>{_e(what)}</td>"
                     f"<td class='num'>{_num(b.max_abs_error)} / {_num(b.rel_error)}</td>"

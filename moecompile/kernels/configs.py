@@ -218,12 +218,12 @@ def tuned_path(device: torch.device) -> Path:
 
 
 # read once per device and directory; moecompile.reset() (or the tuner, after writing) makes the next call read again
-_USER_TABLES: dict[tuple[str, str | None], TileTable] = kept("kernels/configs.py: user-tuned tile tables by device",
-                                                             {})
+_USER_TABLES: dict[tuple[torch.device, str | None], TileTable] = kept(
+    "kernels/configs.py: user-tuned tile tables by device", {})
 
 
 def user_table(device: torch.device) -> TileTable:
-    key = (str(device), os.environ.get(TUNED_DIR_ENV))
+    key = (device, os.environ.get(TUNED_DIR_ENV))
     table = _USER_TABLES.get(key)
     if table is None:
         table = _USER_TABLES[key] = TileTable.load(tuned_path(device))

@@ -156,12 +156,19 @@ def gate_with_torch(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len
     routing = route(spec.router, weights, x, seq_len)
     T, E, k = x.shape[0], spec.num_experts, spec.router.top_k
     ids = routing.expert_index.view(T, k).to(torch.int32)
-    counts_cursor = torch.zeros(2 * E, device=x.device, dtype=torch.int32)
-    counts_cursor[:E].scatter_add_(0, ids.reshape(-1).long(), torch.ones_like(ids.reshape(-1)))
+    counts_cursor = _counts_cursor(ids, E)
     sg = None
     if weights.shared_gate is not None:
         sg = torch.sigmoid(torch.nn.functional.linear(x, weights.shared_gate).float().view(-1))
     return routing.logits.float(), routing.weight.view(T, k).float(), ids, counts_cursor, sg
+
+
+def _counts_cursor(ids: torch.Tensor, E: int) -> torch.Tensor:
+    """Dispatch's counts-and-cursor buffer [2E] int32 for int32 ids made outside the gating kernel: rows per expert
+    (counted without bincount, so no host sync), then E zeros for dispatch's cursors."""
+    counts_cursor = torch.zeros(2 * E, device=ids.device, dtype=torch.int32)
+    counts_cursor[:E].scatter_add_(0, ids.reshape(-1).long(), torch.ones_like(ids.reshape(-1)))
+    return counts_cursor
 
 
 def max_row_blocks(T: int, S: int, E: int, BM: int, implicit: bool) -> int:
@@ -398,8 +405,7 @@ def forward_routed(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, ids: tor
     on_grouped_mm = layout == CANONICAL and grouped.applies(spec, weights, x, cfg.grouped_mm)
     ids = ids.to(torch.int32).contiguous()
     weight = weight.to(torch.float32).contiguous()
-    counts_cursor = torch.zeros(2 * E, device=x.device, dtype=torch.int32)
-    counts_cursor[:E].scatter_add_(0, ids.view(-1).long(), torch.ones_like(ids.view(-1)))
+    counts_cursor = _counts_cursor(ids, E)
     acc = None if on_grouped_mm else torch.zeros(T, H, device=x.device, dtype=torch.float32)
     return _routed(spec, weights, x, cfg, on_grouped_mm, acc, ids, weight, counts_cursor, None, None, layout)
 

@@ -54,6 +54,11 @@ class BlockRecord:
     def leave(self, reason: str) -> None:
         self.decision, self.reason = "left", reason
 
+    @property
+    def summary(self) -> str:
+        """What a person reads for this block: its description where a replacement runs it, else why it was left."""
+        return self.spec_summary if self.decision in ("fused", "experts_kernels") else self.reason
+
 
 @dataclass
 class PassRun:
@@ -118,8 +123,7 @@ class Report:
         rows = []
         for b in self.blocks:
             err = "-" if b.max_abs_error is None else f"{b.max_abs_error:.2e}"
-            described = b.decision in ("fused", "experts_kernels")
-            rows.append((b.path or "<root>", b.decision, err, b.spec_summary if described else b.reason))
+            rows.append((b.path or "<root>", b.decision, err, b.summary))
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header[:3])]
         lines = [f"moecompile: {self.model_type}: {len(self.fused)} of {len(self.blocks)} MoE blocks fused"]
         if self.message:
