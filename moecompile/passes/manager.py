@@ -9,7 +9,7 @@ except by the fuse pass, which swaps all confirmed blocks in or none.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -20,6 +20,7 @@ from .confirm import confirm, neighbour_description
 from .describe import DescribeError, Description, describe
 from .detect import Candidate, already_fused, propose
 from .log import BlockRecord, PassRun, Report
+from .structure import structure_key
 
 
 @dataclass
@@ -32,6 +33,7 @@ class PassContext:
     seed: int = 0
     candidates: dict[str, Candidate] = field(default_factory=dict)
     descriptions: dict[str, Description] = field(default_factory=dict)
+    described_structures: dict[tuple, tuple[str, Description | DescribeError]] = field(default_factory=dict)
     confirmed_structures: dict[tuple, str] = field(default_factory=dict)  # structure key -> first block confirmed
 
     def record(self, path: str) -> BlockRecord:
@@ -75,20 +77,34 @@ class HooksPass:
 
 
 class DescribePass:
-    """Read each candidate into an MoESpec by execution on a randomised copy. Changes nothing in the model."""
+    """Read each candidate into an MoESpec by execution on a randomised copy. Changes nothing in the model. A block
+    of the same structure as one read before (another layer: passes/structure.py) takes that reading."""
 
     name = "describe"
 
     def run(self, ctx: PassContext) -> bool:
         for record in ctx.pending():
             start = time.perf_counter()
+            key = structure_key(ctx.candidates[record.path].module)
+            first, found = ctx.described_structures.get(key, (None, None))
             try:
-                description = describe(ctx.candidates[record.path], seed=ctx.seed)
+                if found is None:
+                    found = describe(ctx.candidates[record.path], seed=ctx.seed)
+                elif isinstance(found, DescribeError):
+                    raise DescribeError(f"{found} (as {first}: same class, shapes and settings)")
+                else:
+                    found = replace(found, method=f"{found.method}; read as {first} (same class, shapes and "
+                                                  "settings)")
+                description = found
             except DescribeError as exc:
                 record.leave(str(exc))
+                if first is None:
+                    ctx.described_structures[key] = (record.path or "<root>", exc)
             except Exception as exc:  # noqa: BLE001 - a block we cannot read is reported, the rest go on
                 record.leave(f"reading the block failed: {type(exc).__name__}: {exc}")
             else:
+                if first is None:
+                    ctx.described_structures[key] = (record.path or "<root>", description)
                 ctx.descriptions[record.path] = description
                 record.spec, record.spec_summary = description.spec.to_dict(), description.spec.summary()
                 record.method = description.method
@@ -99,8 +115,8 @@ class DescribePass:
 class ConfirmPass:
     """Compare each described block with its FusedMoE replacement; leave those that disagree. Keyword arguments
     narrow the check (confirm's rerandomized, shapes, kernels) for blocks the torch.compile backend has seen before.
-    A block of the same class, tensor shapes and description as one confirmed before (another layer) is checked on
-    its own weights only: the re-randomised checks of the first hold for it."""
+    A block of the same structure (passes/structure.py) and description as one confirmed before (another layer) is
+    checked on its own weights only: the re-randomised checks of the first hold for it."""
 
     name = "confirm"
 
@@ -153,10 +169,8 @@ class ConfirmPass:
 
 
 def _structure_key(module: nn.Module, description: Description) -> tuple:
-    """What the re-randomised checks depend on: the block's code (its class), its tensors' names, shapes and dtypes,
-    and the description."""
-    tensors = [(name, tuple(t.shape), str(t.dtype)) for name, t in module.state_dict(keep_vars=True).items()]
-    return type(module).__module__, type(module).__qualname__, tuple(tensors), description.spec.to_json()
+    """What the re-randomised checks depend on: the block's structure (passes/structure.py) and the description."""
+    return structure_key(module), description.spec.to_json()
 
 
 class FusePass:

@@ -3,6 +3,7 @@ change the model; the fuse pass swaps every confirmed block in or none; a block 
 confirmed before is confirmed on its own weights only."""
 import handwritten as hw
 import pytest
+import torch
 from model_state import same_state, state
 
 import moecompile
@@ -51,6 +52,40 @@ def test_layers_alike_are_rerandomised_once(mixtral, quiet):
     assert others and all(b.decision == "fused" for b in report.blocks)
     assert "re-randomised checks as" not in first.method
     assert all(f"re-randomised checks as {first.path}" in b.method for b in others)
+
+
+def test_layers_alike_are_described_once(mixtral, monkeypatch, quiet):
+    """describe reads a block on redrawn weights, so a layer of the same structure takes the first one's reading
+    (a 48-layer model is read once, not 48 times); each layer is still confirmed on its own weights."""
+    calls = []
+    real = manager.describe
+    monkeypatch.setattr(manager, "describe", lambda candidate, **kw: calls.append(candidate.path) or real(
+        candidate, **kw))
+    report = moecompile.report(moecompile.optimize(mixtral))
+    first, *others = report.blocks
+    assert calls == [first.path] and others
+    assert all(b.decision == "fused" and f"read as {first.path}" in b.method and b.spec == first.spec
+               for b in others)
+    assert all(sum(b.confirm_tokens) >= 3000 for b in report.blocks)
+
+
+def test_a_layer_with_other_settings_is_described_on_its_own(mixtral, monkeypatch, quiet):
+    """A setting that is not a tensor (top_k here) or an integer buffer's content makes another structure."""
+    from moecompile.passes.structure import structure_key
+
+    one, two = (layer.mlp for layer in mixtral.model.layers)
+    assert structure_key(one) == structure_key(two)
+    two.gate.top_k = 1
+    assert structure_key(one) != structure_key(two)
+    two.gate.top_k = one.gate.top_k
+    one.register_buffer("table", torch.arange(4))
+    two.register_buffer("table", torch.arange(4).flip(0))
+    assert structure_key(one) != structure_key(two)
+    del one.table, two.table
+    two.gate.top_k = 1
+    report = moecompile.report(moecompile.optimize(mixtral))
+    assert [b.spec["router"]["top_k"] for b in report.blocks] == [2, 1]
+    assert all("read as" not in b.method for b in report.blocks)
 
 
 def test_failure_half_way_leaves_model_as_it_was(mixtral, monkeypatch, quiet):
