@@ -5,11 +5,11 @@ so both give the same answer for two blocks of one structure (the layers of a mo
 once and gives later blocks that description; confirm runs its re-randomised checks once per structure and
 description. Every block is still checked on its own weights by confirm.
 
-The key holds: each submodule's path and class, every tensor's name, shape, dtype and device type, the content of tensors that are
-not floating point or not registered (an index table, a mask: describe copies them as they are), and every setting a
-submodule holds (`top_k`, `norm_topk_prob`, ...). A setting that is not a plain value (a number, a string, a dtype,
-or a tuple/list/dict of these) is keyed by the object itself, so two blocks share a key only if they hold the same one
-(a config object shared by all layers).
+The key holds: each submodule's path and class, every tensor's name, shape, dtype and device type, the content of
+tensors that are not floating point or not registered (an index table, a mask: describe copies them as they are), and
+every setting a submodule holds (`top_k`, `norm_topk_prob`, ...). A setting that is not a plain value (a number, a
+string, a dtype, or a tuple/list/dict of these) is keyed by the object itself, so two blocks share a key only if
+they hold the same one (a config object shared by all layers).
 """
 
 from __future__ import annotations
