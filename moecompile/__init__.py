@@ -10,6 +10,7 @@ from .backends.dynamo import backend
 from .backends.onnx import export_onnx, export_report
 from .checkpoint import convert, from_pretrained
 from .errors import MoECompileError
+from .expert_parallel import ExpertParallelMoE, shard_experts
 from .fused import FusedMoE
 from .hf_experts import register_transformers
 from .passes.log import BlockRecord, Report
@@ -23,4 +24,5 @@ from .stats import LayerStats, routing_stats
 __all__ = ["optimize", "report", "FusedMoE", "MoECompileError", "MoESpec", "RouterSpec", "MLPSpec",
            "SharedExpertSpec", "AuxLossSpec", "MoEWeights", "Report", "BlockRecord", "rewrite_routing", "RoutingChange",
            "routing_stats", "LayerStats", "ReMoERegularizer", "convert", "from_pretrained", "backend",
-           "export_onnx", "export_report", "reset", "kept_state", "register_transformers"]
+           "export_onnx", "export_report", "reset", "kept_state", "register_transformers", "shard_experts",
+           "ExpertParallelMoE"]

@@ -23,17 +23,19 @@ from typing import Any
 from torch import nn
 
 from .errors import MoECompileError
+from .expert_parallel import check_group, shard_experts, unshardable_reason
 from .passes.log import PassRun, Report
 from .passes.manager import ANALYSIS_PASSES, FusePass, PassContext, PassManager
 from .passes.routing import DEFAULT_COVERAGE, RoutingChange
 from .passes.routing import check_options as check_routing_options
 from .passes.routing import rewrite_routing as passes_rewrite_routing
+from .spec import MoESpec
 from .state import kept
 
 _REPORTS: weakref.WeakKeyDictionary[nn.Module, Report] = kept("pipeline: optimize's report by model",
                                                                weakref.WeakKeyDictionary())
 _OPTIONS = MappingProxyType({"seed": int, "routing": str, "k": (int, str), "calibration": object, "coverage": float,
-                             "progress": object})
+                             "progress": object, "expert_parallel": object})
 
 
 def _structural_copy(model: nn.Module) -> nn.Module:
@@ -67,7 +69,9 @@ def optimize(model: nn.Module, *, verify: bool = True, strict: bool = False, inp
         computes, and the pass log reports the effect per block. k (int | "auto") for routing="topk";
         calibration: an iterable of model inputs (tensors passed positionally, dicts as keyword arguments) to
         calibrate on; coverage (float, default 0.99): the share of active pairs k="auto" keeps; progress: a
-        callable called after each block's rewrite.
+        callable called after each block's rewrite. expert_parallel: a torch.distributed ProcessGroup (or
+        torch.distributed.group.WORLD): split each fused block's experts over its ranks (expert_parallel.py); every
+        block must be fused and splittable, else nothing is changed.
 
     Returns the optimized model; `moecompile.report(model)` gives the pass log.
     """
@@ -87,6 +91,9 @@ def optimize(model: nn.Module, *, verify: bool = True, strict: bool = False, inp
     target = ctx.model  # the FusedMoE itself when the whole model was one block
     _REPORTS[target] = report
     _REPORTS[model] = report
+    if options.get("expert_parallel") is not None:
+        target = shard_experts(target, options["expert_parallel"])
+        _REPORTS[target] = report
     if report.left:
         warnings.warn(f"moecompile: {len(report.left)} of {len(report.blocks)} MoE blocks left as they were; "
                       "see moecompile.report(model)", stacklevel=2)
@@ -124,11 +131,26 @@ def _check_before_changes(report: Report, strict: bool, options: dict) -> None:
         lines = "; ".join(f"layer {b.path or '<root>'}: {b.reason}" for b in left)
         raise MoECompileError(f"optimize(strict=True): {len(left)} MoE block(s) left alone: {lines}. "
                               "Pass strict=False to keep them as they are")
+    if options.get("expert_parallel") is not None:
+        _check_shardable(report, options["expert_parallel"])
     if "routing" in options:
         try:
             check_routing_options(options["routing"], options.get("k"), options.get("coverage", DEFAULT_COVERAGE))
         except MoECompileError as exc:
             raise MoECompileError(f"optimize: {exc}") from None
+
+
+def _check_shardable(report: Report, group) -> None:
+    """expert_parallel: every block fused and splittable over the group, checked before anything is swapped."""
+    world = check_group(group)
+    for record in report.blocks:
+        where = record.path or "<root>"
+        if record.decision == "left":
+            raise MoECompileError(f"optimize(expert_parallel=...): block {where} is left as it was ({record.reason}); "
+                                  "expert parallelism needs every MoE block fused, so nothing was changed")
+        reason = unshardable_reason(MoESpec.from_dict(record.spec), world)
+        if reason is not None:
+            raise MoECompileError(f"optimize(expert_parallel=...): block {where}: {reason}; nothing was changed")
 
 
 def _rewrite_routing(ctx: PassContext, model: nn.Module, options: dict) -> nn.Module:
