@@ -10,6 +10,7 @@
 #   tune       the tile tuner on the GPU (python -m moecompile.tune), Qwen3-30B-A3B at 1 and 1024 tokens, TUNE_S s
 #   memory     the full-size memory test: a Qwen3-30B-A3B-shaped model (48 layers, bf16), gc disabled while
 #              optimize runs
+# MEMORY_TIMEOUT shortens the memory part (560 s) to share a command with others.
 # KERNELS_K widens or narrows the kernel cases (a pytest -k expression); KERNELS_TIMEOUT / BACKWARD_TIMEOUT shorten the test parts (200 / 300 s) to fit one command.
 # e.g. FUZZ_S=120 bash benchmarks/device_verification.sh kernels backward training
 set -uo pipefail
@@ -60,7 +61,7 @@ tune() {
 }
 
 memory() {
-    MOECOMPILE_RESULTS="$OUT/results" timeout 560 python -m pytest -q -rf -p no:cacheprovider -s \
+    MOECOMPILE_RESULTS="$OUT/results" timeout ${MEMORY_TIMEOUT:-560} python -m pytest -q -rf -p no:cacheprovider -s \
         tests/passes/test_memory.py -k gpu > "$OUT/gpu_memory.log" 2>&1
     echo "memory rc=$?" | tee -a "$OUT/gpu_memory.log"; tail -n 25 "$OUT/gpu_memory.log"
 }

@@ -56,7 +56,7 @@ RANGE = {dt: torch.finfo(dt).max / 8 for dt in (torch.float32, torch.float16, to
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ROUTER_FORMS = ("softmax_topk", "topk_softmax", "sigmoid_topk", "sqrtsoftplus_topk", "none_topk", "grouped",
                 "relu_all_positive", "relu_topk", "sparsemixer", "capacity")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu", "clamped_silu")
 MAX_WORK = 6e7  # tokens x k x H x I bound per case (the float64 oracle's time)
 RESULTS = Path(__file__).parent / "results"
 
@@ -105,7 +105,7 @@ def random_spec(rng: random.Random, small: bool) -> MoESpec:
         elif form == "capacity":
             r.update(expert_capacity=rng.randint(1, 4))
         gated = rng.random() < 0.7
-        act = rng.choice([a for a in ACTIVATIONS if gated or a != "clamped_swiglu"])
+        act = rng.choice([a for a in ACTIVATIONS if gated or not a.startswith("clamped")])
         experts = MLPSpec(hidden_size=H, intermediate_size=I, gated=gated, activation=act,
                           activation_alpha=rng.choice([1.702, 1.0]), activation_limit=rng.choice([7.0, 1.5]),
                           has_bias=rng.random() < 0.3)

@@ -25,6 +25,9 @@ def _act(name: str, v: torch.Tensor, alpha: float, limit: float, up: torch.Tenso
     if name == "clamped_swiglu":
         g = v.clamp(max=limit)
         return (up.clamp(-limit, limit) + 1.0) * g * torch.sigmoid(alpha * g)
+    if name == "clamped_silu":
+        g = v.clamp(max=limit)
+        return up.clamp(-limit, limit) * g * torch.sigmoid(g)
     if name == "silu":
         a = v * torch.sigmoid(v)
     elif name == "gelu":

@@ -47,6 +47,10 @@ _ACTIVATIONS = MappingProxyType({
 _CLAMPED_SWIGLU = MappingProxyType({"GptOssExperts": ("alpha", "limit"),
                                    "OpenAIPrivacyFilterExperts": ("alpha", "limit"),
                                    "MiniMaxM3VLExperts": ("swiglu_alpha", "swiglu_limit")})
+# ... those whose _apply_gate is DeepSeek-V4's clamped SiLU (silu of the gate clamped above, times the up clamped to
+# +-limit): the attribute holding the limit (DeepSeek-V4 applies its act_fn, which must then be SiLU)
+_CLAMPED_SILU = MappingProxyType({"DeepseekV4Experts": "limit", "Glm5NextTextExperts": "swiglu_limit",
+                                  "HYV4Experts": "swiglu_limit", "HYV4VLExperts": "swiglu_limit"})
 # ... and those whose _apply_gate is the default one computed in fp32 (which the kernels do anyway)
 _DEFAULT_GATE_IN_FP32 = frozenset({"BeamExperts"})
 
@@ -99,6 +103,11 @@ def plan_of(module: nn.Module) -> ExpertsPlan | str:
         if cls in _CLAMPED_SWIGLU:  # (up + 1) * gate * sigmoid(alpha * gate), gate and up clamped
             alpha, limit = (float(getattr(module, name)) for name in _CLAMPED_SWIGLU[cls])
             return ExpertsPlan(True, "clamped_swiglu", alpha, limit, has_bias, transposed, interleaved)
+        act = type(getattr(module, "act_fn", None)).__name__
+        if cls in _CLAMPED_SILU and (_ACTIVATIONS.get(act) == "silu" or cls != "DeepseekV4Experts"):
+            limit = float(getattr(module, _CLAMPED_SILU[cls]))
+            return ExpertsPlan(True, "clamped_silu", limit=limit, has_bias=has_bias, transposed=transposed,
+                               interleaved=interleaved)
         return f"{cls} combines gate and up with its own _apply_gate, which moecompile does not know; use " \
                f"experts_implementation='grouped_mm' for this model"
     act = type(getattr(module, "act_fn", None)).__name__

@@ -66,6 +66,9 @@ def glu(spec: MLPSpec, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         gate = gate.clamp(max=spec.activation_limit)
         up = up.clamp(min=-spec.activation_limit, max=spec.activation_limit)
         return (up + 1) * (gate * torch.sigmoid(gate * spec.activation_alpha))
+    if spec.activation == "clamped_silu":  # DeepSeek-V4
+        return F.silu(gate.clamp(max=spec.activation_limit)) * up.clamp(min=-spec.activation_limit,
+                                                                          max=spec.activation_limit)
     return activation(spec, gate) * up
 
 

@@ -50,7 +50,7 @@ Selection = Literal["topk", "grouped_topk", "all_positive", "sparsemixer"]
 ScoreOrder = Literal["score_then_select", "select_then_score"]
 GroupScore = Literal["max", "top2_sum"]
 GroupFill = Literal["-inf", "zero"]
-Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu"]
+Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu", "clamped_silu"]
 GateUpLayout = Literal["separate", "concat_gate_up", "concat_up_gate", "interleaved", "none"]
 ExtraOutput = Literal["none", "router_logits", "topk_weights", "aux_loss", "expert_bias"]
 CountedChoices = Literal["top1", "topk"]
@@ -63,7 +63,9 @@ CapacityOrder = Literal["token_major", "slot_major"]
 SCORINGS: tuple[str, ...] = ("softmax", "sigmoid", "sqrtsoftplus", "relu", "none")  # sqrtsoftplus: DeepSeek-V4
 SELECTIONS: tuple[str, ...] = ("topk", "grouped_topk", "all_positive", "sparsemixer")
 GROUP_FILLS: tuple[str, ...] = ("-inf", "zero")
-ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu")
+# clamped_swiglu: gpt-oss; clamped_silu: DeepSeek-V4 (silu of the clamped gate times the clamped up)
+ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu", "clamped_silu")
+CLAMPED: tuple[str, ...] = ("clamped_swiglu", "clamped_silu")  # gated only; gate clamped above, up to +-limit
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,7 @@ class MLPSpec:
     gated: bool = True
     activation: Activation = "silu"
     activation_alpha: float = 1.702  # clamped_swiglu only: glu = g * sigmoid(alpha * g)
-    activation_limit: float = 7.0  # clamped_swiglu only: gate clamped above, up clamped to [-limit, limit]
+    activation_limit: float = 7.0  # clamped_*: gate clamped above, up clamped to [-limit, limit]
     has_bias: bool = False
     source_gate_up: GateUpLayout = "concat_gate_up"  # layout in the source module (canonical is concat_gate_up)
     source_transposed: bool = False  # source stored [in, out] per expert instead of [out, in]
@@ -159,7 +161,7 @@ class MLPSpec:
 
     def __post_init__(self) -> None:
         _check(self.activation in ACTIVATIONS, f"activation {self.activation!r} is not one of {ACTIVATIONS}")
-        _check(not (self.activation == "clamped_swiglu" and not self.gated), "clamped_swiglu needs a gated MLP")
+        _check(self.gated or self.activation not in CLAMPED, f"{self.activation} needs a gated MLP")
         _check(self.hidden_size >= 1 and self.intermediate_size >= 1, "sizes must be positive")
 
     @property

@@ -31,8 +31,6 @@ def inputs_of(model, **kwargs) -> dict:
 # families whose experts compute what the kernels do not (transformers 5.25): the reason the refusal names
 REFUSED = {
     "bailing_hybrid": "_apply_gate",  # clamps after the activation
-    "deepseek_v4": "_apply_gate",  # SwiGLU with clamped gate and up (no alpha, no +1)
-    "glm5_next": "_apply_gate", "hy_v4": "_apply_gate", "hy_v4_vl": "_apply_gate",  # the same
     "inkling2": "_apply_gate", "inkling2_loop": "_apply_gate",  # a two-argument activation
     "muse_spark": "has_post_expert_norm",
 }

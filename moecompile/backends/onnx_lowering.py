@@ -84,7 +84,7 @@ def ort_mismatch(spec: MoESpec, dtype: torch.dtype) -> str | None:
         return "expert capacity; the operator drops no tokens"
     if r.weight_on_input:
         return "weights applied to the expert input; the operator weighs the expert output"
-    if e.gated and e.activation not in ("silu", "clamped_swiglu"):
+    if e.gated and e.activation not in ("silu", "clamped_swiglu", "clamped_silu"):
         return f"gated {e.activation}; the operator's gated form is SwiGLU"
     if not e.gated and e.activation not in ("relu", "silu"):
         return f"{e.activation} activation; checked against onnxruntime only for relu and silu"
@@ -98,6 +98,8 @@ def _ort_activation(spec: MoESpec) -> tuple[str, float, float, float]:
         return e.activation, 1.0, 0.0, math.inf
     if e.activation == "clamped_swiglu":
         return "swiglu", e.activation_alpha, 1.0, e.activation_limit
+    if e.activation == "clamped_silu":  # the operator's swiglu with alpha 1 and no +1 on up
+        return "swiglu", 1.0, 0.0, e.activation_limit
     return "swiglu", 1.0, 0.0, math.inf
 
 

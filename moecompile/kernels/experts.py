@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4, "clamped_swiglu": 5}
+ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4, "clamped_swiglu": 5, "clamped_silu": 6}
 # arguments that change from call to call with the token count: not specialised (Triton would otherwise compile a
 # variant for 1, for multiples of 16 and for the rest), so prefill, decode and the backend's confirmation share one
 # compiled kernel per tile config
@@ -64,6 +64,11 @@ def mlp_activation(g, u, alpha, limit, GATED: tl.constexpr, ACT: tl.constexpr):
             u = tl.minimum(tl.maximum(u, -limit, propagate_nan=tl.PropagateNan.ALL), limit,
                            propagate_nan=tl.PropagateNan.ALL)
             return (u + 1.0) * (g * tl.sigmoid(g * alpha))
+        elif ACT == 6:  # DeepSeek-V4 clamped silu
+            g = tl.minimum(g, limit, propagate_nan=tl.PropagateNan.ALL)
+            u = tl.minimum(tl.maximum(u, -limit, propagate_nan=tl.PropagateNan.ALL), limit,
+                           propagate_nan=tl.PropagateNan.ALL)
+            return (g * tl.sigmoid(g)) * u
         else:
             return _activation(g, ACT) * u
     else:

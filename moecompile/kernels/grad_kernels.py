@@ -54,6 +54,12 @@ def mlp_activation_grad(g, u, dh, alpha, limit, GATED: tl.constexpr, ACT: tl.con
             dg = tl.where(g <= limit, dh * (uc + 1.0) * (s + gc * alpha * s * (1.0 - s)), 0.0)
             du = tl.where((u >= -limit) & (u <= limit), dh * gc * s, 0.0)
             return dg, du
+        elif ACT == 6:
+            gc = tl.minimum(g, limit)
+            uc = tl.minimum(tl.maximum(u, -limit), limit)
+            dg = tl.where(g <= limit, dh * uc * _activation_slope(gc, 0), 0.0)
+            du = tl.where((u >= -limit) & (u <= limit), dh * gc * tl.sigmoid(gc), 0.0)
+            return dg, du
         else:
             dg = dh * u * _activation_slope(g, ACT)
             du = dh * mlp_activation(g, u, alpha, limit, False, ACT)

@@ -2,6 +2,7 @@
 with the original PyTorch model, at two sequence lengths, independently of export_onnx's own verify.
 Tolerance: max |onnxruntime - PyTorch| <= 1e-4 of max |PyTorch output| in fp32, 2e-2 in fp16."""
 import copy
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -157,6 +158,7 @@ STANDARD_GRID = [
     ("softmax_topk_renorm", "gelu_bias", 256, 8, 1, torch.float32),
     ("softmax_topk_renorm", "gelu_bias", 256, 8, 257, torch.float32),
     ("topk_softmax", "clamped_swiglu_bias", 64, 4, 1, torch.float16),
+    ("softmax_topk_renorm", "clamped_silu", 8, 2, 40, torch.float32),
     ("sigmoid_grouped_corr", "shared_gated", 256, 8, 300, torch.bfloat16),
     ("sigmoid_grouped_fill0", "swiglu", 64, 6, 200, torch.float32),
     ("sigmoid_topk_bias", "plain_relu", 8, 2, 0, torch.float32),
@@ -178,6 +180,24 @@ def test_standard_form_matches_the_reference(router, mlp, E, k, T, dtype):
     seq_len = 16 if router == "capacity" else None
     y, logits, slot = onnx_lowering.standard_block(spec, weights, x, seq_len)
     cases.check_against_reference(spec, weights, x, y, logits, slot, seq_len)
+
+
+@pytest.mark.parametrize("mlp", ["clamped_silu", "clamped_swiglu"])
+def test_clamped_gates_through_the_operator(mlp, tmp_path, quiet):
+    """DeepSeek-V4's clamped SiLU is the operator's swiglu with alpha 1, no +1 on up and the limit (gpt-oss's with
+    alpha 1.702 and +1); a limit of 1.5 inside the values makes both clamps bite. onnxruntime against the reference:
+    1e-4 of max |output|, fp32."""
+    spec = cases.make_spec("softmax_topk_renorm", 8, 2, 32, 24, mlp)
+    spec = dataclasses.replace(spec, experts=dataclasses.replace(spec.experts, activation_limit=1.5))
+    weights = cases.make_weights(spec, torch.float32, "cpu", torch.Generator().manual_seed(3))
+    block = moecompile.FusedMoE(spec, weights).eval()
+    path = moecompile.export_onnx(block, tmp_path / "b.onnx", torch.randn(6, 32), verify=True)
+    assert moe_nodes(path) == ["MoE"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(50, 32, generator=torch.Generator().manual_seed(4))
+    want = moecompile.reference.reference_forward(spec, weights, x)[0]
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert (torch.from_numpy(got) - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 @pytest.mark.parametrize("router", ["softmax_topk_renorm", "relu_bias"])

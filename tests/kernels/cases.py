@@ -45,6 +45,7 @@ MLPS = {
     "plain_relu": (dict(gated=False, activation="relu"), {}),
     "clamped_swiglu": (dict(activation="clamped_swiglu"), {}),
     "clamped_swiglu_bias": (dict(activation="clamped_swiglu", has_bias=True), {}),
+    "clamped_silu": (dict(activation="clamped_silu", activation_limit=1.5), {}),
     "shared_gated": (dict(), dict(shared=True, sigmoid_gate=True)),
     "shared_output_bias": (dict(), dict(shared=True, output_bias=True)),
     "weight_on_input": (dict(), dict(weight_on_input=True)),

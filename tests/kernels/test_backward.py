@@ -72,8 +72,8 @@ def test_low_precision_cpu(no_reference_backward, dtype, router):
 
 
 @cpu_only
-@pytest.mark.parametrize("mlp", ["clamped_swiglu", "clamped_swiglu_bias"])
-def test_clamped_swiglu_both_sides_of_each_clamp_cpu(no_reference_backward, mlp):
+@pytest.mark.parametrize("mlp", ["clamped_swiglu", "clamped_swiglu_bias", "clamped_silu"])
+def test_clamped_gates_both_sides_of_each_clamp_cpu(no_reference_backward, mlp):
     """The limit is set inside the range of the gate and up values, so the clamps' zero-gradient side is taken by
     a good share of the elements (a derivative that ignored the clamps would be off by far more than 1e-5)."""
     def small_limit(spec, weights, x):

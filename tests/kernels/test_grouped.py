@@ -16,7 +16,8 @@ from cases import needs_cuda, record_calls, run_case
 pytestmark = pytest.mark.usefixtures("poisoned")
 
 
-GROUPED_MLPS = ["swiglu", "plain_relu2", "plain_relu", "gelu_tanh", "gelu", "clamped_swiglu", "shared_gated",
+GROUPED_MLPS = ["swiglu", "plain_relu2", "plain_relu", "gelu_tanh", "gelu", "clamped_swiglu", "clamped_silu",
+                "shared_gated",
                 "shared_output_bias", "weight_on_input"]
 
 

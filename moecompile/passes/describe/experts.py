@@ -21,12 +21,12 @@ from ...reference import (
     mlp,
     routed_experts,
 )
-from ...spec import ACTIVATIONS, MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
+from ...spec import ACTIVATIONS, CLAMPED, MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
 from ..detect import Candidate, TensorRef, effective_parameters, expert_members
 from .base import MATCH_RTOL, DescribeError, Extract, rel_err
 from .tensors import canonical, fc1_layout, get_tensor, rel_module, rel_ref
 
-GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu")
+GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu", "clamped_silu")
 
 
 @dataclass(frozen=True)
@@ -40,14 +40,17 @@ class ExpertsHypothesis:
 
 def _activation_variants(base: MLPSpec, owner: nn.Module | None) -> list[MLPSpec]:
     if not base.gated:
-        return [replace(base, activation=a) for a in ACTIVATIONS if a != "clamped_swiglu"]
-    out = [replace(base, activation=a) for a in GATED_ACTIVATIONS if a != "clamped_swiglu"]
+        return [replace(base, activation=a) for a in ACTIVATIONS if a not in CLAMPED]
+    out = [replace(base, activation=a) for a in GATED_ACTIVATIONS if a not in CLAMPED]
     alpha = getattr(owner, "alpha", None) if owner is not None else None
     limit = getattr(owner, "limit", None) if owner is not None else None
     cfg = getattr(owner, "config", None)
     alpha = alpha if isinstance(alpha, (int, float)) else getattr(cfg, "swiglu_alpha", 1.702)
+    limit = limit if isinstance(limit, (int, float)) else getattr(owner, "swiglu_limit", None)
     limit = limit if isinstance(limit, (int, float)) else getattr(cfg, "swiglu_limit", 7.0)
+    limit = limit if isinstance(limit, (int, float)) else 7.0
     out.append(replace(base, activation="clamped_swiglu", activation_alpha=float(alpha), activation_limit=float(limit)))
+    out.append(replace(base, activation="clamped_silu", activation_limit=float(limit)))
     return out
 
 
@@ -59,6 +62,8 @@ def _order_by_declared_activation(variants: list[MLPSpec], owner: nn.Module | No
         str(getattr(getattr(owner, "config", None), a, "")) for a in ("hidden_act", "activation_function"))
     if getattr(owner, "alpha", None) is not None and getattr(owner, "limit", None) is not None:
         names += " clamped_swiglu"
+    elif getattr(owner, "limit", None) is not None or getattr(owner, "swiglu_limit", None) is not None:
+        names += " clamped_silu"
     return sorted(variants, key=lambda s: 0 if s.activation.replace("_", "") in names.replace("_", "") else 1)
 
 

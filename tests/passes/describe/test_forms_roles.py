@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import moecompile
+
 
 class Gate(nn.Module):
     def __init__(self, dim=32, n_experts=16, topk=4, n_groups=4, topk_groups=2, route_scale=2.5, bias_name="bias"):
@@ -76,3 +78,30 @@ def test_selection_only_bias_is_read_by_role_under_any_name(bias_name, quiet):
     assert " bias" not in fused.spec.summary().replace("corr_bias", "")
     assert fused.spec.router.group_fill == "-inf" and fused.spec.router.scaling_factor == 2.5
     assert fused.correction_bias is getattr(block.gate, bias_name)
+
+
+class ClampedGateEinsumMoE(hw.EinsumMoE):
+    """DeepSeek-V4's expert gate: silu of the gate clamped above, times the up clamped to [-limit, limit] (gpt-oss's
+    form has alpha and a +1 on up). A limit of 0.5 sits inside the values, so both clamps bite on most tokens."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.limit, self.form = 0.5, form
+
+    def forward(self, x):
+        logits = self.router_logits(x)
+        top, idx = logits.topk(self.k, dim=-1)
+        weights = torch.zeros_like(logits).scatter(1, idx, top.softmax(-1))
+        g, u = torch.einsum("th,ehf->etf", x, self.w_in).chunk(2, dim=-1)
+        g, u = g.clamp(max=self.limit), u.clamp(-self.limit, self.limit)
+        h = F.silu(g) * u if self.form == "silu" else (u + 1) * g * torch.sigmoid(1.702 * g)
+        y = torch.einsum("eti,eih->eth", h, self.w_out)
+        return torch.einsum("eth,te->th", y, weights)
+
+
+@pytest.mark.parametrize("form, summary", [("silu", "gated clamped_silu"), ("swiglu", "gated clamped_swiglu")])
+def test_clamped_gates_told_apart(form, summary, quiet):
+    torch.manual_seed(0)
+    block = ClampedGateEinsumMoE(form)
+    fused, _, _ = hw.fuse_and_compare(block, torch.randn(300, 32), summary)
+    assert moecompile.report(fused).blocks[0].spec["experts"]["activation_limit"] == 0.5
