@@ -24,8 +24,9 @@ kernels() {
         -k "${KERNELS_K:-cuda and (fill0 or nan_token or grouped)}" > "$OUT/gpu_kernels.log" 2>&1
     echo "kernels rc=$?" | tee -a "$OUT/gpu_kernels.log"; tail -n 8 "$OUT/gpu_kernels.log"
     local fuzz_s=${FUZZ_S:-300}
+    # a new seed each run (FUZZ_SEED to repeat one), so that short runs add up to more descriptions
     timeout $((fuzz_s + 40)) python benchmarks/fuzz_moe.py --device cuda --descriptions 10000 --blocks 0 \
-        --budget-s "$fuzz_s" --out "$OUT/results" > "$OUT/fuzz_gpu.log" 2>&1
+        --seed "${FUZZ_SEED:-$((RANDOM + 1))}" --budget-s "$fuzz_s" --out "$OUT/results" > "$OUT/fuzz_gpu.log" 2>&1
     echo "fuzz rc=$?" | tee -a "$OUT/fuzz_gpu.log"; tail -n 4 "$OUT/fuzz_gpu.log"
 }
 

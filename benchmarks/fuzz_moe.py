@@ -387,7 +387,7 @@ def main(argv=None) -> int:
         print(f"hand-written blocks through optimize: {args.blocks}", flush=True)
         result["blocks"] = fuzz_blocks.run_blocks(args.blocks, args.seed + 2, progress=True)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"fuzz_{args.device}.json"
+    name = f"fuzz_{args.device}.json" if args.seed == 0 else f"fuzz_{args.device}_seed{args.seed}.json"  # runs add up
     (out / name).write_text(json.dumps(result, indent=1) + "\n")
     write_markdown(out)
     silent = sum(result[k]["mismatch"] for k in ("descriptions", "interpreter_kernels", "blocks") if k in result)

@@ -72,19 +72,8 @@ def measure(layers: int) -> dict:
             "logits_ok": err <= 2e-2}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--layers", type=int, default=48)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = p.parse_args(argv)
-    import transformers
-    import triton
-
-    result = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
-              "command": " ".join(["python benchmarks/memory_optimize.py", *(argv or sys.argv[1:])]),
-              **measure(args.layers)}
-    out = Path(args.out)
+def write_results(result: dict, out: Path) -> None:
+    """memory_optimize.json and .md in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory_optimize.json").write_text(json.dumps(result, indent=1) + "\n")
     r = result
@@ -97,6 +86,21 @@ def main(argv=None) -> int:
         f"| Qwen3-30B-A3B shape, bf16 | {r['layers']} | {r['model_gb']} | {r['optimize_s']} | "
         f"{r['fused']}/{r['blocks']} | {r['peak_extra_gb']} ({r['one_layer_experts_gb']}) | {r['left_after_gb']} "
         f"({0.01 * r['model_gb']:.2f}) | {r['left_after_gc_gb']} | {r['logits_rel_err']:.1e} |\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=48)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+    import transformers
+    import triton
+
+    result = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+              "command": " ".join(["python benchmarks/memory_optimize.py", *(argv or sys.argv[1:])]),
+              **measure(args.layers)}
+    write_results(result, Path(args.out))
     print(json.dumps(result, indent=1))
     return 0 if r["peak_under_one_layer"] and r["left_under_1pct"] and r["logits_ok"] else 1
 

@@ -151,8 +151,9 @@ class RowResult:
                       f"split {self.best.down.split_k}"
         best = "" if self.best_ms is None else f" -> {self.best_ms:.3f} ms"
         more = " (stopped at the time budget)" if self.out_of_time else ""
+        why = "".join(f"\n{'':>18}rejected {r}" for r in self.rejected[:3])  # a wrong output is a kernel bug
         return (f"{self.shape.name:>16} T={self.tokens:<6} untuned {self.untuned_ms:.3f} ms{best}: {verdict}; "
-                f"{self.tried} tried, {len(self.rejected)} rejected{more}")
+                f"{self.tried} tried, {len(self.rejected)} rejected{more}{why}")
 
 
 def random_block(shape: LayerShape, dtype: torch.dtype, device: torch.device, seed: int = 0) -> MoEWeights:
