@@ -194,13 +194,16 @@ class ExpertParallelMoE(nn.Module):
         send_sizes = send.tolist()
         recv_rows = funcol.wait_tensor(funcol.all_to_all_single_autograd(rows, recv_sizes, send_sizes, self.group))
         recv_ids = funcol.wait_tensor(funcol.all_to_all_single(local_ids, recv_sizes, send_sizes, self.group))
-        out_rows = self._local_experts(weights, recv_rows, recv_ids)
+        # an eager loop over the experts present, or the kernels: a graph break under torch.compile (disable is
+        # applied here, not as a decorator, so that importing moecompile does not import dynamo)
+        local_experts = torch.compiler.disable(self._local_experts) if torch.compiler.is_compiling() \
+            else self._local_experts
+        out_rows = local_experts(weights, recv_rows, recv_ids)
         back = funcol.wait_tensor(funcol.all_to_all_single_autograd(out_rows, send_sizes, recv_sizes, self.group))
         contribution = back.to(acc) if on_input else back.to(acc) * weight[:, None]
         out = torch.zeros(x.shape[0], x.shape[1], dtype=acc, device=x.device)
         return out.index_add(0, tokens, contribution)
 
-    @torch.compiler.disable  # an eager loop over the experts present, or the kernels: a graph break under compile
     def _local_experts(self, weights: MoEWeights, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Each received row through its (local) expert, unweighted: [N, H] in the rows' dtype."""
         local = MoEWeights(router_weight=weights.router_weight[:self.local], w1=weights.w1, w2=weights.w2,
