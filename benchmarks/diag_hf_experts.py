@@ -4,27 +4,20 @@ off (biases, clamps). Run on the device: `python benchmarks/diag_hf_experts.py`.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import e2e  # noqa: E402
 import moe_layer  # noqa: E402
 
 import moecompile  # noqa: E402
 from moecompile import hf_zoo  # noqa: E402
 
 
-def timed(fn, n=50):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / n * 1e3
+def timed(fn) -> float:
+    return e2e.timed(fn, "cuda", 50)
 
 
 def profile_block():

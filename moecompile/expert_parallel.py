@@ -34,11 +34,10 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from .errors import MoECompileError
-from .fused import FusedMoE, _autocast_dtype, _cast_for_autocast, _core
+from .fused import FusedMoE, run_block
 from .kernels import moe as kernel_moe
 from .kernels.launch import forward_routed
-from .outputs import block_outputs
-from .reference import Routing, input_norm, route, routed_experts, shared_experts
+from .reference import Routing, route, routed_experts, shared_experts
 from .spec import MoESpec, MoEWeights, RouterSpec
 
 EXPERT_TENSORS = ("w1", "w2", "b1", "b2")  # [E, ...]: split over the ranks; every other tensor is replicated
@@ -144,36 +143,20 @@ class ExpertParallelMoE(nn.Module):
         return MoEWeights(**{name: getattr(self, name) for name in self._weight_names})
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple:
-        spec, weights, H = self.spec, self.weights(), self.spec.hidden_size
-        if hidden_states.shape[-1] != H:
-            raise MoECompileError(f"ExpertParallelMoE {self.source_path or '<block>'}: input's last dimension is "
-                                  f"{hidden_states.shape[-1]}, the block's hidden size is {H}")
-        lead_shape = hidden_states.shape[:-1]
-        x = hidden_states.reshape(-1, H)
-        block_input = x
-        if spec.input_norm is not None:
-            x = input_norm(spec, weights, x)
-        core = _core(spec)[0] if spec.input_norm is not None or spec.residual else spec
-        seq_len = hidden_states.shape[-2] if hidden_states.dim() >= 2 and x.shape[0] else None
-        autocast_dtype = _autocast_dtype(x)
-        if autocast_dtype is not None:
-            x, weights = _cast_for_autocast(x, weights, autocast_dtype)
-        routing = route(core.router, weights, x, seq_len)
+        # run_block's frame (input norm, autocast casts, residual, router tap, outputs) around the exchange
+        return run_block(self.spec, self.weights(), hidden_states, backend="reference", router_tap=self.router_tap,
+                         source_path=self.source_path, compute=self._core)
+
+    def _core(self, spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None) -> tuple:
+        """The block without norm and residual (run_block's `compute`): (y, logits, slot weights, routing)."""
+        routing = route(spec.router, weights, x, seq_len)
         y = self._exchange(x, weights, routing)
-        if core.shared is not None:
-            y = y + shared_experts(core, weights, x)
-        if core.has_output_bias:
+        if spec.shared is not None:
+            y = y + shared_experts(spec, weights, x)
+        if spec.has_output_bias:
             y = y + weights.output_bias.to(y.dtype)
-        y = y.to(x.dtype)
-        if spec.residual:
-            y = y + block_input.to(y.dtype)
-        if self.router_tap is not None:
-            self.router_tap(routing.logits)
-        if not spec.flat_output:
-            y = y.reshape(*lead_shape, H)
-        slot_weights = None if core.router.is_variable_k else routing.topk_weights()
-        return block_outputs(core, weights, x, seq_len, y, routing.logits, slot_weights, routing,
-                             hidden_states.dtype)
+        slot_weights = None if spec.router.is_variable_k else routing.topk_weights()
+        return y.to(x.dtype), routing.logits, slot_weights, routing
 
     def _exchange(self, x: torch.Tensor, weights: MoEWeights, routing: Routing) -> torch.Tensor:
         """Steps 2-4 of the module docstring: sum over each token's experts, wherever they are; [T, H] in at least

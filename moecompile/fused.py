@@ -85,13 +85,16 @@ class FusedMoE(nn.Module):
 
 def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *, spec_json: str | None = None,
               backend: str = "auto", router_tap: nn.Module | None = None, source_path: str = "",
-              through_op: bool = False, lowering: nn.Module | None = None, logits_hooks: tuple = ()
-              ) -> torch.Tensor | tuple:
+              through_op: bool = False, lowering: nn.Module | None = None, logits_hooks: tuple = (),
+              compute: Callable | None = None) -> torch.Tensor | tuple:
     """What a FusedMoE computes, for weights passed in: FusedMoE.forward, and the torch.compile backend's graph
     calls (which rebuild the weights from the graph's parameter inputs each call). through_op: always the
     registered op (kernels where they run, the reference elsewhere), which Inductor can trace on any device.
     lowering: the ONNX form (backends/onnx_lowering.py) to compute with while torch.onnx exports, or None.
-    logits_hooks: callables given the router logits (FusedMoE.register_logits_hook)."""
+    logits_hooks: callables given the router logits (FusedMoE.register_logits_hook).
+    compute: computes the block's core (no input norm, no residual) in place of the kernels or the reference:
+    compute(spec, weights, x, seq_len) -> (y in x's dtype, logits, slot weights, routing or None); expert
+    parallelism's exchange (expert_parallel.py)."""
     if spec.autocast is not None and lowering is None:
         return _in_own_autocast(spec, weights, hidden_states, backend=backend, router_tap=router_tap,
                                 source_path=source_path, through_op=through_op, logits_hooks=logits_hooks)
@@ -114,6 +117,8 @@ def run_block(spec: MoESpec, weights: MoEWeights, hidden_states: torch.Tensor, *
     routing = None  # the reference's, when it computed the block
     if lowering is not None:
         y, logits, slot_weights = lowering(spec, weights, x, seq_len)
+    elif compute is not None:
+        y, logits, slot_weights, routing = compute(spec, weights, x, seq_len)
     elif through_op or _use_kernels(spec, weights, x, backend, source_path):
         need_routing = router_tap is not None or spec.extra_output != "none" or spec.outputs is not None \
             or bool(logits_hooks)

@@ -99,18 +99,17 @@ def plan_of(module: nn.Module) -> ExpertsPlan | str:
     interleaved = gated and not getattr(module, "is_concatenated", True)
     has_bias, transposed = bool(getattr(module, "has_bias", False)), bool(getattr(module, "is_transposed", False))
     gate = getattr(type(module), "_apply_gate", None)
+    act = type(getattr(module, "act_fn", None)).__name__
     if gated and getattr(gate, "__name__", "") != "_default_apply_gate" and cls not in _DEFAULT_GATE_IN_FP32:
         if cls in _CLAMPED_SWIGLU:  # (up + 1) * gate * sigmoid(alpha * gate), gate and up clamped
             alpha, limit = (float(getattr(module, name)) for name in _CLAMPED_SWIGLU[cls])
             return ExpertsPlan(True, "clamped_swiglu", alpha, limit, has_bias, transposed, interleaved)
-        act = type(getattr(module, "act_fn", None)).__name__
         if cls in _CLAMPED_SILU and (_ACTIVATIONS.get(act) == "silu" or cls != "DeepseekV4Experts"):
             limit = float(getattr(module, _CLAMPED_SILU[cls]))
             return ExpertsPlan(True, "clamped_silu", limit=limit, has_bias=has_bias, transposed=transposed,
                                interleaved=interleaved)
         return f"{cls} combines gate and up with its own _apply_gate, which moecompile does not know; use " \
                f"experts_implementation='grouped_mm' for this model"
-    act = type(getattr(module, "act_fn", None)).__name__
     if act not in _ACTIVATIONS:
         return f"{cls}'s activation {act} is none of those the kernels compute ({', '.join(sorted(_ACTIVATIONS))}); " \
                f"use experts_implementation='grouped_mm' for this model"

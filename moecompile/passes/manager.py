@@ -35,6 +35,13 @@ class PassContext:
     descriptions: dict[str, Description] = field(default_factory=dict)
     described_structures: dict[tuple, tuple[str, Description | DescribeError]] = field(default_factory=dict)
     confirmed_structures: dict[tuple, str] = field(default_factory=dict)  # structure key -> first block confirmed
+    structure_keys: dict[str, tuple] = field(default_factory=dict)  # block path -> its structure key
+
+    def structure(self, path: str) -> tuple:
+        """The block's structure key (passes/structure.py), computed once for describe and confirm."""
+        if path not in self.structure_keys:
+            self.structure_keys[path] = structure_key(self.candidates[path].module)
+        return self.structure_keys[path]
 
     def record(self, path: str) -> BlockRecord:
         return next(b for b in self.report.blocks if b.path == path)
@@ -85,7 +92,7 @@ class DescribePass:
     def run(self, ctx: PassContext) -> bool:
         for record in ctx.pending():
             start = time.perf_counter()
-            key = structure_key(ctx.candidates[record.path].module)
+            key = ctx.structure(record.path)
             first, found = ctx.described_structures.get(key, (None, None))
             try:
                 if found is None:
@@ -130,7 +137,7 @@ class ConfirmPass:
                 record.reason = "not verified (verify=False): spec read by execution on a randomised copy only"
                 continue
             module, description = ctx.candidates[record.path].module, ctx.descriptions[record.path]
-            key = _structure_key(module, description)
+            key = ctx.structure(record.path), description.spec.to_json()  # what the re-randomised checks read
             first = ctx.confirmed_structures.get(key)
             narrowed = dict(self.narrowed)
             if first is not None:
@@ -148,7 +155,7 @@ class ConfirmPass:
                         ctx.descriptions[record.path] = retry
                         record.spec, record.spec_summary = retry.spec.to_dict(), retry.spec.summary()
                         record.method = retry.method
-                        key = _structure_key(module, retry)
+                        key = ctx.structure(record.path), retry.spec.to_json()
             except Exception as exc:  # noqa: BLE001
                 record.leave(f"confirmation failed to run: {type(exc).__name__}: {exc}")
             else:
@@ -166,11 +173,6 @@ class ConfirmPass:
                     ctx.confirmed_structures[key] = record.path or "<root>"
             record.seconds += time.perf_counter() - start
         return False
-
-
-def _structure_key(module: nn.Module, description: Description) -> tuple:
-    """What the re-randomised checks depend on: the block's structure (passes/structure.py) and the description."""
-    return structure_key(module), description.spec.to_json()
 
 
 class FusePass:

@@ -38,19 +38,21 @@ class ExpertsHypothesis:
     extract: Extract  # module -> {"w1", "w2", "b1", "b2"}
 
 
+def _number(*values, default: float) -> float:
+    """The first of `values` that is a number (a module attribute, then its config's), else `default`."""
+    return float(next((v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)), default))
+
+
 def _activation_variants(base: MLPSpec, owner: nn.Module | None) -> list[MLPSpec]:
     if not base.gated:
         return [replace(base, activation=a) for a in ACTIVATIONS if a not in CLAMPED]
     out = [replace(base, activation=a) for a in GATED_ACTIVATIONS if a not in CLAMPED]
-    alpha = getattr(owner, "alpha", None) if owner is not None else None
-    limit = getattr(owner, "limit", None) if owner is not None else None
     cfg = getattr(owner, "config", None)
-    alpha = alpha if isinstance(alpha, (int, float)) else getattr(cfg, "swiglu_alpha", 1.702)
-    limit = limit if isinstance(limit, (int, float)) else getattr(owner, "swiglu_limit", None)
-    limit = limit if isinstance(limit, (int, float)) else getattr(cfg, "swiglu_limit", 7.0)
-    limit = limit if isinstance(limit, (int, float)) else 7.0
-    out.append(replace(base, activation="clamped_swiglu", activation_alpha=float(alpha), activation_limit=float(limit)))
-    out.append(replace(base, activation="clamped_silu", activation_limit=float(limit)))
+    alpha = _number(getattr(owner, "alpha", None), getattr(cfg, "swiglu_alpha", None), default=1.702)
+    limit = _number(getattr(owner, "limit", None), getattr(owner, "swiglu_limit", None),
+                    getattr(cfg, "swiglu_limit", None), default=7.0)
+    out.append(replace(base, activation="clamped_swiglu", activation_alpha=alpha, activation_limit=limit))
+    out.append(replace(base, activation="clamped_silu", activation_limit=limit))
     return out
 
 
