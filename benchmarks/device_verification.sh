@@ -10,6 +10,11 @@
 #   tune       the tile tuner on the GPU (python -m moecompile.tune), Qwen3-30B-A3B at 1 and 1024 tokens, TUNE_S s
 #   memory     the full-size memory test: a Qwen3-30B-A3B-shaped model (48 layers, bf16), gc disabled while
 #              optimize runs
+#   remoe      ReMoE at small scale (benchmarks/remoe_repro.py): the TopK arm for REMOE_BUDGET_S seconds of training
+#              (150), then the ReLU arm for the same number of steps; k REMOE_K (1), seed REMOE_SEED (0); the
+#              checkpoint stays in /tmp/remoe for the conversion part on the same machine
+#   conversion the conversion path from that TopK checkpoint (REMOE_FINETUNE steps of fine-tuning, 300)
+#   diag       benchmarks/diag_hf_experts.py: the experts path's profile and gpt-oss's bf16 error split
 # MEMORY_TIMEOUT shortens the memory part (560 s) to share a command with others.
 # KERNELS_K widens or narrows the kernel cases (a pytest -k expression); KERNELS_TIMEOUT / BACKWARD_TIMEOUT shorten the test parts (200 / 300 s) to fit one command.
 # e.g. FUZZ_S=120 bash benchmarks/device_verification.sh kernels backward training
@@ -67,9 +72,36 @@ memory() {
     echo "memory rc=$?" | tee -a "$OUT/gpu_memory.log"; tail -n 25 "$OUT/gpu_memory.log"
 }
 
+remoe_arm() {  # label, remoe_repro.py arguments...
+    local label=$1 log; shift
+    log="$OUT/remoe_${label}_k${REMOE_K:-1}_s${REMOE_SEED:-0}.log"
+    timeout "$REMOE_TIMEOUT" python benchmarks/remoe_repro.py --k "${REMOE_K:-1}" --seed "${REMOE_SEED:-0}" \
+        --out /tmp/remoe "$@" > "$log" 2>&1
+    echo "remoe $label rc=$?" | tee -a "$log"
+    grep -E '"step"|budget_s|stage' "$log" | tail -n 4
+    cp /tmp/remoe/remoe_repro.json "$OUT/results/" 2>/dev/null
+}
+
+remoe() {
+    local budget=${REMOE_BUDGET_S:-150} name="topk_k${REMOE_K:-1}_s${REMOE_SEED:-0}" steps
+    mkdir -p /tmp/remoe
+    REMOE_TIMEOUT=$((budget + 120)) remoe_arm topk --routing topk --budget-s "$budget"
+    steps=$(python -c "import json; print(next(r['steps'] for r in json.load(open('/tmp/remoe/remoe_repro.json'))['runs'] if r['name'] == '$name'))")
+    REMOE_TIMEOUT=$((2 * budget + 120)) remoe_arm relu --routing relu --steps "$steps"
+}
+
+conversion() {
+    REMOE_TIMEOUT=300 remoe_arm conversion --conversion --finetune-steps "${REMOE_FINETUNE:-300}"
+}
+
+diag() {
+    timeout 200 python benchmarks/diag_hf_experts.py > "$OUT/diag_hf_experts.log" 2>&1
+    echo "diag rc=$?" | tee -a "$OUT/diag_hf_experts.log"; tail -n 60 "$OUT/diag_hf_experts.log"
+}
+
 for part in "$@"; do
     case "$part" in
-        kernels | backward | training | hf_experts | tune | memory) "$part" ;;
-        *) echo "unknown part $part (kernels, backward, training, hf_experts, tune, memory)"; exit 2 ;;
+        kernels | backward | training | hf_experts | tune | memory | remoe | conversion | diag) "$part" ;;
+        *) echo "unknown part $part (kernels, backward, training, hf_experts, tune, memory, remoe, conversion, diag)"; exit 2 ;;
     esac
 done

@@ -175,21 +175,34 @@ def evaluate(model, val: torch.Tensor, size: dict, device: str, batches_n: int =
 # ---------------------------------------------------------------- training
 
 
+def steps_for_budget(step_s: float, budget_s: float, steps: int) -> int:
+    """How many steps fit budget_s at step_s each (evaluations included at about 5% of the time), at most steps and
+    at least 20, rounded down to a multiple of 10."""
+    return max(20, min(steps, int(0.95 * budget_s / step_s) // 10 * 10))
+
+
 def train(model, routing: str, k: int, steps: int, data, val, size: dict, seed: int, device: str,
-          lr: float | None = None, warmup: int = 100, record: dict | None = None, eval_every: int = VAL_EVERY):
+          lr: float | None = None, warmup: int = 100, record: dict | None = None, eval_every: int = VAL_EVERY,
+          budget_s: float | None = None):
+    """Trains for steps, or with budget_s for as many steps as the first 10 show fit in it (the learning-rate
+    schedule is set to the count fixed then, so a budgeted run is a complete run of that many steps; the other arm
+    is then run with that count)."""
     import moecompile
     record = record if record is not None else {}
     lr = lr or size["lr"]
+    total = [steps]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total[0]) / total[0]))))
     reg = moecompile.ReMoERegularizer(model, k=k) if routing == "relu" else None
     stream = batches(data, size, seed)
     record.setdefault("curve", [])
     record.setdefault("sparsity_curve", [])
     train_time, tokens = 0.0, 0
     model.train()
-    for step in range(1, steps + 1):
+    step = 0
+    while step < total[0]:
+        step += 1
         ids = next(stream).to(device)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -208,14 +221,20 @@ def train(model, routing: str, k: int, steps: int, data, val, size: dict, seed: 
             torch.cuda.synchronize()
         train_time += time.perf_counter() - start
         tokens += ids[:, :-1].numel()
+        if step == 3:
+            probe_start = train_time
+        if budget_s is not None and step == 10:  # steps 4..10: past the first calls' compiles
+            total[0] = steps_for_budget((train_time - probe_start) / 7, budget_s - train_time, steps)
+            print(json.dumps(dict(budget_s=budget_s, step_s=(train_time - probe_start) / 7, steps=total[0])),
+                  flush=True)
         if reg is not None and (step % 10 == 0 or step == 1):
             record["sparsity_curve"].append([step, reg.sparsity, reg.coefficient])
-        if step % eval_every == 0 or step == steps:
+        if step % eval_every == 0 or step == total[0]:
             point = evaluate(model, val, size, device)
             record["curve"].append([step, out.loss.item(), point["val_loss"]])
             print(json.dumps(dict(step=step, train_loss=out.loss.item(), **point,
                                   sparsity=reg.sparsity if reg else None)), flush=True)
-    record.update(steps=record.get("steps", 0) + steps, tokens=record.get("tokens", 0) + tokens,
+    record.update(steps=record.get("steps", 0) + step, tokens=record.get("tokens", 0) + tokens,
                   tokens_per_s=tokens / train_time)
     if reg is not None:
         reg.remove()
@@ -242,7 +261,8 @@ def run_one(args, size: dict, device: str, data, val, provenance: dict) -> None:
     model = build(size, args.k, args.routing, args.seed, device)
     record = dict(name=name, routing=args.routing, k=args.k, seed=args.seed, experts=EXPERTS, size=size,
                   parameters=sum(p.numel() for p in model.parameters()), data=provenance, **environment(device))
-    train(model, args.routing, args.k, args.steps, data, val, size, args.seed, device, record=record)
+    train(model, args.routing, args.k, args.steps, data, val, size, args.seed, device, record=record,
+          budget_s=args.budget_s)
     record.update(evaluate(model, val, size, device, batches_n=16, usage=True))
     append(Path(args.out), record)
     if args.routing == "topk":  # the conversion path starts from this model
@@ -282,6 +302,9 @@ def main():
     parser.add_argument("--k", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="train as many steps (at most --steps) as fit in this many seconds, judged on the first "
+                             "10; the count is recorded for the other arm")
     parser.add_argument("--finetune-steps", type=int, default=300)
     parser.add_argument("--conversion", action="store_true")
     parser.add_argument("--report", action="store_true")
