@@ -9,7 +9,8 @@ checkpointing. The backward recomputes, in order:
 1. routing: the gating kernel (or the reference for the forms it lacks) on the same inputs, so the same experts and
    combine weights as the forward; then a dispatch table built with a stable sort (`pair_table`), so rows keep a
    fixed order within each expert and the weight gradients sum in a fixed order;
-2. per expert set (routed, then shared): grad_kernels._expert_grad_rows_kernel (recomputes the up GEMM, multiplies
+2. per expert set (routed, then shared; the routed set through grouped_mm where kernels/grouped_backward.py
+   applies): grad_kernels._expert_grad_rows_kernel (recomputes the up GEMM, multiplies
    dy by W2, the activation's derivative, the combine-weight gradient), the forward's down kernel as dx += dpre W1,
    and grad_kernels._expert_wgrad_kernel for dW1, dW2 and the bias gradients;
 3. the router and the shared gate: autograd through the reference's routing restricted to the chosen experts
@@ -32,7 +33,7 @@ import triton
 
 from ..reference import route
 from ..spec import MLPSpec, MoESpec, MoEWeights
-from . import configs
+from . import configs, grouped_backward
 from .experts import ACTIVATION_CODES, _expert_down_kernel
 from .grad_kernels import _expert_grad_rows_kernel, _expert_wgrad_kernel
 from .launch import DOTS_IN_FP32, gate, gate_with_torch, gating_fallback_reason, max_row_blocks, slots_of
@@ -264,11 +265,16 @@ def backward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int, 
     else:
         expert_of_pair = ids.reshape(-1)
         max_blocks = max_row_blocks(T, S, E, tiles.BM, False)
-    table = pair_table(expert_of_pair, E, tiles.BM, max_blocks)
     want_experts = any(wanted.get(n, False) for n in ("w1", "w2", "b1", "b2"))
-    routed = _expert_set_backward(spec.experts, x, gy, gx, weights.w1, weights.w2, weights.b1, weights.b2,
-                                  pair_weight, table, S, r.weight_on_input, want_experts, wanted.get("x", False),
-                                  deterministic, tiles, dot_fp32)
+    if grouped_backward.unsupported_reason(spec, weights, x) is None:
+        routed = ExpertSetGrads(*grouped_backward.routed_grads(
+            spec.experts, x, gy, gx, weights.w1, weights.w2, pair_weight, expert_of_pair, E, S,
+            T * S if ids is not None else n_active, want_experts, wanted.get("x", False)), None, None)
+    else:
+        table = pair_table(expert_of_pair, E, tiles.BM, max_blocks)
+        routed = _expert_set_backward(spec.experts, x, gy, gx, weights.w1, weights.w2, weights.b1, weights.b2,
+                                      pair_weight, table, S, r.weight_on_input, want_experts, wanted.get("x", False),
+                                      deterministic, tiles, dot_fp32)
     for name in ("w1", "w2", "b1", "b2"):
         if wanted.get(name):
             grads[name] = getattr(routed, name)

@@ -25,6 +25,9 @@ class KernelSettings:
     # (benchmarks/results/expert_paths.json, H100: it wins from 512 rows on Mixtral's and Qwen3-30B's experts; at 256
     # the Triton GEMMs win on Mixtral and tie on Qwen3); 0: wherever the layout allows, None: never
     grouped_mm_min_rows: float | None = 384.0
+    # the routed experts' gradients through torch._grouped_mm (kernels/grouped_backward.py): "auto" (bf16 on Hopper),
+    # "always" (wherever torch._grouped_mm runs, the CPU included: the tests), "never" (the Triton backward)
+    grouped_backward: str = "auto"
     # tiles every call uses instead of configs.choose()'s (a configs.MoEConfig; the tuner times candidates this way)
     moe_config: object | None = None
 

@@ -1,0 +1,139 @@
+"""The routed experts' gradients through torch._grouped_mm (CUTLASS's grouped GEMM on Hopper), for training.
+
+Place in the pipeline: kernels/backward.py calls `routed_grads` instead of its Triton expert-gradient kernels when
+`unsupported_reason` is None (bf16 on a Hopper GPU, not in deterministic mode; settings.grouped_backward). Routing,
+the router's gradients and the shared experts stay where they are. For the routed pairs, grouped by expert with a
+stable sort (rows contiguous, no padding: the layout grouped_mm's offsets describe):
+
+    xs, dys = x and dy gathered by each row's token                         [n, H]
+    gu      = grouped_mm(xs, W1^T)            the up GEMM recomputed        [n, F]   (the forward saved nothing)
+    d       = grouped_mm(dys, W2)             dy_t W2_e                     [n, I]
+    _glu_backward_kernel, in place:  gu <- dpre = act'(g, u) (w_p d),  d <- w_p act(g, u),  dw_p = sum(act(g, u) d)
+    dW2     = grouped_mm(dys^T, w act)        per expert, summed over its rows (offsets along K)
+    dW1     = grouped_mm(dpre^T, xs)
+    dx     += sum over t's rows of grouped_mm(dpre, W1)
+
+Why: the Triton expert-gradient kernels (64 x 64 tiles, gathered rows) ran a training step at 0.4-0.6x of HF's
+grouped_mm under torch.compile on the H100 (benchmarks/results/moe_train.md); these GEMMs are the ones HF's
+autograd runs. The recompute of the up GEMM replaces the activations HF saves, so the memory a step holds between
+forward and backward stays x and the weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..spec import MLPSpec, MoESpec, MoEWeights
+from .experts import ACTIVATION_CODES, mlp_activation
+from .grad_kernels import mlp_activation_grad
+from .grouped import _layout_ok
+from .settings import settings
+
+
+def unsupported_reason(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> str | None:
+    """Why this call's routed-expert gradients stay on the Triton kernels, or None. settings.grouped_backward:
+    "auto" (bf16 on Hopper), "always" (wherever torch._grouped_mm runs: the CPU tests), "never"."""
+    mode = settings.grouped_backward
+    if mode == "never":
+        return "settings.grouped_backward is 'never'"
+    if getattr(torch, "_grouped_mm", None) is None:
+        return "this torch has no _grouped_mm"
+    if torch.are_deterministic_algorithms_enabled():
+        return "deterministic mode (the Triton backward sums in a fixed order)"
+    if mode == "auto":
+        if x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] != 9:
+            return "grouped_mm's backward is measured on Hopper GPUs only"
+        if x.dtype != torch.bfloat16:
+            return f"grouped_mm takes bfloat16 only on the GPU, input is {x.dtype}"
+    if spec.router.weight_on_input:
+        return "routing weight on the input"
+    if weights.b1 is not None or weights.b2 is not None:
+        return "expert biases"
+    e = spec.experts
+    if e.hidden_size % 8 or e.intermediate_size % 8:
+        return "hidden or intermediate size not a multiple of 8 (16-byte rows)"
+    if not (_layout_ok(weights.w1) and _layout_ok(weights.w2)):
+        return "expert weight strides grouped_mm cannot read"
+    return None
+
+
+@triton.jit(do_not_specialize=["P"])
+def _glu_backward_kernel(gu_ptr, d_ptr, pw_ptr, dw_ptr, P, I, stride_gu, stride_d, alpha, limit,
+                         GATED: tl.constexpr, ACT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """For BR rows, over all I columns: h = act(g, u) from the up GEMM's output gu, and with d = dy W2_e and the
+    pair weight w: dw = sum(h * d) (one store per row, no atomics), gu <- (dg, du) = act'(g, u) (w d), d <- w h.
+    Each element is read and then written by the same program, so both updates are in place."""
+    rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+    r_ok = rows < P
+    w = tl.load(pw_ptr + rows, mask=r_ok, other=0.0)
+    acc = tl.zeros((BR,), dtype=tl.float32)
+    for c0 in range(0, I, BC):
+        cols = c0 + tl.arange(0, BC)
+        mask = r_ok[:, None] & (cols < I)[None, :]
+        g_ptrs = gu_ptr + rows[:, None] * stride_gu + cols[None, :]
+        d_ptrs = d_ptr + rows[:, None] * stride_d + cols[None, :]
+        g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+        u = g
+        if GATED:
+            u = tl.load(g_ptrs + I, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
+        # h as the forward rounds it before the down GEMM
+        h = mlp_activation(g, u, alpha, limit, GATED, ACT).to(d_ptr.dtype.element_ty).to(tl.float32)
+        acc += tl.sum(tl.where(mask, h * d, 0.0), axis=1)
+        dg, du = mlp_activation_grad(g, u, d * w[:, None], alpha, limit, GATED, ACT)
+        tl.store(g_ptrs, dg.to(gu_ptr.dtype.element_ty), mask=mask)
+        if GATED:
+            tl.store(g_ptrs + I, du.to(gu_ptr.dtype.element_ty), mask=mask)
+        tl.store(d_ptrs, (h * w[:, None]).to(d_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_ptr + rows, acc, mask=r_ok)
+
+
+def _rows_into_tokens(gx: torch.Tensor, rows: torch.Tensor, token: torch.Tensor) -> None:
+    """gx[token[r]] += rows[r] in fp32, a bounded slice of rows at a time (an fp32 copy of every row would cost
+    twice the rows' memory)."""
+    step = max(1, (1 << 24) // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        gx.index_add_(0, token[start:start + step], rows[start:start + step].float())
+
+
+def routed_grads(mlp: MLPSpec, x: torch.Tensor, gy: torch.Tensor, gx: torch.Tensor, w1: torch.Tensor,
+                 w2: torch.Tensor, pair_weight: torch.Tensor, expert_of_pair: torch.Tensor, num_experts: int,
+                 slots: int, routed_pairs: int, want_weights: bool, want_x: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The routed experts' gradients (module docstring): (dw [P] fp32, each pair's combine-weight gradient, 0 for
+    pairs not routed; dW1 and dW2, None unless want_weights). expert_of_pair [P = T * slots]: each pair's expert, or
+    num_experts for a pair not routed; routed_pairs: how many are routed (a host int: grouped_mm's output sizes).
+    Adds the input gradient into gx [T, H] fp32."""
+    E, P = num_experts, expert_of_pair.numel()
+    order = torch.argsort(expert_of_pair, stable=True)[:routed_pairs]
+    counts = torch.bincount(expert_of_pair, minlength=E + 1)[:E]
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    token = order // slots
+    xs = x.index_select(0, token)
+    gu = torch._grouped_mm(xs, w1.transpose(-2, -1), offs=offs)
+    dys = gy.index_select(0, token)
+    d = torch._grouped_mm(dys, w2, offs=offs)
+    pw = pair_weight.index_select(0, order).float().contiguous()
+    dw_rows = torch.empty(routed_pairs, device=x.device, dtype=torch.float32)
+    I = mlp.intermediate_size
+    BR, BC = (32, 128) if x.device.type == "cuda" else (16, 32)
+    if routed_pairs:
+        _glu_backward_kernel[(triton.cdiv(routed_pairs, BR),)](
+            gu, d, pw, dw_rows, routed_pairs, I, gu.stride(0), d.stride(0), float(mlp.activation_alpha),
+            float(mlp.activation_limit), GATED=mlp.gated, ACT=ACTIVATION_CODES[mlp.activation], BR=BR, BC=BC,
+            num_warps=4)
+    dpre, h_weighted = gu, d
+    dw = torch.zeros(P, device=x.device, dtype=torch.float32).index_copy_(0, order, dw_rows)
+    gw1 = gw2 = None
+    if want_weights:
+        # an expert with no rows gets no write from grouped_mm's K-offset form: zero those explicitly
+        empty = (counts == 0)[:, None, None]
+        gw2 = torch._grouped_mm(dys.t(), h_weighted, offs=offs).masked_fill_(empty, 0).to(w2.dtype)
+        del dys, h_weighted, d
+        gw1 = torch._grouped_mm(dpre.t(), xs, offs=offs).masked_fill_(empty, 0).to(w1.dtype)
+    del xs
+    if want_x and routed_pairs:
+        _rows_into_tokens(gx, torch._grouped_mm(dpre, w1, offs=offs), token)
+    return dw, gw1, gw2

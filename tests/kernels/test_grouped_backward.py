@@ -1,0 +1,151 @@
+"""The routed experts' gradients through torch._grouped_mm (kernels/grouped_backward.py) against float64 autograd
+through the reference: router forms (top-k, sigmoid + correction bias, grouped, capacity, ReLU with its variable
+count), activations on both sides of their clamps, shared experts beside it, token counts 0/1/odd, experts with no
+rows (their weight gradients must be exactly 0, not whatever grouped_mm left there), and the blocks it leaves to the
+Triton backward. On the CPU with settings.grouped_backward="always" (torch's CPU _grouped_mm, the activation kernel
+in Triton's interpreter); the *_cuda tests take it by default ("auto": bf16 on Hopper).
+
+Tolerances, as in test_backward.py: normwise relative error of each gradient, 1e-5 in fp32, 2.5e-2 in bf16."""
+from __future__ import annotations
+
+import cases
+import pytest
+import torch
+
+from moecompile.kernels import grouped_backward
+from moecompile.kernels import moe as kernel_moe
+from moecompile.kernels import op as kernel_op
+from moecompile.kernels.settings import configured
+
+GRAD_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2.5e-2}
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
+hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                            reason="needs a Hopper GPU (run on the device)")
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter cases run on the CPU machine")
+ROUTERS = [r for r in cases.ROUTERS if r != "sparsemixer"]
+
+
+@pytest.fixture
+def grouped_calls(monkeypatch):
+    """The grouped path's calls (their routed-pair counts); the reference is never recomputed in the backward."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference was recomputed in the backward")
+    monkeypatch.setattr(kernel_op, "reference_forward", refuse)
+    calls = []
+    cases.record_calls(monkeypatch, grouped_backward, "routed_grads", lambda *a: calls.append(a[10]))
+    return calls
+
+
+def check(errors: dict[str, float], dtype) -> None:
+    bad = {n: e for n, e in errors.items() if not e <= GRAD_TOLERANCE[dtype]}
+    assert not bad, f"gradients off the float64 reference: {bad}"
+
+
+@cpu_only
+@pytest.mark.parametrize("router", ROUTERS)
+def test_router_forms_cpu(grouped_calls, router):
+    with configured(grouped_backward="always"):
+        errors, _, _ = cases.gradient_errors(router, 8, 2, 37, 48, 32, torch.float32, "cpu", seed=17)
+    check(errors, torch.float32)
+    assert grouped_calls, "the grouped path was not taken"
+
+
+@cpu_only
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu", "gelu_tanh", "plain_relu", "plain_relu2", "clamped_swiglu",
+                                 "clamped_silu", "shared_gated", "shared_output_bias"])
+def test_activations_and_shared_experts_cpu(grouped_calls, mlp):
+    """The clamped forms with a limit inside the values' range, so both sides of each clamp are taken."""
+    def small_limit(spec, weights, x):
+        if "clamped" in mlp:
+            object.__setattr__(spec.experts, "activation_limit", 0.4)
+
+    with configured(grouped_backward="always"):
+        errors, _, _ = cases.gradient_errors("softmax_topk_renorm", 8, 2, 31, 48, 32, torch.float32, "cpu", seed=5,
+                                             mlp=mlp, setup=small_limit)
+    check(errors, torch.float32)
+    assert grouped_calls
+
+
+@cpu_only
+@pytest.mark.parametrize("T,E,k", [(1, 8, 2), (3, 64, 2), (1, 1, 1), (50, 3, 3)])
+def test_token_and_expert_counts_cpu(grouped_calls, T, E, k):
+    """T=3 over 64 experts leaves most experts without rows: their weight gradients must be exactly zero."""
+    with configured(grouped_backward="always"):
+        errors, grads, logits = cases.gradient_errors("softmax_topk", E, k, T, 48, 32, torch.float32, "cpu",
+                                                      seed=T + E)
+    check(errors, torch.float32)
+    if T:
+        assert grouped_calls
+        unused = torch.ones(E, dtype=torch.bool)
+        unused[logits.topk(k, dim=-1).indices.reshape(-1)] = False
+        for name in ("w1", "w2"):
+            assert torch.all(grads[name][unused] == 0), name
+
+
+@cpu_only
+def test_relu_routing_with_no_active_pair_cpu(grouped_calls):
+    """Every gate negative: no routed pair (grouped_mm with zero rows); every expert gradient exactly zero."""
+    spec = cases.make_spec("relu_bias", 8, 2, 48, 32)
+    w = cases.make_weights(spec, torch.float32, "cpu", torch.Generator().manual_seed(7))
+    w.router_bias.fill_(-1e3)
+    leaves = {n: t.requires_grad_(True) for n, t in w.items() if t is not None}
+    x = torch.randn(19, 48, requires_grad=True)
+    with configured(grouped_backward="always"):
+        y, _, _ = kernel_moe.kernels_forward(spec, w, x)
+        (y * torch.randn_like(y)).sum().backward()
+    assert grouped_calls == [0] and not y.any()
+    for name, t in {"x": x, **leaves}.items():
+        assert t.grad is not None and not t.grad.any(), name
+
+
+@cpu_only
+def test_bf16_cpu(grouped_calls):
+    with configured(grouped_backward="always"):
+        errors, _, _ = cases.gradient_errors("sigmoid_grouped_corr", 16, 4, 67, 64, 48, torch.bfloat16, "cpu", seed=2)
+    check(errors, torch.bfloat16)
+    assert grouped_calls
+
+
+@cpu_only
+@pytest.mark.parametrize("mlp,why", [("gelu_bias", "expert biases"), ("weight_on_input", "weight on the input")])
+def test_blocks_it_leaves_to_the_triton_backward_cpu(grouped_calls, mlp, why):
+    spec = cases.make_spec("softmax_topk", 8, 2, 48, 32, mlp)
+    w = cases.make_weights(spec, torch.float32, "cpu", torch.Generator().manual_seed(1))
+    with configured(grouped_backward="always"):
+        assert why in grouped_backward.unsupported_reason(spec, w, torch.zeros(1, 48))
+        errors, _, _ = cases.gradient_errors("softmax_topk", 8, 2, 21, 48, 32, torch.float32, "cpu", seed=3, mlp=mlp)
+    check(errors, torch.float32)
+    assert not grouped_calls
+
+
+@cpu_only
+def test_deterministic_mode_keeps_the_triton_backward_cpu(grouped_calls):
+    spec = cases.make_spec("softmax_topk", 8, 2, 48, 32)
+    w = cases.make_weights(spec, torch.float32, "cpu", torch.Generator().manual_seed(1))
+    torch.use_deterministic_algorithms(True)
+    try:
+        with configured(grouped_backward="always"):
+            assert "deterministic" in grouped_backward.unsupported_reason(spec, w, torch.zeros(1, 48))
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+# ---------------------------------------------------------------- on the GPU
+
+
+@hopper
+@pytest.mark.parametrize("router", ["softmax_topk_renorm", "sigmoid_grouped_corr", "relu_bias", "capacity"])
+@pytest.mark.parametrize("T", [1, 777, 8192])
+def test_default_on_hopper_cuda(grouped_calls, router, T):
+    errors, _, _ = cases.gradient_errors(router, 64, 6, T, 256, 128, torch.bfloat16, "cuda", seed=T)
+    check(errors, torch.bfloat16)
+    assert grouped_calls, "bf16 on Hopper should take the grouped path by default"
+
+
+@cuda
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu", "plain_relu2", "clamped_swiglu", "clamped_silu", "shared_gated"])
+def test_activations_cuda(grouped_calls, mlp):
+    with configured(grouped_backward="always"):
+        errors, _, _ = cases.gradient_errors("softmax_topk", 32, 4, 1000, 256, 128, torch.bfloat16, "cuda", seed=4,
+                                             mlp=mlp)
+    check(errors, torch.bfloat16)
