@@ -223,6 +223,21 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(rows: list, args, command: str, ort_version: str, transformers_version: str) -> dict:
+    provider = next((m["provider"] for r in rows for m in r.get("files", {}).values()), "-")
+    result = {"environment": {"date": datetime.date.today().isoformat(), "provider": provider,
+                              "device": torch.cuda.get_device_name() if args.device == "cuda" else "CPU",
+                              "onnxruntime": ort_version, "torch": torch.__version__,
+                              "transformers": transformers_version},
+              "command": command, "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "_small" if args.small else ""
+    (out / f"onnx_gpu{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"onnx_gpu{suffix}.md").write_text(markdown(result))
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -240,6 +255,7 @@ def main(argv=None) -> int:
                          "(../shared/tools/ort-gpu-pieces.sh), or pass --device cpu")
     tokens = tuple(args.tokens) if not args.small else (1, 16)
     rows = []
+    command = " ".join(["python benchmarks/onnx_gpu.py", *(sys.argv[1:] if argv is None else argv)])
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             family, cfg = MODELS[name]
@@ -248,18 +264,8 @@ def main(argv=None) -> int:
                            E=min(cfg["E"], 16), layers=min(cfg["layers"], 2))
             rows += measure_model(name, family, cfg, tokens, args.device, args.reps, Path(tmp))
             print(json.dumps(rows[-1])[:400], flush=True)
-    provider = next((m["provider"] for r in rows for m in r.get("files", {}).values()), "-")
-    result = {"environment": {"date": datetime.date.today().isoformat(), "provider": provider,
-                              "device": torch.cuda.get_device_name() if args.device == "cuda" else "CPU",
-                              "onnxruntime": ort.__version__, "torch": torch.__version__,
-                              "transformers": transformers.__version__},
-              "command": " ".join(["python benchmarks/onnx_gpu.py", *(sys.argv[1:] if argv is None else argv)]),
-              "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = "_small" if args.small else ""
-    (out / f"onnx_gpu{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"onnx_gpu{suffix}.md").write_text(markdown(result))
+            # written after each model, so that a run cut short by a time limit keeps what it measured
+            result = write_results(rows, args, command, ort.__version__, transformers.__version__)
     print(markdown(result))
     return 0
 
