@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 import moecompile
+from moecompile.backends.onnx import session_providers
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = {
@@ -72,6 +73,7 @@ def build(family: str, cfg: dict, device: str, vocab: int) -> torch.nn.Module:
 def _providers(device: str, cuda_graph: bool = False) -> list:
     if device == "cpu":
         return ["CPUExecutionProvider"]
+    session_providers()  # preloads onnxruntime-gpu's CUDA libraries
     options = {"enable_cuda_graph": "1"} if cuda_graph else {}
     return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 

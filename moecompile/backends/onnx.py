@@ -380,6 +380,19 @@ def _random_like(name: str, t: torch.Tensor, length: int, vocab: int, gen: torch
     return torch.randint(0, vocab, shape, generator=gen).to(t.dtype)
 
 
+def session_providers() -> list[str]:
+    """onnxruntime's providers for a session: CUDA first where onnxruntime-gpu and a GPU are there, then the CPU.
+    onnxruntime-gpu (1.21 on) finds its CUDA libraries once preload_dlls() has loaded them (those torch's CUDA wheel
+    brought); without that the CUDA provider fails to load and the session quietly runs on the CPU."""
+    import onnxruntime as ort
+
+    if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
 def _verify(file: Path, original: _Outputs, inputs: tuple, dynamic: bool) -> tuple[float, tuple, str, str]:
     """Worst error of onnxruntime against `original` (the user's model, called as the exported wrapper is) on
     random inputs shaped like `inputs`, at the example's length and 5 more, a note ("" or what ties changed), and
@@ -390,9 +403,7 @@ def _verify(file: Path, original: _Outputs, inputs: tuple, dynamic: bool) -> tup
     the file is kept and the note gives both errors. Otherwise it is an error."""
     import onnxruntime as ort
 
-    providers = ["CPUExecutionProvider"]
-    if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
+    providers = session_providers()
     try:
         session = ort.InferenceSession(str(file), providers=providers)
     except Exception as exc:  # e.g. no kernel for an operator in this dtype on this provider
