@@ -80,6 +80,31 @@ def write_report(out: Path) -> None:
         for r in types:
             lines.append(f"| {r['name']} | " + " | ".join("—" if v is None else f"{v:.2f}"
                                                           for v in r["active_by_token_type"].values()) + " |")
+    loads = [r for r in arms if r.get("expert_load_by_layer")]
+    if loads:
+        lines += ["", "Expert load: the busiest and the idlest expert's share of a layer's pairs (even: "
+                  f"{1 / loads[0]['experts']:.3f}), per layer:", "", "| run | " + " | ".join(
+                      f"layer {i}" for i in range(len(loads[0]["expert_load_by_layer"]))) + " |",
+                  "|---" * (1 + len(loads[0]["expert_load_by_layer"])) + "|"]
+        for r in sorted(loads, key=lambda r: (r["k"], r["routing"], r["seed"])):
+            lines.append(f"| {r['name']} | " + " | ".join(f"{max(row):.3f} / {min(row):.3f}"
+                                                          for row in r["expert_load_by_layer"]) + " |")
+    stages = [r for r in arms if r.get("sparsity_curve")]
+    if stages:
+        lines += ["", "Sparsity over training (ReMoE's three stages): the step where it first reaches half the "
+                  "target, the step from which it stays within 0.02 of the target, and where it ends.", "",
+                  "| run | target | half-way at step | within 0.02 from step | final |", "|---|---|---|---|---|"]
+        for r in stages:
+            target = 1 - r["k"] / r["experts"]
+            curve = r["sparsity_curve"]
+            half = next((step for step, value, _ in curve if value >= target / 2), None)
+            settled = None
+            for step, value, _ in curve:
+                if abs(value - target) > 0.02:
+                    settled = None
+                elif settled is None:
+                    settled = step
+            lines.append(f"| {r['name']} | {target:.3f} | {half} | {settled} | {curve[-1][1]:.3f} |")
     for r in [r for r in runs if r.get("path")]:
         lines += ["", f"Conversion path ({r['name']}): held-out loss at each stage", "", "| stage | step | loss |",
                   "|---|---|---|"]
