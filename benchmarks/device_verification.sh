@@ -37,7 +37,7 @@ kernels() {
 
 backward() {
     # BACKWARD_K: a -k expression for a shorter run, e.g. "cuda and bfloat16"
-    timeout ${BACKWARD_TIMEOUT:-300} python -m pytest -q -rf -p no:cacheprovider tests/kernels/test_backward.py tests/test_training.py \
+    timeout ${BACKWARD_TIMEOUT:-300} python -m pytest -q -rf -p no:cacheprovider tests/kernels/test_grouped_backward.py tests/kernels/test_backward.py tests/test_training.py \
         ${BACKWARD_K:+-k "$BACKWARD_K"} > "$OUT/gpu_backward.log" 2>&1
     echo "backward rc=$?" | tee -a "$OUT/gpu_backward.log"; tail -n 12 "$OUT/gpu_backward.log"
 }
