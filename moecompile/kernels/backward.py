@@ -266,11 +266,19 @@ def backward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int, 
         expert_of_pair = ids.reshape(-1)
         max_blocks = max_row_blocks(T, S, E, tiles.BM, False)
     want_experts = any(wanted.get(n, False) for n in ("w1", "w2", "b1", "b2"))
+    routed = None
     if grouped_backward.unsupported_reason(spec, weights, x) is None:
-        routed = ExpertSetGrads(*grouped_backward.routed_grads(
-            spec.experts, x, gy, gx, weights.w1, weights.w2, pair_weight, expert_of_pair, E, S,
-            T * S if ids is not None else n_active, want_experts, wanted.get("x", False)), None, None)
-    else:
+        try:
+            dw_pairs, gw1, gw2, input_rows = grouped_backward.routed_grads(
+                spec.experts, x, gy, weights.w1, weights.w2, pair_weight, expert_of_pair, E, S,
+                T * S if ids is not None else n_active, want_experts, wanted.get("x", False))
+        except RuntimeError as exc:  # nothing was changed yet: the Triton backward takes over, with a warning
+            grouped_backward.refused(exc)
+        else:
+            routed = ExpertSetGrads(dw_pairs, gw1, gw2, None, None)
+            if input_rows is not None:
+                grouped_backward.add_rows(gx, *input_rows)
+    if routed is None:
         table = pair_table(expert_of_pair, E, tiles.BM, max_blocks)
         routed = _expert_set_backward(spec.experts, x, gy, gx, weights.w1, weights.w2, weights.b1, weights.b2,
                                       pair_weight, table, S, r.weight_on_input, want_experts, wanted.get("x", False),

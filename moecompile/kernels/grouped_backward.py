@@ -21,6 +21,8 @@ forward and backward stays x and the weights.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -90,7 +92,7 @@ def _glu_backward_kernel(gu_ptr, d_ptr, pw_ptr, dw_ptr, P, I, stride_gu, stride_
     tl.store(dw_ptr + rows, acc, mask=r_ok)
 
 
-def _rows_into_tokens(gx: torch.Tensor, rows: torch.Tensor, token: torch.Tensor) -> None:
+def add_rows(gx: torch.Tensor, rows: torch.Tensor, token: torch.Tensor) -> None:
     """gx[token[r]] += rows[r] in fp32, a bounded slice of rows at a time (an fp32 copy of every row would cost
     twice the rows' memory)."""
     step = max(1, (1 << 24) // max(1, rows.shape[1]))
@@ -98,15 +100,21 @@ def _rows_into_tokens(gx: torch.Tensor, rows: torch.Tensor, token: torch.Tensor)
         gx.index_add_(0, token[start:start + step], rows[start:start + step].float())
 
 
-def routed_grads(mlp: MLPSpec, x: torch.Tensor, gy: torch.Tensor, gx: torch.Tensor, w1: torch.Tensor,
+def routed_grads(mlp: MLPSpec, x: torch.Tensor, gy: torch.Tensor, w1: torch.Tensor,
                  w2: torch.Tensor, pair_weight: torch.Tensor, expert_of_pair: torch.Tensor, num_experts: int,
                  slots: int, routed_pairs: int, want_weights: bool, want_x: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, tuple | None]:
     """The routed experts' gradients (module docstring): (dw [P] fp32, each pair's combine-weight gradient, 0 for
-    pairs not routed; dW1 and dW2, None unless want_weights). expert_of_pair [P = T * slots]: each pair's expert, or
+    pairs not routed; dW1 and dW2, None unless want_weights; (rows [n, H], token [n]): the input gradient's rows
+    and their tokens, for add_rows, None unless want_x). Nothing outside is changed, so a caller that catches a
+    refusal can run another path. expert_of_pair [P = T * slots]: each pair's expert, or
     num_experts for a pair not routed; routed_pairs: how many are routed (a host int: grouped_mm's output sizes).
-    Adds the input gradient into gx [T, H] fp32."""
+"""
     E, P = num_experts, expert_of_pair.numel()
+    dw = torch.zeros(P, device=x.device, dtype=torch.float32)
+    if routed_pairs == 0:  # ReLU routing with every gate shut: nothing reached an expert
+        zeros = (torch.zeros_like(w1), torch.zeros_like(w2)) if want_weights else (None, None)
+        return (dw, *zeros, None)
     order = torch.argsort(expert_of_pair, stable=True)[:routed_pairs]
     counts = torch.bincount(expert_of_pair, minlength=E + 1)[:E]
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
@@ -119,13 +127,12 @@ def routed_grads(mlp: MLPSpec, x: torch.Tensor, gy: torch.Tensor, gx: torch.Tens
     dw_rows = torch.empty(routed_pairs, device=x.device, dtype=torch.float32)
     I = mlp.intermediate_size
     BR, BC = (32, 128) if x.device.type == "cuda" else (16, 32)
-    if routed_pairs:
-        _glu_backward_kernel[(triton.cdiv(routed_pairs, BR),)](
-            gu, d, pw, dw_rows, routed_pairs, I, gu.stride(0), d.stride(0), float(mlp.activation_alpha),
-            float(mlp.activation_limit), GATED=mlp.gated, ACT=ACTIVATION_CODES[mlp.activation], BR=BR, BC=BC,
-            num_warps=4)
+    _glu_backward_kernel[(triton.cdiv(routed_pairs, BR),)](
+        gu, d, pw, dw_rows, routed_pairs, I, gu.stride(0), d.stride(0), float(mlp.activation_alpha),
+        float(mlp.activation_limit), GATED=mlp.gated, ACT=ACTIVATION_CODES[mlp.activation], BR=BR, BC=BC,
+        num_warps=4)
     dpre, h_weighted = gu, d
-    dw = torch.zeros(P, device=x.device, dtype=torch.float32).index_copy_(0, order, dw_rows)
+    dw.index_copy_(0, order, dw_rows)
     gw1 = gw2 = None
     if want_weights:
         # an expert with no rows gets no write from grouped_mm's K-offset form: zero those explicitly
@@ -134,6 +141,13 @@ def routed_grads(mlp: MLPSpec, x: torch.Tensor, gy: torch.Tensor, gx: torch.Tens
         del dys, h_weighted, d
         gw1 = torch._grouped_mm(dpre.t(), xs, offs=offs).masked_fill_(empty, 0).to(w1.dtype)
     del xs
-    if want_x and routed_pairs:
-        _rows_into_tokens(gx, torch._grouped_mm(dpre, w1, offs=offs), token)
-    return dw, gw1, gw2
+    rows = (torch._grouped_mm(dpre, w1, offs=offs), token) if want_x else None
+    return dw, gw1, gw2, rows
+
+
+def refused(exc: RuntimeError) -> None:
+    """Says that torch._grouped_mm refused a call the checks let through (a layout or size this torch's kernel
+    does not take), after which backward.py runs the Triton backward for it."""
+    warnings.warn(f"moecompile: torch._grouped_mm refused the experts' backward ({str(exc).splitlines()[0][:200]}); "
+                  "this call ran the Triton backward instead (settings.grouped_backward='never' skips the attempt)",
+                  RuntimeWarning, stacklevel=3)

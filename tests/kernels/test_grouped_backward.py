@@ -32,7 +32,7 @@ def grouped_calls(monkeypatch):
         raise AssertionError("the reference was recomputed in the backward")
     monkeypatch.setattr(kernel_op, "reference_forward", refuse)
     calls = []
-    cases.record_calls(monkeypatch, grouped_backward, "routed_grads", lambda *a: calls.append(a[10]))
+    cases.record_calls(monkeypatch, grouped_backward, "routed_grads", lambda *a: calls.append(a[9]))
     return calls
 
 
@@ -116,6 +116,25 @@ def test_blocks_it_leaves_to_the_triton_backward_cpu(grouped_calls, mlp, why):
         errors, _, _ = cases.gradient_errors("softmax_topk", 8, 2, 21, 48, 32, torch.float32, "cpu", seed=3, mlp=mlp)
     check(errors, torch.float32)
     assert not grouped_calls
+
+
+@cpu_only
+def test_a_refused_grouped_mm_falls_back_with_a_warning_cpu(grouped_calls, monkeypatch):
+    """torch._grouped_mm raising on its last call (the input gradient's rows): the Triton backward runs instead,
+    says so, and the gradients are still exact (nothing of the attempt was added to them)."""
+    real, seen = torch._grouped_mm, []
+
+    def refuse_fifth(*args, **kwargs):
+        seen.append(1)
+        if len(seen) == 5:
+            raise RuntimeError("grouped_mm: expected strides to be aligned (test)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", refuse_fifth)
+    with configured(grouped_backward="always"), pytest.warns(RuntimeWarning, match="ran the Triton backward"):
+        errors, _, _ = cases.gradient_errors("softmax_topk_renorm", 8, 2, 29, 48, 32, torch.float32, "cpu", seed=8)
+    check(errors, torch.float32)
+    assert grouped_calls and len(seen) == 5
 
 
 @cpu_only
