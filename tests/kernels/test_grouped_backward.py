@@ -16,6 +16,7 @@ from moecompile.kernels import grouped_backward
 from moecompile.kernels import moe as kernel_moe
 from moecompile.kernels import op as kernel_op
 from moecompile.kernels.settings import configured
+from moecompile.reference import reference_forward
 
 GRAD_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2.5e-2}
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
@@ -96,6 +97,38 @@ def test_relu_routing_with_no_active_pair_cpu(grouped_calls):
     assert grouped_calls == [0] and not y.any()
     for name, t in {"x": x, **leaves}.items():
         assert t.grad is not None and not t.grad.any(), name
+
+
+@cpu_only
+def test_transposed_expert_weights_cpu(grouped_calls):
+    """Expert weights held transposed ([E, H, F] and [E, I, H] parameters viewed as [E, F, H] and [E, H, I], as
+    transformers' is_transposed experts are): grouped_mm reads the views and the gradients reach the parameters
+    in their own layout."""
+    spec = cases.make_spec("softmax_topk_renorm", 8, 2, 48, 32)
+    gen = torch.Generator().manual_seed(13)
+    w = cases.make_weights(spec, torch.float32, "cpu", gen)
+    p1 = w.w1.transpose(1, 2).contiguous().requires_grad_(True)
+    p2 = w.w2.transpose(1, 2).contiguous().requires_grad_(True)
+    x, probe = torch.randn(25, 48, generator=gen), torch.randn(25, 48, generator=gen)
+    views = type(w)(**{**w.__dict__, "w1": p1.transpose(1, 2), "w2": p2.transpose(1, 2)})
+    with configured(grouped_backward="always"):
+        (kernel_moe.kernels_forward(spec, views, x)[0] * probe).sum().backward()
+    r1, r2 = p1.detach().double().requires_grad_(True), p2.detach().double().requires_grad_(True)
+    ref = type(w)(**{**cases.upcast(w).__dict__, "w1": r1.transpose(1, 2), "w2": r2.transpose(1, 2)})
+    (reference_forward(spec, ref, x.double())[0] * probe.double()).sum().backward()
+    assert grouped_calls
+    assert cases.relative_error(p1.grad, r1.grad) < 1e-5 and cases.relative_error(p2.grad, r2.grad) < 1e-5
+
+
+@cpu_only
+def test_block_level_thousands_of_tokens_cpu(grouped_calls):
+    """A DeepSeek-V3-like router (sigmoid, groups, correction bias) over 256 experts, k 8, 2049 tokens: uneven
+    loads, many experts with a handful of rows."""
+    with configured(grouped_backward="always"):
+        errors, _, _ = cases.gradient_errors("sigmoid_grouped_corr", 256, 8, 2049, 32, 16, torch.float32, "cpu",
+                                             seed=21)
+    check(errors, torch.float32)
+    assert grouped_calls == [2049 * 8]
 
 
 @cpu_only
