@@ -269,13 +269,13 @@ def backward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int, 
     routed = None
     if grouped_backward.unsupported_reason(spec, weights, x) is None:
         try:
-            dw_pairs, gw1, gw2, input_rows = grouped_backward.routed_grads(
-                spec.experts, x, gy, weights.w1, weights.w2, pair_weight, expert_of_pair, E, S,
-                T * S if ids is not None else n_active, want_experts, wanted.get("x", False))
+            dw_pairs, gw1, gw2, db1, db2, input_rows = grouped_backward.routed_grads(
+                spec.experts, x, gy, weights.w1, weights.w2, weights.b1, weights.b2, pair_weight, expert_of_pair,
+                E, S, T * S if ids is not None else n_active, want_experts, wanted.get("x", False))
         except RuntimeError as exc:  # nothing was changed yet: the Triton backward takes over, with a warning
             grouped_backward.refused(exc)
         else:
-            routed = ExpertSetGrads(dw_pairs, gw1, gw2, None, None)
+            routed = ExpertSetGrads(dw_pairs, gw1, gw2, db1, db2)
             if input_rows is not None:
                 grouped_backward.add_rows(gx, *input_rows)
     if routed is None:

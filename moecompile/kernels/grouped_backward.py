@@ -51,8 +51,6 @@ def unsupported_reason(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> s
             return f"grouped_mm takes bfloat16 only on the GPU, input is {x.dtype}"
     if spec.router.weight_on_input:
         return "routing weight on the input"
-    if weights.b1 is not None or weights.b2 is not None:
-        return "expert biases"
     e = spec.experts
     if e.hidden_size % 8 or e.intermediate_size % 8:
         return "hidden or intermediate size not a multiple of 8 (16-byte rows)"
@@ -62,14 +60,19 @@ def unsupported_reason(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> s
 
 
 @triton.jit(do_not_specialize=["P"])
-def _glu_backward_kernel(gu_ptr, d_ptr, pw_ptr, dw_ptr, P, I, stride_gu, stride_d, alpha, limit,
-                         GATED: tl.constexpr, ACT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+def _glu_backward_kernel(gu_ptr, d_ptr, pw_ptr, dw_ptr, b1_ptr, expert_ptr, P, I, stride_gu, stride_d, stride_b1,
+                         alpha, limit, GATED: tl.constexpr, ACT: tl.constexpr, HAS_B1: tl.constexpr,
+                         BR: tl.constexpr, BC: tl.constexpr):
     """For BR rows, over all I columns: h = act(g, u) from the up GEMM's output gu, and with d = dy W2_e and the
     pair weight w: dw = sum(h * d) (one store per row, no atomics), gu <- (dg, du) = act'(g, u) (w d), d <- w h.
-    Each element is read and then written by the same program, so both updates are in place."""
+    With HAS_B1 the row's expert's up bias is added to (g, u) first. Each element is read and then written by the
+    same program, so both updates are in place."""
     rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
     r_ok = rows < P
     w = tl.load(pw_ptr + rows, mask=r_ok, other=0.0)
+    b_rows = b1_ptr
+    if HAS_B1:
+        b_rows = b1_ptr + tl.load(expert_ptr + rows, mask=r_ok, other=0).to(tl.int64) * stride_b1
     acc = tl.zeros((BR,), dtype=tl.float32)
     for c0 in range(0, I, BC):
         cols = c0 + tl.arange(0, BC)
@@ -80,6 +83,10 @@ def _glu_backward_kernel(gu_ptr, d_ptr, pw_ptr, dw_ptr, P, I, stride_gu, stride_
         u = g
         if GATED:
             u = tl.load(g_ptrs + I, mask=mask, other=0.0).to(tl.float32)
+        if HAS_B1:
+            g += tl.load(b_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if GATED:
+                u += tl.load(b_rows[:, None] + I + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         d = tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
         # h as the forward rounds it before the down GEMM
         h = mlp_activation(g, u, alpha, limit, GATED, ACT).to(d_ptr.dtype.element_ty).to(tl.float32)
@@ -92,28 +99,33 @@ def _glu_backward_kernel(gu_ptr, d_ptr, pw_ptr, dw_ptr, P, I, stride_gu, stride_
     tl.store(dw_ptr + rows, acc, mask=r_ok)
 
 
-def add_rows(gx: torch.Tensor, rows: torch.Tensor, token: torch.Tensor) -> None:
-    """gx[token[r]] += rows[r] in fp32, a bounded slice of rows at a time (an fp32 copy of every row would cost
-    twice the rows' memory)."""
+def add_rows(gx: torch.Tensor, rows: torch.Tensor, token: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+    """gx[token[r]] += rows[r] (times scale[r]) in fp32, a bounded slice of rows at a time (an fp32 copy of every
+    row would cost twice the rows' memory)."""
     step = max(1, (1 << 24) // max(1, rows.shape[1]))
     for start in range(0, rows.shape[0], step):
-        gx.index_add_(0, token[start:start + step], rows[start:start + step].float())
+        part = rows[start:start + step].float()  # the rows themselves when they are fp32: never changed in place
+        if scale is not None:
+            part = part * scale[start:start + step, None]
+        gx.index_add_(0, token[start:start + step], part)
 
 
-def routed_grads(mlp: MLPSpec, x: torch.Tensor, gy: torch.Tensor, w1: torch.Tensor,
-                 w2: torch.Tensor, pair_weight: torch.Tensor, expert_of_pair: torch.Tensor, num_experts: int,
-                 slots: int, routed_pairs: int, want_weights: bool, want_x: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, tuple | None]:
-    """The routed experts' gradients (module docstring): (dw [P] fp32, each pair's combine-weight gradient, 0 for
-    pairs not routed; dW1 and dW2, None unless want_weights; (rows [n, H], token [n]): the input gradient's rows
-    and their tokens, for add_rows, None unless want_x). Nothing outside is changed, so a caller that catches a
-    refusal can run another path. expert_of_pair [P = T * slots]: each pair's expert, or
-    num_experts for a pair not routed; routed_pairs: how many are routed (a host int: grouped_mm's output sizes).
-"""
+def routed_grads(mlp: MLPSpec, x: torch.Tensor, gy: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                 b1: torch.Tensor | None, b2: torch.Tensor | None, pair_weight: torch.Tensor,
+                 expert_of_pair: torch.Tensor, num_experts: int, slots: int, routed_pairs: int,
+                 want_weights: bool, want_x: bool) -> tuple:
+    """The routed experts' gradients (module docstring) as (dw, dW1, dW2, db1, db2, input rows):
+    - dw [P] fp32: each pair's combine-weight gradient, 0 for pairs not routed (b2's share, dy . b2_e, is the
+      caller's);
+    - dW1, dW2, db1, db2: None unless want_weights (a bias's also when the bias is None);
+    - input rows: (rows [n, H], token [n]) for add_rows, None unless want_x.
+    expert_of_pair [P = T * slots]: each pair's expert, or num_experts for a pair not routed; routed_pairs: how many
+    are routed (a host int: grouped_mm's output sizes). The combine weight is on the output (unsupported_reason).
+    Nothing outside is changed, so a caller that catches a refusal can run another path."""
     E, P = num_experts, expert_of_pair.numel()
     dw = torch.zeros(P, device=x.device, dtype=torch.float32)
     if routed_pairs == 0:  # ReLU routing with every gate shut: nothing reached an expert
-        zeros = (torch.zeros_like(w1), torch.zeros_like(w2)) if want_weights else (None, None)
+        zeros = [torch.zeros_like(t) if want_weights and t is not None else None for t in (w1, w2, b1, b2)]
         return (dw, *zeros, None)
     order = torch.argsort(expert_of_pair, stable=True)[:routed_pairs]
     counts = torch.bincount(expert_of_pair, minlength=E + 1)[:E]
@@ -127,14 +139,24 @@ def routed_grads(mlp: MLPSpec, x: torch.Tensor, gy: torch.Tensor, w1: torch.Tens
     dw_rows = torch.empty(routed_pairs, device=x.device, dtype=torch.float32)
     I = mlp.intermediate_size
     BR, BC = (32, 128) if x.device.type == "cuda" else (16, 32)
+    expert = expert_of_pair.index_select(0, order) if b1 is not None or b2 is not None else None
     _glu_backward_kernel[(triton.cdiv(routed_pairs, BR),)](
-        gu, d, pw, dw_rows, routed_pairs, I, gu.stride(0), d.stride(0), float(mlp.activation_alpha),
-        float(mlp.activation_limit), GATED=mlp.gated, ACT=ACTIVATION_CODES[mlp.activation], BR=BR, BC=BC,
-        num_warps=4)
+        gu, d, pw, dw_rows, b1 if b1 is not None else gu, expert if expert is not None else order, routed_pairs,
+        I, gu.stride(0), d.stride(0), 0 if b1 is None else b1.stride(0), float(mlp.activation_alpha),
+        float(mlp.activation_limit), GATED=mlp.gated, ACT=ACTIVATION_CODES[mlp.activation], HAS_B1=b1 is not None,
+        BR=BR, BC=BC, num_warps=4)
     dpre, h_weighted = gu, d
     dw.index_copy_(0, order, dw_rows)
-    gw1 = gw2 = None
+    gw1 = gw2 = db1 = db2 = None
     if want_weights:
+        if b2 is not None:  # per expert, the sum of its rows' w dy
+            db2 = torch.zeros(E, b2.shape[-1], device=x.device, dtype=torch.float32)
+            add_rows(db2, dys, expert, pw)
+            db2 = db2.to(b2.dtype)
+        if b1 is not None:  # ... and of its rows' dpre
+            db1 = torch.zeros(E, b1.shape[-1], device=x.device, dtype=torch.float32)
+            add_rows(db1, dpre, expert)
+            db1 = db1.to(b1.dtype)
         # an expert with no rows gets no write from grouped_mm's K-offset form: zero those explicitly
         empty = (counts == 0)[:, None, None]
         gw2 = torch._grouped_mm(dys.t(), h_weighted, offs=offs).masked_fill_(empty, 0).to(w2.dtype)
@@ -142,7 +164,7 @@ def routed_grads(mlp: MLPSpec, x: torch.Tensor, gy: torch.Tensor, w1: torch.Tens
         gw1 = torch._grouped_mm(dpre.t(), xs, offs=offs).masked_fill_(empty, 0).to(w1.dtype)
     del xs
     rows = (torch._grouped_mm(dpre, w1, offs=offs), token) if want_x else None
-    return dw, gw1, gw2, rows
+    return dw, gw1, gw2, db1, db2, rows
 
 
 def refused(exc: RuntimeError) -> None:

@@ -1,7 +1,8 @@
 """The routed experts' gradients through torch._grouped_mm (kernels/grouped_backward.py) against float64 autograd
 through the reference: router forms (top-k, sigmoid + correction bias, grouped, capacity, ReLU with its variable
-count), activations on both sides of their clamps, shared experts beside it, token counts 0/1/odd, experts with no
-rows (their weight gradients must be exactly 0, not whatever grouped_mm left there), and the blocks it leaves to the
+count), activations on both sides of their clamps, expert biases, shared experts beside it, token counts 1/odd,
+experts with no rows (their weight and bias gradients must be exactly 0, not whatever grouped_mm left there), a
+refused grouped_mm, and the blocks it leaves to the
 Triton backward. On the CPU with settings.grouped_backward="always" (torch's CPU _grouped_mm, the activation kernel
 in Triton's interpreter); the *_cuda tests take it by default ("auto": bf16 on Hopper).
 
@@ -33,7 +34,7 @@ def grouped_calls(monkeypatch):
         raise AssertionError("the reference was recomputed in the backward")
     monkeypatch.setattr(kernel_op, "reference_forward", refuse)
     calls = []
-    cases.record_calls(monkeypatch, grouped_backward, "routed_grads", lambda *a: calls.append(a[9]))
+    cases.record_calls(monkeypatch, grouped_backward, "routed_grads", lambda *a: calls.append(a[11]))
     return calls
 
 
@@ -53,7 +54,8 @@ def test_router_forms_cpu(grouped_calls, router):
 
 @cpu_only
 @pytest.mark.parametrize("mlp", ["swiglu", "gelu", "gelu_tanh", "plain_relu", "plain_relu2", "clamped_swiglu",
-                                 "clamped_silu", "shared_gated", "shared_output_bias"])
+                                 "clamped_silu", "shared_gated", "shared_output_bias", "gelu_bias",
+                                 "clamped_swiglu_bias"])
 def test_activations_and_shared_experts_cpu(grouped_calls, mlp):
     """The clamped forms with a limit inside the values' range, so both sides of each clamp are taken."""
     def small_limit(spec, weights, x):
@@ -81,6 +83,22 @@ def test_token_and_expert_counts_cpu(grouped_calls, T, E, k):
         unused[logits.topk(k, dim=-1).indices.reshape(-1)] = False
         for name in ("w1", "w2"):
             assert torch.all(grads[name][unused] == 0), name
+
+
+@cpu_only
+@pytest.mark.parametrize("router,T,E", [("relu_bias", 33, 8), ("softmax_topk", 3, 64)])
+def test_expert_biases_cpu(grouped_calls, router, T, E):
+    """Bias gradients per expert (sums over its rows); with 3 tokens over 64 experts most experts have no rows and
+    their bias gradients must be exactly zero."""
+    with configured(grouped_backward="always"):
+        errors, grads, logits = cases.gradient_errors(router, E, 2, T, 48, 32, torch.float32, "cpu", seed=E,
+                                                      mlp="gelu_bias")
+    check(errors, torch.float32)
+    assert grouped_calls
+    if router == "softmax_topk":
+        unused = torch.ones(E, dtype=torch.bool)
+        unused[logits.topk(2, dim=-1).indices.reshape(-1)] = False
+        assert torch.all(grads["b1"][unused] == 0) and torch.all(grads["b2"][unused] == 0)
 
 
 @cpu_only
@@ -140,7 +158,7 @@ def test_bf16_cpu(grouped_calls):
 
 
 @cpu_only
-@pytest.mark.parametrize("mlp,why", [("gelu_bias", "expert biases"), ("weight_on_input", "weight on the input")])
+@pytest.mark.parametrize("mlp,why", [("weight_on_input", "weight on the input")])
 def test_blocks_it_leaves_to_the_triton_backward_cpu(grouped_calls, mlp, why):
     spec = cases.make_spec("softmax_topk", 8, 2, 48, 32, mlp)
     w = cases.make_weights(spec, torch.float32, "cpu", torch.Generator().manual_seed(1))
@@ -195,7 +213,8 @@ def test_default_on_hopper_cuda(grouped_calls, router, T):
 
 
 @cuda
-@pytest.mark.parametrize("mlp", ["swiglu", "gelu", "plain_relu2", "clamped_swiglu", "clamped_silu", "shared_gated"])
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu", "plain_relu2", "clamped_swiglu", "clamped_silu", "shared_gated",
+                                 "clamped_swiglu_bias"])
 def test_activations_cuda(grouped_calls, mlp):
     with configured(grouped_backward="always"):
         errors, _, _ = cases.gradient_errors("softmax_topk", 32, 4, 1000, 256, 128, torch.bfloat16, "cuda", seed=4,
