@@ -271,7 +271,8 @@ def backward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int, 
         try:
             dw_pairs, gw1, gw2, db1, db2, input_rows = grouped_backward.routed_grads(
                 spec.experts, x, gy, weights.w1, weights.w2, weights.b1, weights.b2, pair_weight, expert_of_pair,
-                E, S, T * S if ids is not None else n_active, want_experts, wanted.get("x", False))
+                E, S, T * S if ids is not None else n_active, want_experts, wanted.get("x", False),
+                r.weight_on_input)
         except RuntimeError as exc:  # nothing was changed yet: the Triton backward takes over, with a warning
             grouped_backward.refused(exc)
         else:

@@ -49,8 +49,8 @@ def unsupported_reason(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> s
             return "grouped_mm's backward is measured on Hopper GPUs only"
         if x.dtype != torch.bfloat16:
             return f"grouped_mm takes bfloat16 only on the GPU, input is {x.dtype}"
-    if spec.router.weight_on_input:
-        return "routing weight on the input"
+    if spec.router.weight_on_input and weights.b1 is not None:
+        return "routing weight on the input with an up-projection bias"
     e = spec.experts
     if e.hidden_size % 8 or e.intermediate_size % 8:
         return "hidden or intermediate size not a multiple of 8 (16-byte rows)"
@@ -62,11 +62,12 @@ def unsupported_reason(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> s
 @triton.jit(do_not_specialize=["P"])
 def _glu_backward_kernel(gu_ptr, d_ptr, pw_ptr, dw_ptr, b1_ptr, expert_ptr, P, I, stride_gu, stride_d, stride_b1,
                          alpha, limit, GATED: tl.constexpr, ACT: tl.constexpr, HAS_B1: tl.constexpr,
-                         BR: tl.constexpr, BC: tl.constexpr):
+                         WEIGHT_ON_INPUT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     """For BR rows, over all I columns: h = act(g, u) from the up GEMM's output gu, and with d = dy W2_e and the
     pair weight w: dw = sum(h * d) (one store per row, no atomics), gu <- (dg, du) = act'(g, u) (w d), d <- w h.
-    With HAS_B1 the row's expert's up bias is added to (g, u) first. Each element is read and then written by the
-    same program, so both updates are in place."""
+    With HAS_B1 the row's expert's up bias is added to (g, u) first. With the weight on the input (the expert saw
+    w x, so g = w g0): dw = sum(dg g0 + du u0), gu <- w (dg, du) with (dg, du) = act'(g, u) d, and d <- h.
+    Each element is read and then written by the same program, so both updates are in place."""
     rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
     r_ok = rows < P
     w = tl.load(pw_ptr + rows, mask=r_ok, other=0.0)
@@ -88,14 +89,30 @@ def _glu_backward_kernel(gu_ptr, d_ptr, pw_ptr, dw_ptr, b1_ptr, expert_ptr, P, I
             if GATED:
                 u += tl.load(b_rows[:, None] + I + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         d = tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
-        # h as the forward rounds it before the down GEMM
-        h = mlp_activation(g, u, alpha, limit, GATED, ACT).to(d_ptr.dtype.element_ty).to(tl.float32)
-        acc += tl.sum(tl.where(mask, h * d, 0.0), axis=1)
-        dg, du = mlp_activation_grad(g, u, d * w[:, None], alpha, limit, GATED, ACT)
+        if WEIGHT_ON_INPUT:
+            g0 = g
+            u0 = u
+            g = g * w[:, None]
+            u = u * w[:, None]
+            h = mlp_activation(g, u, alpha, limit, GATED, ACT).to(d_ptr.dtype.element_ty).to(tl.float32)
+            dg, du = mlp_activation_grad(g, u, d, alpha, limit, GATED, ACT)
+            if GATED:
+                acc += tl.sum(tl.where(mask, dg * g0 + du * u0, 0.0), axis=1)
+            else:
+                acc += tl.sum(tl.where(mask, dg * g0, 0.0), axis=1)
+            dg = dg * w[:, None]
+            du = du * w[:, None]
+            hw = h
+        else:
+            # h as the forward rounds it before the down GEMM
+            h = mlp_activation(g, u, alpha, limit, GATED, ACT).to(d_ptr.dtype.element_ty).to(tl.float32)
+            acc += tl.sum(tl.where(mask, h * d, 0.0), axis=1)
+            dg, du = mlp_activation_grad(g, u, d * w[:, None], alpha, limit, GATED, ACT)
+            hw = h * w[:, None]
         tl.store(g_ptrs, dg.to(gu_ptr.dtype.element_ty), mask=mask)
         if GATED:
             tl.store(g_ptrs + I, du.to(gu_ptr.dtype.element_ty), mask=mask)
-        tl.store(d_ptrs, (h * w[:, None]).to(d_ptr.dtype.element_ty), mask=mask)
+        tl.store(d_ptrs, hw.to(d_ptr.dtype.element_ty), mask=mask)
     tl.store(dw_ptr + rows, acc, mask=r_ok)
 
 
@@ -113,14 +130,15 @@ def add_rows(gx: torch.Tensor, rows: torch.Tensor, token: torch.Tensor, scale: t
 def routed_grads(mlp: MLPSpec, x: torch.Tensor, gy: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                  b1: torch.Tensor | None, b2: torch.Tensor | None, pair_weight: torch.Tensor,
                  expert_of_pair: torch.Tensor, num_experts: int, slots: int, routed_pairs: int,
-                 want_weights: bool, want_x: bool) -> tuple:
+                 want_weights: bool, want_x: bool, weight_on_input: bool = False) -> tuple:
     """The routed experts' gradients (module docstring) as (dw, dW1, dW2, db1, db2, input rows):
     - dw [P] fp32: each pair's combine-weight gradient, 0 for pairs not routed (b2's share, dy . b2_e, is the
       caller's);
     - dW1, dW2, db1, db2: None unless want_weights (a bias's also when the bias is None);
     - input rows: (rows [n, H], token [n]) for add_rows, None unless want_x.
     expert_of_pair [P = T * slots]: each pair's expert, or num_experts for a pair not routed; routed_pairs: how many
-    are routed (a host int: grouped_mm's output sizes). The combine weight is on the output (unsupported_reason).
+    are routed (a host int: grouped_mm's output sizes); weight_on_input: the combine weight scaled the expert's
+    input (Llama 4) rather than its output.
     Nothing outside is changed, so a caller that catches a refusal can run another path."""
     E, P = num_experts, expert_of_pair.numel()
     dw = torch.zeros(P, device=x.device, dtype=torch.float32)
@@ -144,14 +162,14 @@ def routed_grads(mlp: MLPSpec, x: torch.Tensor, gy: torch.Tensor, w1: torch.Tens
         gu, d, pw, dw_rows, b1 if b1 is not None else gu, expert if expert is not None else order, routed_pairs,
         I, gu.stride(0), d.stride(0), 0 if b1 is None else b1.stride(0), float(mlp.activation_alpha),
         float(mlp.activation_limit), GATED=mlp.gated, ACT=ACTIVATION_CODES[mlp.activation], HAS_B1=b1 is not None,
-        BR=BR, BC=BC, num_warps=4)
+        WEIGHT_ON_INPUT=weight_on_input, BR=BR, BC=BC, num_warps=4)
     dpre, h_weighted = gu, d
     dw.index_copy_(0, order, dw_rows)
     gw1 = gw2 = db1 = db2 = None
     if want_weights:
         if b2 is not None:  # per expert, the sum of its rows' w dy
             db2 = torch.zeros(E, b2.shape[-1], device=x.device, dtype=torch.float32)
-            add_rows(db2, dys, expert, pw)
+            add_rows(db2, dys, expert, None if weight_on_input else pw)
             db2 = db2.to(b2.dtype)
         if b1 is not None:  # ... and of its rows' dpre
             db1 = torch.zeros(E, b1.shape[-1], device=x.device, dtype=torch.float32)

@@ -1,8 +1,8 @@
 """The routed experts' gradients through torch._grouped_mm (kernels/grouped_backward.py) against float64 autograd
 through the reference: router forms (top-k, sigmoid + correction bias, grouped, capacity, ReLU with its variable
 count), activations on both sides of their clamps, expert biases, shared experts beside it, token counts 1/odd,
-experts with no rows (their weight and bias gradients must be exactly 0, not whatever grouped_mm left there), a
-refused grouped_mm, and the blocks it leaves to the
+experts with no rows (their weight and bias gradients must be exactly 0, not whatever grouped_mm left there), the
+routing weight on the input, a refused grouped_mm, and the blocks it leaves to the
 Triton backward. On the CPU with settings.grouped_backward="always" (torch's CPU _grouped_mm, the activation kernel
 in Triton's interpreter); the *_cuda tests take it by default ("auto": bf16 on Hopper).
 
@@ -158,15 +158,23 @@ def test_bf16_cpu(grouped_calls):
 
 
 @cpu_only
-@pytest.mark.parametrize("mlp,why", [("weight_on_input", "weight on the input")])
-def test_blocks_it_leaves_to_the_triton_backward_cpu(grouped_calls, mlp, why):
-    spec = cases.make_spec("softmax_topk", 8, 2, 48, 32, mlp)
-    w = cases.make_weights(spec, torch.float32, "cpu", torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("router", ["softmax_topk", "relu_bias"])
+def test_weight_on_the_input_cpu(grouped_calls, router):
+    """Llama 4's form: the routing weight scales the expert's input; dw comes from the unscaled products."""
     with configured(grouped_backward="always"):
-        assert why in grouped_backward.unsupported_reason(spec, w, torch.zeros(1, 48))
-        errors, _, _ = cases.gradient_errors("softmax_topk", 8, 2, 21, 48, 32, torch.float32, "cpu", seed=3, mlp=mlp)
+        errors, _, _ = cases.gradient_errors(router, 8, 1, 27, 48, 32, torch.float32, "cpu", seed=3,
+                                             mlp="weight_on_input")
     check(errors, torch.float32)
-    assert not grouped_calls
+    assert grouped_calls
+
+
+@cpu_only
+def test_weight_on_the_input_with_an_up_bias_is_left_to_the_triton_backward_cpu():
+    spec = cases.make_spec("softmax_topk", 8, 2, 48, 32, "weight_on_input")
+    w = cases.make_weights(spec, torch.float32, "cpu", torch.Generator().manual_seed(1))
+    w.b1 = torch.zeros(8, spec.experts.fc1_rows)
+    with configured(grouped_backward="always"):
+        assert "up-projection bias" in grouped_backward.unsupported_reason(spec, w, torch.zeros(1, 48))
 
 
 @cpu_only
