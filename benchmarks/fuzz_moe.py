@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -248,6 +249,10 @@ def check_case(case: Case, device: str, backend: str) -> Outcome:
     y, aux = (out if isinstance(out, tuple) else (out, None))
     y = y.reshape(T, H).double().cpu()
     want, logits, ambiguous, magnitude = fuzz_oracle.forward(spec, case.weights, x.reshape(T, H), max(S, 1))
+    if device == "cpu" and x.dtype == torch.bfloat16 and not x.isfinite().all() and _cpu_bf16_gemm_spreads_nan():
+        # torch's CPU bf16 GEMM on some CPUs (oneDNN's AMX kernels) turns a row next to a NaN row into NaN: the
+        # user's own model computes the same there. Such tokens are left out with the ambiguous ones.
+        ambiguous = ambiguous | (~y.isfinite().all(dim=1) & want.isfinite().all(dim=1))
     problems = _compare(y, want, x.reshape(T, H), ambiguous, TOL[x.dtype], magnitude)
     if aux is not None and spec.extra_output == "router_logits" and T:
         problems += _compare(aux.reshape(T, -1).double().cpu(), logits, x.reshape(T, H), ambiguous, TOL[x.dtype],
@@ -255,6 +260,15 @@ def check_case(case: Case, device: str, backend: str) -> Outcome:
     if problems:
         return Outcome("mismatch", T, int(ambiguous.sum()), "; ".join(problems), kernels)
     return Outcome("ok", T, int(ambiguous.sum()), kernels=kernels)
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_bf16_gemm_spreads_nan() -> bool:
+    """Whether this CPU's bf16 GEMM gives NaN in a row whose inputs are finite when a neighbouring row is NaN."""
+    x = torch.ones(179, 58, dtype=torch.bfloat16)  # a shape seen to do it (an odd K)
+    x[5] = float("nan")
+    y = torch.nn.functional.linear(x, torch.ones(148, 58, dtype=torch.bfloat16))
+    return bool(y[torch.arange(179) != 5].isnan().any())
 
 
 def _compare(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, ambiguous: torch.Tensor, tol: float,
