@@ -14,7 +14,7 @@ stable sort (rows contiguous, no padding: the layout grouped_mm's offsets descri
     dx     += sum over t's rows of grouped_mm(dpre, W1)
 
 Why: the Triton expert-gradient kernels (64 x 64 tiles, gathered rows) ran a training step at 0.4-0.6x of HF's
-grouped_mm under torch.compile on the H100 (benchmarks/results/moe_train.md); these GEMMs are the ones HF's
+grouped_mm under torch.compile on the H100 (benchmarks/results/moe_train_triton_backward.md); these GEMMs are the ones HF's
 autograd runs. The recompute of the up GEMM replaces the activations HF saves, so the memory a step holds between
 forward and backward stays x and the weights.
 """
@@ -56,6 +56,8 @@ def unsupported_reason(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> s
         return "hidden or intermediate size not a multiple of 8 (16-byte rows)"
     if not (_layout_ok(weights.w1) and _layout_ok(weights.w2)):
         return "expert weight strides grouped_mm cannot read"
+    if weights.b1 is not None and (weights.b1.dim() != 2 or weights.b1.stride(1) != 1):
+        return "an up-projection bias that is not [E, F] with unit column stride"
     return None
 
 
