@@ -15,8 +15,8 @@ stable sort (rows contiguous, no padding: the layout grouped_mm's offsets descri
 
 Why: the Triton expert-gradient kernels (64 x 64 tiles, gathered rows) ran a training step at 0.4-0.6x of HF's
 grouped_mm under torch.compile on the H100 (benchmarks/results/moe_train_triton_backward.md); these GEMMs are the
-ones HF's autograd runs. The recompute of the up GEMM replaces the activations HF saves, so the memory a step holds between
-forward and backward stays x and the weights.
+ones HF's autograd runs. The recompute of the up GEMM replaces the activations HF saves, so the memory a step
+holds between forward and backward stays x and the weights.
 """
 
 from __future__ import annotations
