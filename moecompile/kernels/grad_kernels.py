@@ -68,6 +68,25 @@ def mlp_activation_grad(g, u, dh, alpha, limit, GATED: tl.constexpr, ACT: tl.con
         return dh * _activation_slope(g, ACT), dh
 
 
+@triton.jit
+def pair_grads(g, u, g0, u0, h, d, w, alpha, limit, GATED: tl.constexpr, ACT: tl.constexpr,
+               WEIGHT_ON_INPUT: tl.constexpr):
+    """For a tile of routed rows: (d gate, d up) and each row's combine-weight gradient, from the activation's
+    inputs g, u (scaled and biased as the forward computed them), the unscaled up products g0, u0, the activation
+    h, d = dy W2_e and the pair weight w [rows]. Weight on the output: dh = w d and dw = sum(h d); on the input
+    (the expert saw w x, so g = w g0): dh = d and dw = sum(dg g0 + du u0)."""
+    if WEIGHT_ON_INPUT:
+        dg, du = mlp_activation_grad(g, u, d, alpha, limit, GATED, ACT)
+        if GATED:
+            dw = tl.sum(dg * g0 + du * u0, axis=1)
+        else:
+            dw = tl.sum(dg * g0, axis=1)
+    else:
+        dg, du = mlp_activation_grad(g, u, d * w[:, None], alpha, limit, GATED, ACT)
+        dw = tl.sum(d * h, axis=1)
+    return dg, du, dw
+
+
 @triton.jit(do_not_specialize=["T", "max_blocks", "NUM_PROGS"])
 def _expert_grad_rows_kernel(
     x_ptr, gy_ptr, w1_ptr, w2_ptr, b1_ptr, pw_ptr, dpre_ptr, h_ptr, dw_ptr,
@@ -129,12 +148,7 @@ def _expert_grad_rows_kernel(
                 u += tl.load(b_base + I + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         h = mlp_activation(g, u, alpha, limit, GATED, ACT)
         h = tl.where(col_ok[None, :], h, 0.0)
-        if WEIGHT_ON_INPUT:
-            dg, du = mlp_activation_grad(g, u, acc_d, alpha, limit, GATED, ACT)
-            dw = tl.sum(dg * acc_g + du * acc_u, axis=1)
-        else:
-            dg, du = mlp_activation_grad(g, u, acc_d * pw[:, None], alpha, limit, GATED, ACT)
-            dw = tl.sum(acc_d * h, axis=1)
+        dg, du, dw = pair_grads(g, u, acc_g, acc_u, h, acc_d, pw, alpha, limit, GATED, ACT, WEIGHT_ON_INPUT)
         if HAS_PW:
             if DW_PARTIALS:  # one partial per column tile, summed in order by the caller
                 tl.store(dw_ptr + pair.to(tl.int64) * num_n + n_blk, dw, mask=row_ok)

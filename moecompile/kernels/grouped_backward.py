@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ..spec import MLPSpec, MoESpec, MoEWeights
 from .experts import ACTIVATION_CODES, mlp_activation
-from .grad_kernels import mlp_activation_grad
+from .grad_kernels import pair_grads
 from .grouped import _layout_ok
 from .settings import settings
 
@@ -91,25 +91,20 @@ def _glu_backward_kernel(gu_ptr, d_ptr, pw_ptr, dw_ptr, b1_ptr, expert_ptr, P, I
             if GATED:
                 u += tl.load(b_rows[:, None] + I + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         d = tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
+        g0 = g
+        u0 = u
         if WEIGHT_ON_INPUT:
-            g0 = g
-            u0 = u
             g = g * w[:, None]
             u = u * w[:, None]
-            h = mlp_activation(g, u, alpha, limit, GATED, ACT).to(d_ptr.dtype.element_ty).to(tl.float32)
-            dg, du = mlp_activation_grad(g, u, d, alpha, limit, GATED, ACT)
-            if GATED:
-                acc += tl.sum(tl.where(mask, dg * g0 + du * u0, 0.0), axis=1)
-            else:
-                acc += tl.sum(tl.where(mask, dg * g0, 0.0), axis=1)
+        # h as the forward rounds it before the down GEMM
+        h = mlp_activation(g, u, alpha, limit, GATED, ACT).to(d_ptr.dtype.element_ty).to(tl.float32)
+        dg, du, dw = pair_grads(g, u, g0, u0, h, d, w, alpha, limit, GATED, ACT, WEIGHT_ON_INPUT)
+        acc += dw  # masked elements were loaded as 0 and add nothing
+        if WEIGHT_ON_INPUT:  # the expert saw w x: its input gradient and dW1 take w
             dg = dg * w[:, None]
             du = du * w[:, None]
             hw = h
         else:
-            # h as the forward rounds it before the down GEMM
-            h = mlp_activation(g, u, alpha, limit, GATED, ACT).to(d_ptr.dtype.element_ty).to(tl.float32)
-            acc += tl.sum(tl.where(mask, h * d, 0.0), axis=1)
-            dg, du = mlp_activation_grad(g, u, d * w[:, None], alpha, limit, GATED, ACT)
             hw = h * w[:, None]
         tl.store(g_ptrs, dg.to(gu_ptr.dtype.element_ty), mask=mask)
         if GATED:
