@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,15 +48,18 @@ def train_floor_ms(fused, x: torch.Tensor, ceilings: dict) -> tuple[float, dict]
     return max(t_bytes, t_flops), dict(active_pairs=pairs, bound="bytes" if t_bytes >= t_flops else "flops")
 
 
-def step_fn(module, x: torch.Tensor, gy: torch.Tensor):
+def step_fn(module, x: torch.Tensor, gy: torch.Tensor, **kernel_settings):
+    """One training step; `kernel_settings` (moecompile.kernels.settings) apply inside it."""
+    from moecompile.kernels.settings import configured
     params = [p for p in module.parameters() if p.requires_grad]
 
     def step():
         for p in params:
             p.grad = None
         x.grad = None
-        y = module(x)
-        (y[0] if isinstance(y, tuple) else y).backward(gy)
+        with configured(**kernel_settings):
+            y = module(x)
+            (y[0] if isinstance(y, tuple) else y).backward(gy)
     return step
 
 
@@ -72,19 +76,35 @@ def run_shape(name: str, cfg: dict, tokens, ceilings: dict, quick: bool, rows: l
         x = torch.randn(1, T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         gy = torch.randn(1, T, H, device="cuda", dtype=torch.bfloat16)
         floor, info = train_floor_ms(fused, x[0].detach(), ceilings)
-        impls = {"moecompile": step_fn(fused, x, gy)}
+        # moecompile as shipped ("auto": the experts' gradients through grouped_mm on Hopper), and with the
+        # Triton backward for the routed experts, the path other GPUs and deterministic mode take
+        impls = {"moecompile": step_fn(fused, x, gy),
+                 "moecompile_triton_backward": step_fn(fused, x, gy, grouped_backward="never")}
         if not relu:
             impls["hf_grouped_mm_compile"] = step_fn(compiled, x, gy)
+        input_grads, shape_rows = {}, []
         for impl, fn in impls.items():
             try:
-                fn()
+                with warnings.catch_warnings(record=True) as caught:  # a fallback the kernels announce
+                    warnings.simplefilter("always")
+                    fn()
+                input_grads[impl] = x.grad.float().clone()
                 ms = bench(fn, quick)
-                row = dict(shape=name, tokens=T, impl=impl, ms=ms, peak_mb=peak_extra_mb(fn), floor_ms=floor, **info)
+                row = dict(shape=name, tokens=T, impl=impl, ms=ms, peak_mb=peak_extra_mb(fn), floor_ms=floor, **info,
+                           warnings=sorted({str(w.message)[:200] for w in caught}))
             except Exception as exc:  # a baseline that fails at a size is recorded, not fatal
                 row = dict(shape=name, tokens=T, impl=impl, ms=None, peak_mb=None, floor_ms=floor,
                            error=f"{type(exc).__name__}: {exc}"[:300])
+            shape_rows.append(row)
+        # the input gradient of each moecompile path against HF's (both bf16: a sanity check, the tests hold the
+        # tolerances against float64)
+        ref = input_grads.get("hf_grouped_mm_compile", input_grads.get("moecompile_triton_backward"))
+        for row in shape_rows:
+            if ref is not None and row["impl"] in input_grads:
+                row["dx_rel_err_vs_ref"] = float((input_grads[row["impl"]] - ref).norm() / ref.norm().clamp_min(1e-12))
             rows.append(row)
             print(json.dumps(row), flush=True)
+        del input_grads
     del block, fused, compiled
     torch.compiler.reset()
     torch.cuda.empty_cache()
@@ -97,19 +117,23 @@ def markdown(result: dict) -> str:
              f"{result['triton']}, transformers {result['transformers']}, {result['date']})", "",
              f"One layer, bf16, forward + backward (input and every weight), median ms. Ceilings measured in the "
              f"same run: copy {c['copy_GBps']:.0f} GB/s, bf16 matmul {c['bf16_TFLOPs']:.0f} TFLOP/s. `x HF` = HF "
-             "grouped_mm compiled / moecompile; `% floor` = floor / moecompile.", "",
-             "| shape | tokens | active pairs | HF compiled ms | moecompile ms | x HF | floor ms | % floor "
-             "| peak MB HF / ours |", "|---" * 9 + "|"]
+             "grouped_mm compiled / moecompile; `% floor` = floor / moecompile. `Triton bwd ms`: moecompile with "
+             "the routed experts' gradients on the Triton kernels (settings.grouped_backward='never'), the path "
+             "of GPUs other than Hopper and of deterministic mode.", "",
+             "| shape | tokens | active pairs | HF compiled ms | moecompile ms | x HF | Triton bwd ms | floor ms "
+             "| % floor | peak MB HF / ours |", "|---" * 10 + "|"]
 
     def f(v, fmt=".2f"):
         return "—" if v is None else format(v, fmt)
     for shape, T in sorted({(r["shape"], r["tokens"]) for r in result["rows"]},
                            key=lambda st: (list(SHAPES).index(st[0]), st[1])):
         ours, hf = by.get((shape, T, "moecompile"), {}), by.get((shape, T, "hf_grouped_mm_compile"), {})
+        triton_bwd = by.get((shape, T, "moecompile_triton_backward"), {})
         speed = hf["ms"] / ours["ms"] if hf.get("ms") and ours.get("ms") else None
         pct = 100 * ours["floor_ms"] / ours["ms"] if ours.get("ms") else None
         lines.append(f"| {shape} | {T} | {ours.get('active_pairs', '—')} | {f(hf.get('ms'))} | {f(ours.get('ms'))} "
-                     f"| {f(speed)} | {f(ours.get('floor_ms'))} | {f(pct, '.0f')} | {f(hf.get('peak_mb'), '.0f')} / "
+                     f"| {f(speed)} | {f(triton_bwd.get('ms'))} | {f(ours.get('floor_ms'))} | {f(pct, '.0f')} "
+                     f"| {f(hf.get('peak_mb'), '.0f')} / "
                      f"{f(ours.get('peak_mb'), '.0f')} |")
     return "\n".join(lines) + "\n"
 
