@@ -49,6 +49,11 @@ def unsupported_reason(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> s
             return "grouped_mm's backward is measured on Hopper GPUs only"
         if x.dtype != torch.bfloat16:
             return f"grouped_mm takes bfloat16 only on the GPU, input is {x.dtype}"
+    if spec.experts.activation.startswith("clamped") and x.dtype != torch.float32:
+        # grouped_mm rounds the recomputed up projection to x's dtype before the clamp; the forward clamped fp32
+        # sums, and a value rounded onto the bound (1.5 and 7.0 are exact in bf16) would take a gradient that the
+        # forward's value, just past it, did not (measured: 10x the Triton backward's error at limit 1.5)
+        return "clamped activation in 16-bit (the rounded up projection decides the clamp differently)"
     if spec.router.weight_on_input and weights.b1 is not None:
         return "routing weight on the input with an up-projection bias"
     e = spec.experts
