@@ -36,7 +36,15 @@ from ..spec import MLPSpec, MoESpec, MoEWeights
 from . import configs, grouped_backward
 from .experts import ACTIVATION_CODES, _expert_down_kernel
 from .grad_kernels import _expert_grad_rows_kernel, _expert_wgrad_kernel
-from .launch import DOTS_IN_FP32, gate, gate_with_torch, gating_fallback_reason, max_row_blocks, slots_of
+from .launch import (
+    DOTS_IN_FP32,
+    gate,
+    gate_with_torch,
+    gating_fallback_reason,
+    max_row_blocks,
+    pairs_per_expert,
+    slots_of,
+)
 
 
 @contextmanager
@@ -100,7 +108,7 @@ def pair_table(expert_of_pair: torch.Tensor, num_experts: int, BM: int, max_bloc
     """The dispatch layout for pairs whose expert is expert_of_pair [P] (num_experts: the pair is not routed), built
     with a stable sort: within an expert, rows are in pair order. No host sync."""
     E, device = num_experts, expert_of_pair.device
-    counts = torch.bincount(expert_of_pair, minlength=E + 1)[:E]
+    counts = pairs_per_expert(expert_of_pair, E + 1)[:E]
     blocks = (counts + BM - 1) // BM
     block_cum = blocks.cumsum(0)
     row_start = (block_cum - blocks) * BM

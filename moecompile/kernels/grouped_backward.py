@@ -31,6 +31,7 @@ from ..spec import MLPSpec, MoESpec, MoEWeights
 from .experts import ACTIVATION_CODES, mlp_activation
 from .grad_kernels import pair_grads
 from .grouped import _layout_ok
+from .launch import pairs_per_expert
 from .settings import settings
 
 
@@ -148,7 +149,7 @@ def routed_grads(mlp: MLPSpec, x: torch.Tensor, gy: torch.Tensor, w1: torch.Tens
         zeros = [torch.zeros_like(t) if want_weights and t is not None else None for t in (w1, w2, b1, b2)]
         return (dw, *zeros, None)
     order = torch.argsort(expert_of_pair, stable=True)[:routed_pairs]
-    counts = torch.bincount(expert_of_pair, minlength=E + 1)[:E]
+    counts = pairs_per_expert(expert_of_pair, E + 1)[:E]
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     token = order // slots
     xs = x.index_select(0, token)

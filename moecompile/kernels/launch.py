@@ -163,6 +163,14 @@ def gate_with_torch(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len
     return routing.logits.float(), routing.weight.view(T, k).float(), ids, counts_cursor, sg
 
 
+def pairs_per_expert(expert_of_pair: torch.Tensor, bins: int) -> torch.Tensor:
+    """[bins] int64: how many pairs name each expert (ids in [0, bins)). torch.bincount reads its input's maximum
+    on the host on CUDA (a sync in the middle of the backward); a scatter-add does not."""
+    counts = torch.zeros(bins, device=expert_of_pair.device, dtype=torch.int64)
+    return counts.scatter_add_(0, expert_of_pair.reshape(-1).long(), torch.ones_like(expert_of_pair.reshape(-1),
+                                                                                      dtype=torch.int64))
+
+
 def _counts_cursor(ids: torch.Tensor, E: int) -> torch.Tensor:
     """Dispatch's counts-and-cursor buffer [2E] int32 for int32 ids made outside the gating kernel: rows per expert
     (counted without bincount, so no host sync), then E zeros for dispatch's cursors."""
