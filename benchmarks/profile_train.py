@@ -48,7 +48,13 @@ def kernel_table(fn, rows: int) -> str:
         for _ in range(5):
             fn()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70)
+    averages = prof.key_averages()
+    # what makes the host wait for the device: each is a step's device queue drained before the host goes on
+    syncs = {e.key: e.count // 5 for e in averages
+             if e.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
+                          "aten::nonzero", "cudaMemcpyAsync")}
+    return (averages.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70)
+            + f"\nper step, calls that can wait for the device: {syncs}")
 
 
 def main():
