@@ -227,3 +227,28 @@ def test_register_is_idempotent_and_names_the_implementation():
 
     assert moecompile.register_transformers() == moecompile.register_transformers() == "moecompile"
     assert ALL_EXPERTS_FUNCTIONS["moecompile"] is hf_experts.experts_forward
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device)")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_decode_calls_replay_a_cuda_graph_cuda(dtype, tol, quiet):
+    """Few tokens: from the second call of a shape on, the experts op replays a captured graph. Every call's output
+    (new tokens, ids and weights each time; earlier results not overwritten by later replays) matches transformers'
+    grouped_mm path, and an in-place weight update is seen by the replay. Tolerance: relative max error as above."""
+    from moecompile.kernels import graphs
+
+    graphs.clear()
+    ref, ours = twins("mixtral", dtype)
+    ref_experts, our_experts = experts_module(ref), experts_module(ours)
+    H, E = ref.config.hidden_size, ref_experts.num_experts
+    gen = torch.Generator().manual_seed(3)
+    calls = [(torch.randn(3, H, generator=gen).to(DEVICE, dtype), torch.rand(3, E, generator=gen).topk(2, -1).indices
+              .to(DEVICE), torch.rand(3, 2, generator=gen).to(DEVICE, dtype)) for _ in range(4)]
+    with torch.no_grad():
+        got = [our_experts(*c) for c in calls]
+        assert any(e.graph is not None for k, e in graphs._ENTRIES.items() if k[0] == "hf_experts")
+        for c, y in zip(calls, got):
+            assert relative(y, ref_experts(*c)) <= tol
+        for experts in (ref_experts, our_experts):
+            experts.down_proj.mul_(-0.5)
+        assert relative(our_experts(*calls[0]), ref_experts(*calls[0])) <= tol
