@@ -9,6 +9,7 @@ __version__ = "0.1.0"  # before the imports: checkpoint.py records it
 from .backends.dynamo import backend
 from .backends.onnx import export_onnx, export_report
 from .checkpoint import convert, from_pretrained
+from .ep_checkpoint import load_expert_parallel, save_for_expert_parallel
 from .errors import MoECompileError
 from .expert_parallel import ExpertParallelMoE, shard_experts
 from .fused import FusedMoE
@@ -25,4 +26,4 @@ __all__ = ["optimize", "report", "FusedMoE", "MoECompileError", "MoESpec", "Rout
            "SharedExpertSpec", "AuxLossSpec", "MoEWeights", "Report", "BlockRecord", "rewrite_routing", "RoutingChange",
            "routing_stats", "LayerStats", "ReMoERegularizer", "convert", "from_pretrained", "backend",
            "export_onnx", "export_report", "reset", "kept_state", "register_transformers", "shard_experts",
-           "ExpertParallelMoE"]
+           "ExpertParallelMoE", "save_for_expert_parallel", "load_expert_parallel"]

@@ -20,8 +20,8 @@ is one synchronisation per block. Under torch.compile the graph breaks there (un
 torch._dynamo.config.capture_scalar_outputs is set, when the exchange is traced with symbolic sizes) and around the
 local experts, which run eagerly (the kernels, or a loop over the experts present).
 
-Not done here: loading only a rank's experts from a checkpoint (each rank builds, optimizes and then shards the
-whole model), and a pair sent once per (token, rank) rather than once per (token, expert).
+Loading only a rank's experts from disk is ep_checkpoint.py's (`ExpertParallelMoE.from_local`). Not done here: a
+pair sent once per (token, rank) rather than once per (token, expert).
 """
 
 from __future__ import annotations
@@ -105,34 +105,54 @@ class ExpertParallelMoE(nn.Module):
 
     def __init__(self, fused: FusedMoE, group: dist.ProcessGroup | None = None):
         super().__init__()
-        spec = fused.spec
-        self.group = group if group is not None else dist.group.WORLD
-        self.world, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         where = fused.source_path or "<block>"
-        reason = unshardable_reason(spec, self.world)
-        if reason is not None:
-            raise MoECompileError(f"shard_experts: block {where}: {reason}; nothing was sharded")
         if fused.lowering is not None or fused.eval_only_reason is not None:
             raise MoECompileError(f"shard_experts: block {where} is fused for ONNX export or eval mode only; "
                                   "shard a model fresh from moecompile.optimize")
-        self.spec, self.source_path, self.router_tap = spec, fused.source_path, fused.router_tap
+        self._setup(fused.spec, fused.weights().items(), group, fused.source_path, local_given=False)
+        self.router_tap = fused.router_tap
+        self.train(fused.training)
+
+    @classmethod
+    def from_local(cls, spec: MoESpec, tensors: dict[str, torch.Tensor], group: dist.ProcessGroup | None = None,
+                   source_path: str = "") -> ExpertParallelMoE:
+        """A block built from this rank's tensors alone (ep_checkpoint.py's loading): w1/w2/b1/b2 hold its experts
+        only ([E / W, ...]), every other tensor is whole."""
+        block = cls.__new__(cls)
+        nn.Module.__init__(block)
+        block._setup(spec, tensors.items(), group, source_path, local_given=True)
+        block.router_tap = None
+        return block
+
+    def _setup(self, spec: MoESpec, tensors, group, source_path: str, local_given: bool) -> None:
+        self.group = group if group is not None else dist.group.WORLD
+        self.world, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        reason = unshardable_reason(spec, self.world)
+        if reason is not None:
+            raise MoECompileError(f"shard_experts: block {source_path or '<block>'}: {reason}; nothing was sharded")
+        self.spec, self.source_path = spec, source_path
         self.local = spec.num_experts // self.world
         self.first = self.rank * self.local
         self.local_spec = MoESpec(router=RouterSpec(num_experts=self.local, top_k=1), experts=spec.experts)
         self._weight_names: list[str] = []
-        for name, tensor in fused.weights().items():
+        for name, tensor in tensors:
             if tensor is None:
                 continue
-            if name in EXPERT_TENSORS:  # a copy of this rank's slice: the whole tensor can be freed
-                mine = tensor.detach()[self.first:self.first + self.local].clone()
-                tensor = nn.Parameter(mine, requires_grad=tensor.requires_grad) if isinstance(
-                    tensor, nn.Parameter) else mine
+            if name in EXPERT_TENSORS:
+                if local_given:
+                    if tensor.shape[0] != self.local:
+                        raise MoECompileError(f"expert parallelism: block {source_path or '<block>'}: {name} holds "
+                                              f"{tensor.shape[0]} experts, rank {self.rank} of {self.world} keeps "
+                                              f"{self.local}")
+                else:  # a copy of this rank's slice: the whole tensor can be freed
+                    mine = tensor.detach()[self.first:self.first + self.local].clone()
+                    tensor = nn.Parameter(mine, requires_grad=tensor.requires_grad) if isinstance(
+                        tensor, nn.Parameter) else mine
             if isinstance(tensor, nn.Parameter):
                 self.register_parameter(name, tensor)
             else:
                 self.register_buffer(name, tensor)
             self._weight_names.append(name)
-        self.train(fused.training)
 
     def extra_repr(self) -> str:
         return (f"{self.spec.summary()} | experts {self.first}..{self.first + self.local - 1} on rank {self.rank} of "

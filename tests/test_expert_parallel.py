@@ -15,16 +15,13 @@ Each rank calls the sharded block or model on its own tokens; the single-process
 """
 from __future__ import annotations
 
-import datetime
-import socket
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist_harness import spawn
 
 import moecompile
 from moecompile.spec import MoEWeights
@@ -39,33 +36,8 @@ BLOCK_CASES = (("softmax_topk_renorm", "shared_gated", 2), ("relu_bias", "swiglu
                ("capacity_factor", "gelu_bias", 2))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, scenario: str, errors: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        SCENARIOS[scenario](rank, world)
-    except BaseException:
-        # a file, not a queue: the other ranks are killed when one fails, maybe half-way through writing
-        (Path(errors) / f"rank{rank}.txt").write_text(f"rank {rank}: {traceback.format_exc()}")
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
 def _spawn(world: int, scenario: str, tmp_path: Path) -> None:
-    try:
-        mp.start_processes(_worker, args=(world, _free_port(), scenario, str(tmp_path)), nprocs=world,
-                           start_method="spawn")
-    except Exception as exc:
-        found = [f.read_text() for f in sorted(tmp_path.glob("rank*.txt"))]
-        pytest.fail("\n".join(found) or f"a rank failed without a Python error: {exc}", pytrace=False)
+    spawn(world, "test_expert_parallel", scenario, tmp_path)
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
