@@ -15,6 +15,7 @@
 #              checkpoint stays in /tmp/remoe for the conversion part on the same machine
 #   conversion the conversion path from that TopK checkpoint (REMOE_FINETUNE steps of fine-tuning, 300)
 #   diag       benchmarks/diag_hf_experts.py: the experts path's profile and gpt-oss's bf16 error split
+#   profile    benchmarks/profile_train.py: where a training step's time goes (PROFILE_SHAPE, PROFILE_TOKENS)
 # MEMORY_TIMEOUT shortens the memory part (560 s) to share a command with others.
 # KERNELS_K widens or narrows the kernel cases (a pytest -k expression); KERNELS_TIMEOUT / BACKWARD_TIMEOUT shorten the test parts (200 / 300 s) to fit one command.
 # e.g. FUZZ_S=120 bash benchmarks/device_verification.sh kernels backward training
@@ -94,6 +95,13 @@ conversion() {
     REMOE_TIMEOUT=300 remoe_arm conversion --conversion --finetune-steps "${REMOE_FINETUNE:-300}"
 }
 
+profile() {
+    # shellcheck disable=SC2086
+    timeout ${PROFILE_TIMEOUT:-150} python benchmarks/profile_train.py --shape "${PROFILE_SHAPE:-qwen3_30b_a3b}" \
+        --tokens ${PROFILE_TOKENS:-1024 4096} > "$OUT/profile_train.log" 2>&1
+    echo "profile rc=$?" | tee -a "$OUT/profile_train.log"; grep -E "^## |per step" "$OUT/profile_train.log"
+}
+
 diag() {
     timeout 200 python benchmarks/diag_hf_experts.py > "$OUT/diag_hf_experts.log" 2>&1
     echo "diag rc=$?" | tee -a "$OUT/diag_hf_experts.log"; tail -n 60 "$OUT/diag_hf_experts.log"
@@ -101,7 +109,7 @@ diag() {
 
 for part in "$@"; do
     case "$part" in
-        kernels | backward | training | hf_experts | tune | memory | remoe | conversion | diag) "$part" ;;
-        *) echo "unknown part $part (kernels, backward, training, hf_experts, tune, memory, remoe, conversion, diag)"; exit 2 ;;
+        kernels | backward | training | hf_experts | tune | memory | remoe | conversion | diag | profile) "$part" ;;
+        *) echo "unknown part $part (kernels, backward, training, hf_experts, tune, memory, remoe, conversion, diag, profile)"; exit 2 ;;
     esac
 done
