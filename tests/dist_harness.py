@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -38,7 +38,7 @@ def _worker(rank: int, world: int, port: int, module: str, scenario: str, errors
 def spawn(world: int, module: str, scenario: str, tmp_path: Path) -> None:
     """Run `module`.SCENARIOS[scenario](rank, world) in `world` processes; fail the test with the ranks' errors."""
     try:
-        mp.start_processes(_worker, args=(world, _free_port(), module, scenario, str(tmp_path)), nprocs=world,
+        mp.start_processes(_worker, args=(world, free_port(), module, scenario, str(tmp_path)), nprocs=world,
                            start_method="spawn")
     except Exception as exc:
         found = [f.read_text() for f in sorted(tmp_path.glob("rank*.txt"))]

@@ -17,7 +17,7 @@ import pytest
 import safetensors
 import torch
 import torch.distributed as dist
-from dist_harness import spawn
+from dist_harness import free_port, spawn
 
 import moecompile
 from moecompile import hf_zoo
@@ -130,8 +130,7 @@ def test_world_size_not_dividing_experts_is_refused(saved, tmp_path, monkeypatch
 def test_plain_checkpoint_and_missing_files_are_refused(tmp_path, quiet):
     model = hf_zoo.build("qwen3_moe")
     model.save_pretrained(tmp_path / "plain")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29400 + os.getpid() % 500))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         with pytest.raises(moecompile.MoECompileError, match="no moecompile expert-parallel metadata"):
             load_expert_parallel(tmp_path / "plain")
