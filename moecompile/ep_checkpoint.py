@@ -125,18 +125,20 @@ def load_expert_parallel(path: str | Path, group=None) -> nn.Module:
     model = _skeleton(path, meta["model_class"])
     rank = torch.distributed.get_rank(group)
     rest: dict[str, torch.Tensor] = {}
+    aliases = meta.get("aliases", {})
     with safe_open(str(path / WEIGHTS), framework="pt") as f:
         names = set(f.keys())
         for block_meta in meta["blocks"]:
             where, spec = block_meta["path"], specs[block_meta["path"]]
             local = spec.num_experts // world
             tensors = {}
-            for name in _block_tensor_names(where, names):
-                short = name[len(where) + 1:] if where else name
+            # a block tensor may be stored under another name that shares it (a router tap's weight)
+            for name in _block_tensor_names(where, names | set(aliases)):
+                short, stored = (name[len(where) + 1:] if where else name), aliases.get(name, name)
                 if short in EXPERT_TENSORS:
-                    tensor = f.get_slice(name)[rank * local:(rank + 1) * local]
+                    tensor = f.get_slice(stored)[rank * local:(rank + 1) * local]
                 else:
-                    tensor = f.get_tensor(name)
+                    tensor = f.get_tensor(stored)
                 if short in block_meta["parameters"]:
                     tensor = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
                 tensors[short] = tensor
@@ -145,11 +147,12 @@ def load_expert_parallel(path: str | Path, group=None) -> nn.Module:
                 model.set_submodule(where, block)
             else:
                 model = block
-        block_paths = list(specs)
+        def in_block(name: str) -> bool:
+            return any(name == p or name.startswith(p + ".") if p else True for p in specs)
         for name in names:
-            if not any(name == p or name.startswith(p + ".") if p else True for p in block_paths):
+            if not in_block(name):
                 rest[name] = f.get_tensor(name)
-    _load_rest(model, rest, meta.get("aliases", {}), path)
+    _load_rest(model, rest, {a: k for a, k in aliases.items() if not in_block(a)}, path)
     model.eval()
     _record(model, path, len(specs), world, rank)
     return model
@@ -223,6 +226,10 @@ def _load_rest(model: nn.Module, rest: dict[str, torch.Tensor], aliases: dict[st
         raise MoECompileError(f"load_expert_parallel: {path / WEIGHTS} holds tensors this model does not have "
                               f"(e.g. {unexpected[0]}); was it written from another model class or version?")
     model.load_state_dict(rest, strict=False, assign=True)
+    for alias, kept in aliases.items():  # assign=True made two Parameters of one tensor: share the object again
+        owner, _, attr = alias.rpartition(".")
+        kept_owner, _, kept_attr = kept.rpartition(".")
+        setattr(model.get_submodule(owner), attr, getattr(model.get_submodule(kept_owner), kept_attr))
     on_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if on_meta:
         # non-persistent buffers (rotary inverse frequencies) are not in any state dict: the model's own

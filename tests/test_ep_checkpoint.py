@@ -166,3 +166,24 @@ def test_saved_metadata_names_each_block(saved):
         names = set(f.keys())
     assert [b["path"] for b in meta["blocks"]] == ["model.layers.0.mlp", "model.layers.1.mlp"]
     assert all(f"{b['path']}.w1" in names and "w1" in b["parameters"] for b in meta["blocks"])
+
+
+def test_tied_embeddings_are_stored_once_and_tied_again(tmp_path, quiet):
+    """A tensor under two names (tied input and output embeddings) is written once; loading gives both names the
+    same tensor, and the logits match (fp32, 1e-5 normwise), in a group of one process."""
+    model = _optimized()
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    save_for_expert_parallel(model, tmp_path / "tied")
+    with safetensors.safe_open(str(tmp_path / "tied" / WEIGHTS), framework="pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        loaded = load_expert_parallel(tmp_path / "tied")
+        ids = _ids(0, model.config.vocab_size)
+        with torch.no_grad():
+            want, got = model(input_ids=ids).logits, loaded(input_ids=ids).logits
+    finally:
+        dist.destroy_process_group()
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert ((got - want).norm() / want.norm()).item() <= 1e-5
