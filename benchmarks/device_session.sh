@@ -4,6 +4,11 @@
 #                                              four processes) next to the dynamo backend's CUDA tests
 #   bash benchmarks/device_session.sh kernels  the CUDA kernel grid alone (about 9.5 minutes on the H100; sharing
 #                                              the CPU with the ONNX tests it ran past 5 minutes at 44%)
+#   bash benchmarks/device_session.sh onnx_cuda
+#                                              the ONNX tests with onnxruntime-gpu's CUDA provider: export_onnx's
+#                                              verify runs every file there (every core family, both lowerings).
+#                                              Needs onnxruntime-gpu unpacked at /tmp/ortsite first (the pieces of
+#                                              ../shared/tools/ort-gpu-pieces.sh, carried call by call)
 set -uo pipefail
 export PYTHONPATH=$PWD
 OUT=${OUT:-/tmp}
@@ -12,6 +17,19 @@ if [ "${1:-}" = kernels ]; then
     timeout 580 python -m pytest -q -p no:cacheprovider tests/kernels tests/passes/test_routing.py -k cuda > "$OUT/gpu_pytest.log" 2>&1
     echo "kernels rc=$?" | tee -a "$OUT/gpu_pytest.log"
     tail -n 3 "$OUT/gpu_pytest.log"
+    exit 0
+fi
+if [ "${1:-}" = onnx_cuda ]; then
+    export PYTHONPATH=/tmp/ortsite:$PWD
+    python -c "import onnxruntime as o; o.preload_dlls(); p = o.get_available_providers(); print(o.__version__, p); assert 'CUDAExecutionProvider' in p" \
+        | tee -a "$OUT/versions.txt" || { echo "no CUDA provider: unpack onnxruntime-gpu at /tmp/ortsite first"; exit 3; }
+    for part in "core_family" "whole_model and auto" "whole_model and standard" "not core_family and not whole_model"; do
+        name=$(echo "$part" | tr -c 'a-z\n' '_')
+        (OMP_NUM_THREADS=3 timeout 560 python -m pytest -q -p no:cacheprovider tests/backends/test_onnx.py -k "$part" \
+            > "$OUT/onnx_cuda_$name.log" 2>&1; echo "onnx_cuda $part rc=$?" >> "$OUT/onnx_cuda_$name.log") &
+    done
+    wait
+    for f in "$OUT"/onnx_cuda_*.log; do echo "== $f"; tail -n 4 "$f"; done
     exit 0
 fi
 # the ONNX tests in four parts side by side (one process takes over 10 minutes), 3 threads each
