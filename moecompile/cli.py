@@ -16,6 +16,9 @@ Place in the pipeline: the outermost layer; it calls optimize() and renders Repo
         loads it, plain transformers loads the original architecture
     moecompile export HF_DIR OUT.onnx [--moe-op auto|standard|ort] [--verify] [--static]
         export to ONNX (backends/onnx.py): the MoE blocks as com.microsoft.MoE or standard operators
+    moecompile shard HF_DIR --out DIR [--overwrite]
+        optimize a saved checkpoint and write it for expert parallelism (ep_checkpoint.py): each rank then loads only
+        its experts with moecompile.load_expert_parallel(DIR)
 """
 
 from __future__ import annotations
@@ -197,6 +200,20 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_shard(args) -> int:
+    from .ep_checkpoint import save_for_expert_parallel
+    from .pipeline import report
+
+    if not Path(args.model).is_dir():
+        raise MoECompileError(f"{args.model}: shard takes a saved HF model directory (config.json + safetensors)")
+    model = load_model(args.model)  # fused (every block confirmed) by from_pretrained
+    out = save_for_expert_parallel(model, args.out, overwrite=args.overwrite)
+    print(report(model).table())
+    print(f"written to {out}; on every rank: moecompile.load_expert_parallel({str(out)!r}) after "
+          "torch.distributed.init_process_group")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moecompile",
                                      description="Find, describe and fuse the MoE blocks of a model.")
@@ -246,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=2, help="batch size of the example input")
     p.add_argument("--seq-len", type=int, default=16, help="sequence length of the example input")
     p.set_defaults(func=_cmd_export)
+    p = sub.add_parser("shard", help="write a saved HF checkpoint, optimized, for expert parallelism (each rank then "
+                       "reads only its experts)")
+    p.add_argument("model", help="a saved HF model directory")
+    p.add_argument("--out", required=True, help="the directory to write (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_cmd_shard)
     return parser
 
 

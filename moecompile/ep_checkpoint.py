@@ -58,8 +58,8 @@ def save_for_expert_parallel(model: nn.Module, out: str | Path, *, overwrite: bo
         for note in cleaned:
             warnings.warn(f"moecompile: {note}", stacklevel=2)
         if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-            raise MoECompileError(f"{out}: already exists and is not empty; pass overwrite=True to replace it, or "
-                                  "choose another directory")
+            raise MoECompileError(f"{out}: already exists and is not empty; pass overwrite=True (--overwrite) to "
+                                  "replace it, or choose another directory")
         tmp = staging_dir(out)
         try:
             config.save_pretrained(tmp)

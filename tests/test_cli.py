@@ -137,3 +137,24 @@ def test_meta_device_model_says_load_the_weights_first(tmp_path, capsys):
                       .format(str(__import__("pathlib").Path(__file__).parent)))
     assert main(["optimize", str(script)]) == 2
     assert "on the meta device" in capsys.readouterr().err
+
+
+def test_shard_writes_an_expert_parallel_checkpoint(tmp_path):
+    """`moecompile shard` optimizes a saved checkpoint and writes it for load_expert_parallel (whose loading is
+    tested in test_ep_checkpoint.py); a second run onto the same --out is refused with the way out, and a script is
+    refused without being run."""
+    import safetensors
+
+    hf_zoo.build("qwen3_moe").save_pretrained(tmp_path / "ckpt")
+    done = run("shard", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ep"))
+    assert done.returncode == 0, done.stderr
+    assert "load_expert_parallel" in done.stdout and "model.layers.1.mlp" in done.stdout
+    with safetensors.safe_open(str(tmp_path / "ep" / "model.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["moecompile"])
+    assert [b["path"] for b in meta["blocks"]] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    again = run("shard", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ep"))
+    assert again.returncode == 2 and "already exists" in again.stderr and "overwrite" in again.stderr
+    script = tmp_path / "m.py"
+    script.write_text("raise SystemExit('ran')\n")
+    refused = run("shard", str(script), "--out", str(tmp_path / "ep2"))
+    assert refused.returncode == 2 and "saved HF model directory" in refused.stderr and not (tmp_path / "ep2").exists()
