@@ -36,7 +36,7 @@ from . import __version__
 from .calibration_text import check_text_file, text_batches, vocab_size_of
 from .errors import MoECompileError
 from .fused import FusedMoE
-from .outdir import check_target, exclusive, os_errors, place, staging_dir
+from .outdir import check_target, refuse_existing, staged_output
 from .passes.log import Report
 from .passes.routing import DEFAULT_COVERAGE, RoutingChange, check_options
 from .pipeline import optimize, record_routing, report, rewrite_routing
@@ -364,12 +364,6 @@ def _check_reload(out: Path, model: nn.Module, batch: dict, hf_kwargs: dict) -> 
     return err
 
 
-def _refuse_existing(out: Path, overwrite: bool, notes: list[str] = ()) -> None:
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise MoECompileError("; ".join([*notes, f"{out}: already exists and is not empty; pass --overwrite to "
-                                         "replace it, or choose another --out"]))
-
-
 def convert(source: str | Path, out: str | Path, routing: str, *, k: int | str | None = None,
             calibration: str | Path | None = None, seq_len: int = 256, batches: int = 16,
             coverage: float = DEFAULT_COVERAGE, overwrite: bool = False, verify: bool = True,
@@ -420,7 +414,7 @@ def _check_convert_inputs(source: Path, out: Path, routing: str, k, calibration,
         check_text_file(calibration)
     config = read_config(source)  # its weight files are checked by the load, before anything is written
     check_target(out, source)
-    _refuse_existing(out, overwrite)
+    refuse_existing(out, overwrite)
     if routing == "topk" and not (config.get(CONFIG_KEY) or {}).get("routing") == "relu":
         raise MoECompileError(f"{source}: --routing topk takes a ReLU-routed checkpoint (one `moecompile convert "
                               "--routing relu` wrote); this one routes top-k already")
@@ -431,17 +425,8 @@ def _write_checkpoint(loaded, model, source: Path, out: Path, history: list, ove
     """Writes the converted checkpoint into a staging folder beside `out`, reloads and checks it (with a
     check_batch), then puts it in place; on any failure the staging folder is removed. Returns the notes of what an
     earlier interrupted run had left and was cleaned."""
-    with os_errors(f"writing {out}"), exclusive(out) as cleaned:
-        for note in cleaned:
-            warnings.warn(f"moecompile: {note}", stacklevel=3)
-        _refuse_existing(out, overwrite, cleaned)  # again, under the lock: an earlier run's output may be back
-        tmp = staging_dir(out)
-        try:
-            _write(loaded, model, source, tmp, history)
-            if check_batch is not None:
-                _check_reload(tmp, model, check_batch, hf_kwargs)
-            place(tmp, out, overwrite)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with staged_output(out, overwrite) as (tmp, cleaned):
+        _write(loaded, model, source, tmp, history)
+        if check_batch is not None:
+            _check_reload(tmp, model, check_batch, hf_kwargs)
     return cleaned

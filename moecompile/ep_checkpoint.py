@@ -21,17 +21,15 @@ which of its tensors are parameters.
 from __future__ import annotations
 
 import json
-import shutil
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import MoECompileError
-from .expert_parallel import EXPERT_TENSORS, ExpertParallelMoE, check_group, unshardable_reason
+from .expert_parallel import EXPERT_TENSORS, ExpertParallelMoE, check_group, pass_note, unshardable_reason
 from .fused import FusedMoE
-from .outdir import exclusive, os_errors, place, staging_dir
+from .outdir import check_target, staged_output
 from .spec import MoESpec
 
 FORMAT = "moecompile-expert-parallel"
@@ -54,20 +52,10 @@ def save_for_expert_parallel(model: nn.Module, out: str | Path, *, overwrite: bo
             "blocks": [{"path": path, "spec": block.spec.to_dict(),
                         "parameters": [n for n, _ in block.named_parameters(recurse=False)]}
                        for path, block in blocks]}
-    with os_errors(f"writing {out}"), exclusive(out) as cleaned:
-        for note in cleaned:
-            warnings.warn(f"moecompile: {note}", stacklevel=2)
-        if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-            raise MoECompileError(f"{out}: already exists and is not empty; pass overwrite=True (--overwrite) to "
-                                  "replace it, or choose another directory")
-        tmp = staging_dir(out)
-        try:
-            config.save_pretrained(tmp)
-            save_file(tensors, str(tmp / WEIGHTS), metadata={META_KEY: json.dumps(meta)})
-            place(tmp, out, overwrite)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    check_target(out, None)
+    with staged_output(out, overwrite) as (tmp, _):
+        config.save_pretrained(tmp)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={META_KEY: json.dumps(meta)})
     return out
 
 
@@ -124,7 +112,6 @@ def load_expert_parallel(path: str | Path, group=None) -> nn.Module:
             raise MoECompileError(f"load_expert_parallel: block {where}: {reason}")
     model = _skeleton(path, meta["model_class"])
     rank = torch.distributed.get_rank(group)
-    rest: dict[str, torch.Tensor] = {}
     aliases = meta.get("aliases", {})
     with safe_open(str(path / WEIGHTS), framework="pt") as f:
         names = set(f.keys())
@@ -147,18 +134,14 @@ def load_expert_parallel(path: str | Path, group=None) -> nn.Module:
                 model.set_submodule(where, block)
             else:
                 model = block
-        def in_block(name: str) -> bool:
-            return any(name == p or name.startswith(p + ".") if p else True for p in specs)
-        for name in names:
-            if not in_block(name):
-                rest[name] = f.get_tensor(name)
-    _load_rest(model, rest, {a: k for a, k in aliases.items() if not in_block(a)}, path)
+        rest = {name: f.get_tensor(name) for name in names if not _under(name, specs)}
+    _load_rest(model, rest, {a: k for a, k in aliases.items() if not _under(a, specs)}, path)
     model.eval()
-    _record(model, path, len(specs), world, rank)
+    _record(model, path, len(specs))
     return model
 
 
-def _record(model: nn.Module, path: Path, blocks: int, world: int, rank: int) -> None:
+def _record(model: nn.Module, path: Path, blocks: int) -> None:
     """moecompile.report(model): the load as a pass of its own."""
     from .passes.log import PassRun, Report
     from .pipeline import _REPORTS
@@ -166,10 +149,14 @@ def _record(model: nn.Module, path: Path, blocks: int, world: int, rank: int) ->
     first = next(m for m in model.modules() if isinstance(m, ExpertParallelMoE))
     report = Report(type(model).__name__, [], message=(
         f"loaded from {path} by load_expert_parallel: the blocks were confirmed by optimize when it was saved"))
-    report.passes.append(PassRun("expert_parallel", 0.0, True, (
-        f"{blocks} blocks: rank {rank} of {world} keeps experts {first.first}..{first.first + first.local - 1} of "
-        "each (read from the checkpoint alone)")))
+    report.passes.append(PassRun("expert_parallel", 0.0, True,
+                                 pass_note(blocks, first) + " (read from the checkpoint alone)"))
     _REPORTS[model] = report
+
+
+def _under(name: str, block_paths) -> bool:
+    """Whether a state-dict name belongs to one of the blocks (a block at "" is the whole model)."""
+    return any(name == p or name.startswith(p + ".") if p else True for p in block_paths)
 
 
 def _block_tensor_names(where: str, names: set[str]) -> list[str]:

@@ -36,7 +36,7 @@ from torch import nn
 from .errors import MoECompileError
 from .fused import FusedMoE, run_block
 from .kernels import moe as kernel_moe
-from .kernels.launch import forward_routed
+from .kernels.launch import forward_routed, pairs_per_expert
 from .reference import Routing, route, routed_experts, shared_experts
 from .spec import MoESpec, MoEWeights, RouterSpec
 
@@ -94,10 +94,14 @@ def _record(model: nn.Module, replacements: list, seconds: float) -> None:
     report = _REPORTS.get(model)
     if report is None:
         return
-    first = replacements[0][1]
-    report.passes.append(PassRun("expert_parallel", seconds, True, (
-        f"{len(replacements)} blocks: rank {first.rank} of {first.world} keeps experts {first.first}.."
-        f"{first.first + first.local - 1} of each")))
+    report.passes.append(PassRun("expert_parallel", seconds, True,
+                                 pass_note(len(replacements), replacements[0][1])))
+
+
+def pass_note(blocks: int, block: ExpertParallelMoE) -> str:
+    """The expert_parallel pass's line in the report: which experts of each block this rank keeps."""
+    return (f"{blocks} blocks: rank {block.rank} of {block.world} keeps experts {block.first}.."
+            f"{block.first + block.local - 1} of each")
 
 
 class ExpertParallelMoE(nn.Module):
@@ -186,8 +190,7 @@ class ExpertParallelMoE(nn.Module):
         order = torch.argsort(dest, stable=True)
         tokens, weight = routing.token_index[order], routing.weight[order]
         local_ids = routing.expert_index[order] - dest[order] * self.local
-        # scatter_add, not bincount: a [W] result whatever the ids (a traced bincount's length is data-dependent)
-        send = torch.zeros(self.world, dtype=torch.int64, device=x.device).scatter_add_(0, dest, torch.ones_like(dest))
+        send = pairs_per_expert(dest, self.world)  # pairs per rank: [W] whatever the ids, no host sync
         rows = x[tokens]
         on_input = self.spec.router.weight_on_input
         if on_input:

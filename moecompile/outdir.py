@@ -1,8 +1,10 @@
-"""Where moecompile writes a directory (`convert --out`): refused targets, one writer at a time, a move that never
-replaces what it did not mean to, leftovers of killed runs cleaned, and OS errors as one-line messages.
+"""Where moecompile writes a directory (`convert --out`, `shard --out`): refused targets, one writer at a time, a
+move that never replaces what it did not mean to, leftovers of killed runs cleaned, and OS errors as one-line
+messages.
 
-Place in the pipeline: the last step of checkpoint.convert. The output is built in a hidden staging directory
-`.NAME.partial-PID-XXXX` beside it and moved into place only when complete:
+Place in the pipeline: the last step of checkpoint.convert and ep_checkpoint.save_for_expert_parallel
+(`staged_output`). The output is built in a hidden staging directory `.NAME.partial-PID-XXXX` beside it and moved
+into place only when complete:
 - refused outright: the source directory or any folder that contains it (an --overwrite would delete the source),
   the current directory or any of its ancestors, a dangling symlink, an existing file, a folder that cannot be
   written;
@@ -28,6 +30,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,6 +62,32 @@ def check_target(out: Path, source: Path | None, flag: str = "--out") -> None:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise MoECompileError(f"{flag} {out}: cannot write into {parent} (read-only or no permission); pass a "
                               "directory you can write to")
+
+
+def refuse_existing(out: Path, overwrite: bool, notes: list[str] = ()) -> None:
+    """Refuse a non-empty output without --overwrite; `notes` (leftovers cleaned) lead the message."""
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+        raise MoECompileError("; ".join([*notes, f"{out}: already exists and is not empty; pass --overwrite "
+                                         "(overwrite=True in Python) to replace it, or choose another --out"]))
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, overwrite: bool) -> Iterator[tuple[Path, list[str]]]:
+    """The whole write of a directory output: under the lock, leftovers of killed runs cleaned (each said in a
+    warning), a non-empty output refused again (it may have come back), then yields (staging directory, the notes
+    of what was cleaned). When the block ends the staging directory is moved into place; if it raises, it is
+    removed and nothing is written."""
+    with os_errors(f"writing {out}"), exclusive(out) as cleaned:
+        for note in cleaned:
+            warnings.warn(f"moecompile: {note}", stacklevel=4)
+        refuse_existing(out, overwrite, cleaned)
+        tmp = staging_dir(out)
+        try:
+            yield tmp, cleaned
+            place(tmp, out, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 @contextlib.contextmanager

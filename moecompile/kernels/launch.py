@@ -163,19 +163,20 @@ def gate_with_torch(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len
     return routing.logits.float(), routing.weight.view(T, k).float(), ids, counts_cursor, sg
 
 
-def pairs_per_expert(expert_of_pair: torch.Tensor, bins: int) -> torch.Tensor:
-    """[bins] int64: how many pairs name each expert (ids in [0, bins)). torch.bincount reads its input's maximum
-    on the host on CUDA (a sync in the middle of the backward); a scatter-add does not."""
-    counts = torch.zeros(bins, device=expert_of_pair.device, dtype=torch.int64)
-    return counts.scatter_add_(0, expert_of_pair.reshape(-1).long(), torch.ones_like(expert_of_pair.reshape(-1),
-                                                                                      dtype=torch.int64))
+def pairs_per_expert(expert_of_pair: torch.Tensor, bins: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[bins]: how many pairs name each expert (ids in [0, bins)), added into `out` (zeros of that length) or into
+    new int64 zeros. torch.bincount reads its input's maximum on the host on CUDA (a sync in the middle of a
+    forward or backward, and a data-dependent length when traced); a scatter-add does neither."""
+    counts = torch.zeros(bins, device=expert_of_pair.device, dtype=torch.int64) if out is None else out
+    ids = expert_of_pair.reshape(-1).long()
+    return counts.scatter_add_(0, ids, torch.ones_like(ids, dtype=counts.dtype))
 
 
 def _counts_cursor(ids: torch.Tensor, E: int) -> torch.Tensor:
-    """Dispatch's counts-and-cursor buffer [2E] int32 for int32 ids made outside the gating kernel: rows per expert
-    (counted without bincount, so no host sync), then E zeros for dispatch's cursors."""
+    """Dispatch's counts-and-cursor buffer [2E] int32 for int32 ids made outside the gating kernel: rows per expert,
+    then E zeros for dispatch's cursors."""
     counts_cursor = torch.zeros(2 * E, device=ids.device, dtype=torch.int32)
-    counts_cursor[:E].scatter_add_(0, ids.reshape(-1).long(), torch.ones_like(ids.reshape(-1)))
+    pairs_per_expert(ids, E, out=counts_cursor[:E])
     return counts_cursor
 
 
