@@ -261,7 +261,9 @@ def backward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int, 
     deterministic = torch.are_deterministic_algorithms_enabled()
     dot_fp32 = x.dtype == torch.float32 or DOTS_IN_FP32
     tiles = tiles_for(x, dot_fp32)
-    gx = torch.zeros(T, H, device=x.device, dtype=torch.float32)
+    # row T: a spare that the grouped path's rows of zeros are added into (see grouped_backward.routed_grads)
+    gx_spare = torch.zeros(T + 1, H, device=x.device, dtype=torch.float32)
+    gx = gx_spare[:T]
 
     slot_weight, ids = _routing(spec, weights, x, seq_len)
     pair_weight = slot_weight.reshape(-1).contiguous()
@@ -286,7 +288,7 @@ def backward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int, 
         else:
             routed = ExpertSetGrads(dw_pairs, gw1, gw2, db1, db2)
             if input_rows is not None:
-                grouped_backward.add_rows(gx, *input_rows)
+                grouped_backward.add_rows(gx_spare, *input_rows)
     if routed is None:
         table = pair_table(expert_of_pair, E, tiles.BM, max_blocks)
         routed = _expert_set_backward(spec.experts, x, gy, gx, weights.w1, weights.w2, weights.b1, weights.b2,

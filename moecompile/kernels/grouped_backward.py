@@ -3,7 +3,8 @@
 Place in the pipeline: kernels/backward.py calls `routed_grads` instead of its Triton expert-gradient kernels when
 `unsupported_reason` is None (bf16 on a Hopper GPU, not in deterministic mode; settings.grouped_backward). Routing,
 the router's gradients and the shared experts stay where they are. For the routed pairs, grouped by expert with a
-stable sort (rows contiguous, no padding: the layout grouped_mm's offsets describe):
+stable sort (rows contiguous: the layout grouped_mm's offsets describe), each expert's rows followed by one row of
+zeros:
 
     xs, dys = x and dy gathered by each row's token                         [n, H]
     gu      = grouped_mm(xs, W1^T)            the up GEMM recomputed        [n, F]   (the forward saved nothing)
@@ -16,7 +17,10 @@ stable sort (rows contiguous, no padding: the layout grouped_mm's offsets descri
 Why: the Triton expert-gradient kernels (64 x 64 tiles, gathered rows) ran a training step at 0.4-0.6x of HF's
 grouped_mm under torch.compile on the H100 (benchmarks/results/moe_train_triton_backward.md); these GEMMs are the
 ones HF's autograd runs. The recompute of the up GEMM replaces the activations HF saves, so the memory a step
-holds between forward and backward stays x and the weights.
+holds between forward and backward stays x and the weights. The zero row per expert gives every expert at least one
+row, so the weight-gradient GEMMs (offsets along K) write every expert's gradient, 0 for an expert with no pairs:
+grouped_mm leaves an empty group's output unwritten, and zeroing those afterwards read and wrote the whole weight
+gradient again (2.4 GB a step on a Qwen3-30B-A3B layer).
 """
 
 from __future__ import annotations
@@ -68,16 +72,19 @@ def unsupported_reason(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> s
 
 
 @triton.jit(do_not_specialize=["P"])
-def _glu_backward_kernel(gu_ptr, d_ptr, pw_ptr, dw_ptr, b1_ptr, expert_ptr, P, I, stride_gu, stride_d, stride_b1,
-                         alpha, limit, GATED: tl.constexpr, ACT: tl.constexpr, HAS_B1: tl.constexpr,
+def _glu_backward_kernel(gu_ptr, d_ptr, pw_ptr, dw_ptr, b1_ptr, expert_ptr, live_ptr, P, I, stride_gu, stride_d,
+                         stride_b1, alpha, limit, GATED: tl.constexpr, ACT: tl.constexpr, HAS_B1: tl.constexpr,
                          WEIGHT_ON_INPUT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     """For BR rows, over all I columns: h = act(g, u) from the up GEMM's output gu, and with d = dy W2_e and the
     pair weight w: dw = sum(h * d) (one store per row, no atomics), gu <- (dg, du) = act'(g, u) (w d), d <- w h.
     With HAS_B1 the row's expert's up bias is added to (g, u) first. With the weight on the input (the expert saw
     w x, so g = w g0): dw = sum(dg g0 + du u0), gu <- w (dg, du) with (dg, du) = act'(g, u) d, and d <- h.
+    Rows whose live flag is 0 (each expert's row of zeros) get exact zeros in both outputs, whatever the weights
+    hold (a NaN in an expert without pairs must not reach its gradient through 0 * NaN).
     Each element is read and then written by the same program, so both updates are in place."""
     rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
     r_ok = rows < P
+    live = tl.load(live_ptr + rows, mask=r_ok, other=0) != 0
     w = tl.load(pw_ptr + rows, mask=r_ok, other=0.0)
     b_rows = b1_ptr
     if HAS_B1:
@@ -112,11 +119,14 @@ def _glu_backward_kernel(gu_ptr, d_ptr, pw_ptr, dw_ptr, b1_ptr, expert_ptr, P, I
             hw = h
         else:
             hw = h * w[:, None]
+        dg = tl.where(live[:, None], dg, 0.0)
+        du = tl.where(live[:, None], du, 0.0)
+        hw = tl.where(live[:, None], hw, 0.0)
         tl.store(g_ptrs, dg.to(gu_ptr.dtype.element_ty), mask=mask)
         if GATED:
             tl.store(g_ptrs + I, du.to(gu_ptr.dtype.element_ty), mask=mask)
         tl.store(d_ptrs, hw.to(d_ptr.dtype.element_ty), mask=mask)
-    tl.store(dw_ptr + rows, acc, mask=r_ok)
+    tl.store(dw_ptr + rows, tl.where(live, acc, 0.0), mask=r_ok)
 
 
 def add_rows(gx: torch.Tensor, rows: torch.Tensor, token: torch.Tensor, scale: torch.Tensor | None = None) -> None:
@@ -138,53 +148,65 @@ def routed_grads(mlp: MLPSpec, x: torch.Tensor, gy: torch.Tensor, w1: torch.Tens
     - dw [P] fp32: each pair's combine-weight gradient, 0 for pairs not routed (b2's share, dy . b2_e, is the
       caller's);
     - dW1, dW2, db1, db2: None unless want_weights (a bias's also when the bias is None);
-    - input rows: (rows [n, H], token [n]) for add_rows, None unless want_x.
+    - input rows: (rows [n + E, H], token [n + E]) for add_rows into a [T + 1, H] buffer, None unless want_x: the
+      zero rows' token is T, the spare row that takes them (0 W1 is NaN where W1 is).
     expert_of_pair [P = T * slots]: each pair's expert, or num_experts for a pair not routed; routed_pairs: how many
     are routed (a host int: grouped_mm's output sizes); weight_on_input: the combine weight scaled the expert's
     input (Llama 4) rather than its output.
     Nothing outside is changed, so a caller that catches a refusal can run another path."""
-    E, P = num_experts, expert_of_pair.numel()
-    dw = torch.zeros(P, device=x.device, dtype=torch.float32)
+    E, P, T = num_experts, expert_of_pair.numel(), x.shape[0]
+    device = x.device
+    dw = torch.zeros(P, device=device, dtype=torch.float32)
     if routed_pairs == 0:  # ReLU routing with every gate shut: nothing reached an expert
         zeros = [torch.zeros_like(t) if want_weights and t is not None else None for t in (w1, w2, b1, b2)]
         return (dw, *zeros, None)
     order = torch.argsort(expert_of_pair, stable=True)[:routed_pairs]
     counts = pairs_per_expert(expert_of_pair, E + 1)[:E]
-    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    offs = torch.cumsum(counts + 1, 0, dtype=torch.int32)  # each expert's rows, then its row of zeros
+    n = routed_pairs + E
+    expert = expert_of_pair.index_select(0, order)
+    dest = torch.arange(routed_pairs, device=device) + expert  # a pair's row: the zero rows of experts before it
+    zero_rows = offs.long() - 1
     token = order // slots
-    xs = x.index_select(0, token)
+    row_token = torch.zeros(n, device=device, dtype=torch.long).index_copy_(0, dest, token)
+    xs = x.index_select(0, row_token).index_fill_(0, zero_rows, 0)
     gu = torch._grouped_mm(xs, w1.transpose(-2, -1), offs=offs)
-    dys = gy.index_select(0, token)
+    dys = gy.index_select(0, row_token).index_fill_(0, zero_rows, 0)
     d = torch._grouped_mm(dys, w2, offs=offs)
-    pw = pair_weight.index_select(0, order).float().contiguous()
-    dw_rows = torch.empty(routed_pairs, device=x.device, dtype=torch.float32)
+    pw = torch.zeros(n, device=device, dtype=torch.float32).index_copy_(0, dest, pair_weight.index_select(0, order)
+                                                                        .float())
+    live = torch.ones(n, device=device, dtype=torch.int8).index_fill_(0, zero_rows, 0)
+    dw_rows = torch.empty(n, device=device, dtype=torch.float32)
     I = mlp.intermediate_size
-    BR, BC = (32, 128) if x.device.type == "cuda" else (16, 32)
-    expert = expert_of_pair.index_select(0, order) if b1 is not None or b2 is not None else None
-    _glu_backward_kernel[(triton.cdiv(routed_pairs, BR),)](
-        gu, d, pw, dw_rows, b1 if b1 is not None else gu, expert if expert is not None else order, routed_pairs,
-        I, gu.stride(0), d.stride(0), 0 if b1 is None else b1.stride(0), float(mlp.activation_alpha),
+    BR, BC = (32, 128) if device.type == "cuda" else (16, 32)
+    # a zero row's expert is left at 0: its outputs are zeroed whatever its bias
+    row_expert = (torch.zeros(n, device=device, dtype=torch.long).index_copy_(0, dest, expert)
+                  if b1 is not None or b2 is not None else None)
+    _glu_backward_kernel[(triton.cdiv(n, BR),)](
+        gu, d, pw, dw_rows, b1 if b1 is not None else gu, row_expert if row_expert is not None else row_token, live,
+        n, I, gu.stride(0), d.stride(0), 0 if b1 is None else b1.stride(0), float(mlp.activation_alpha),
         float(mlp.activation_limit), GATED=mlp.gated, ACT=ACTIVATION_CODES[mlp.activation], HAS_B1=b1 is not None,
         WEIGHT_ON_INPUT=weight_on_input, BR=BR, BC=BC, num_warps=4)
     dpre, h_weighted = gu, d
-    dw.index_copy_(0, order, dw_rows)
+    dw.index_copy_(0, order, dw_rows.index_select(0, dest))
     gw1 = gw2 = db1 = db2 = None
     if want_weights:
-        if b2 is not None:  # per expert, the sum of its rows' w dy
-            db2 = torch.zeros(E, b2.shape[-1], device=x.device, dtype=torch.float32)
-            add_rows(db2, dys, expert, None if weight_on_input else pw)
+        if b2 is not None:  # per expert, the sum of its rows' w dy (the zero rows add 0)
+            db2 = torch.zeros(E, b2.shape[-1], device=device, dtype=torch.float32)
+            add_rows(db2, dys, row_expert, None if weight_on_input else pw)
             db2 = db2.to(b2.dtype)
         if b1 is not None:  # ... and of its rows' dpre
-            db1 = torch.zeros(E, b1.shape[-1], device=x.device, dtype=torch.float32)
-            add_rows(db1, dpre, expert)
+            db1 = torch.zeros(E, b1.shape[-1], device=device, dtype=torch.float32)
+            add_rows(db1, dpre, row_expert)
             db1 = db1.to(b1.dtype)
-        # an expert with no rows gets no write from grouped_mm's K-offset form: zero those explicitly
-        empty = (counts == 0)[:, None, None]
-        gw2 = torch._grouped_mm(dys.t(), h_weighted, offs=offs).masked_fill_(empty, 0).to(w2.dtype)
+        # every expert has a row (its zero row at least), so grouped_mm writes every expert's gradient
+        gw2 = torch._grouped_mm(dys.t(), h_weighted, offs=offs).to(w2.dtype)
         del dys, h_weighted, d
-        gw1 = torch._grouped_mm(dpre.t(), xs, offs=offs).masked_fill_(empty, 0).to(w1.dtype)
+        gw1 = torch._grouped_mm(dpre.t(), xs, offs=offs).to(w1.dtype)
     del xs
-    rows = (torch._grouped_mm(dpre, w1, offs=offs), token) if want_x else None
+    rows = None
+    if want_x:
+        rows = (torch._grouped_mm(dpre, w1, offs=offs), row_token.index_fill_(0, zero_rows, T))
     return dw, gw1, gw2, db1, db2, rows
 
 

@@ -116,6 +116,38 @@ def test_expert_biases_cpu(grouped_calls, router, T, E):
 
 
 @cpu_only
+def test_nan_in_an_expert_without_pairs_stays_out_of_every_gradient_cpu(grouped_calls):
+    """Each expert gets a row of zeros so that grouped_mm writes its weight gradient; an expert that no token chose
+    and whose weights hold NaN and inf must still get exactly zero gradients, and every other gradient must be
+    bit-identical to the run with clean weights (0 * NaN would leak through the zero rows otherwise)."""
+    spec = cases.make_spec("softmax_topk", 16, 2, 48, 32, "gelu_bias")
+    gen = torch.Generator().manual_seed(11)
+    clean = cases.make_weights(spec, torch.float32, "cpu", gen)
+    x, probe = torch.randn(5, 48, generator=gen), torch.randn(5, 48, generator=gen)
+    chosen = (x @ clean.router_weight.t()).topk(2, dim=-1).indices.unique()
+    unused = next(e for e in range(16) if e not in chosen.tolist())
+
+    def grads(weights):
+        leaves = {n: t.clone().requires_grad_(True) for n, t in weights.items() if t is not None}
+        xl = x.clone().requires_grad_(True)
+        with configured(grouped_backward="always"):
+            (kernel_moe.kernels_forward(spec, type(weights)(**leaves), xl)[0] * probe).sum().backward()
+        return {"x": xl.grad, **{n: t.grad for n, t in leaves.items()}}
+
+    poisoned = type(clean)(**{n: t.clone() if t is not None else None for n, t in clean.items()})
+    for name in ("w1", "w2", "b1", "b2"):
+        getattr(poisoned, name)[unused] = float("nan")
+    poisoned.w1[unused, 0] = float("inf")
+    ref, got = grads(clean), grads(poisoned)
+    assert len(grouped_calls) == 2
+    for name, g in got.items():
+        assert torch.isfinite(g).all(), name
+        if name in ("w1", "w2", "b1", "b2"):
+            assert not g[unused].any(), name
+        assert torch.equal(g, ref[name]), name
+
+
+@cpu_only
 def test_relu_routing_with_no_active_pair_cpu(grouped_calls):
     """Every gate negative: no routed pair (grouped_mm with zero rows); every expert gradient exactly zero."""
     spec = cases.make_spec("relu_bias", 8, 2, 48, 32)
