@@ -279,16 +279,14 @@ def backward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int, 
     routed = None
     if grouped_backward.unsupported_reason(spec, weights, x) is None:
         try:
-            dw_pairs, gw1, gw2, db1, db2, input_rows = grouped_backward.routed_grads(
+            dw_pairs, gw1, gw2, db1, db2 = grouped_backward.routed_grads(
                 spec.experts, x, gy, weights.w1, weights.w2, weights.b1, weights.b2, pair_weight, expert_of_pair,
-                E, S, T * S if ids is not None else n_active, want_experts, wanted.get("x", False),
-                r.weight_on_input)
+                E, S, T * S if ids is not None else n_active, want_experts,
+                gx_spare if wanted.get("x", False) else None, r.weight_on_input)
         except RuntimeError as exc:  # nothing was changed yet: the Triton backward takes over, with a warning
             grouped_backward.refused(exc)
         else:
             routed = ExpertSetGrads(dw_pairs, gw1, gw2, db1, db2)
-            if input_rows is not None:
-                grouped_backward.add_rows(gx_spare, *input_rows)
     if routed is None:
         table = pair_table(expert_of_pair, E, tiles.BM, max_blocks)
         routed = _expert_set_backward(spec.experts, x, gy, gx, weights.w1, weights.w2, weights.b1, weights.b2,

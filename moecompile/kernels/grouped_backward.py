@@ -12,7 +12,7 @@ zeros:
     _glu_backward_kernel, in place:  gu <- dpre = act'(g, u) (w_p d),  d <- w_p act(g, u),  dw_p = sum(act(g, u) d)
     dW2     = grouped_mm(dys^T, w act)        per expert, summed over its rows (offsets along K)
     dW1     = grouped_mm(dpre^T, xs)
-    dx     += sum over t's rows of grouped_mm(dpre, W1)
+    dx     += sum over t's rows of grouped_mm(dpre, W1)   (top-k: grouped._combine_kernel, a gather per token)
 
 Why: the Triton expert-gradient kernels (64 x 64 tiles, gathered rows) ran a training step at 0.4-0.6x of HF's
 grouped_mm under torch.compile on the H100 (benchmarks/results/moe_train_triton_backward.md); these GEMMs are the
@@ -34,7 +34,7 @@ import triton.language as tl
 from ..spec import MLPSpec, MoESpec, MoEWeights
 from .experts import ACTIVATION_CODES, mlp_activation
 from .grad_kernels import pair_grads
-from .grouped import _layout_ok
+from .grouped import _combine_kernel, _layout_ok
 from .launch import pairs_per_expert
 from .settings import settings
 
@@ -143,23 +143,25 @@ def add_rows(gx: torch.Tensor, rows: torch.Tensor, token: torch.Tensor, scale: t
 def routed_grads(mlp: MLPSpec, x: torch.Tensor, gy: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                  b1: torch.Tensor | None, b2: torch.Tensor | None, pair_weight: torch.Tensor,
                  expert_of_pair: torch.Tensor, num_experts: int, slots: int, routed_pairs: int,
-                 want_weights: bool, want_x: bool, weight_on_input: bool = False) -> tuple:
-    """The routed experts' gradients (module docstring) as (dw, dW1, dW2, db1, db2, input rows):
+                 want_weights: bool, gx: torch.Tensor | None, weight_on_input: bool = False) -> tuple:
+    """The routed experts' gradients (module docstring) as (dw, dW1, dW2, db1, db2), and the input's gradient
+    added into gx:
     - dw [P] fp32: each pair's combine-weight gradient, 0 for pairs not routed (b2's share, dy . b2_e, is the
       caller's);
     - dW1, dW2, db1, db2: None unless want_weights (a bias's also when the bias is None);
-    - input rows: (rows [n + E, H], token [n + E]) for add_rows into a [T + 1, H] buffer, None unless want_x: the
-      zero rows' token is T, the spare row that takes them (0 W1 is NaN where W1 is).
+    - gx: [T + 1, H] fp32, or None for no input gradient. Row T is a spare that takes the zero rows' products (0 W1
+      is NaN where W1 is); the caller reads rows :T.
     expert_of_pair [P = T * slots]: each pair's expert, or num_experts for a pair not routed; routed_pairs: how many
     are routed (a host int: grouped_mm's output sizes); weight_on_input: the combine weight scaled the expert's
     input (Llama 4) rather than its output.
-    Nothing outside is changed, so a caller that catches a refusal can run another path."""
+    Nothing outside is changed until every grouped_mm has run, so a caller that catches a refusal can run another
+    path."""
     E, P, T = num_experts, expert_of_pair.numel(), x.shape[0]
     device = x.device
     dw = torch.zeros(P, device=device, dtype=torch.float32)
     if routed_pairs == 0:  # ReLU routing with every gate shut: nothing reached an expert
         zeros = [torch.zeros_like(t) if want_weights and t is not None else None for t in (w1, w2, b1, b2)]
-        return (dw, *zeros, None)
+        return (dw, *zeros)
     order = torch.argsort(expert_of_pair, stable=True)[:routed_pairs]
     counts = pairs_per_expert(expert_of_pair, E + 1)[:E]
     offs = torch.cumsum(counts + 1, 0, dtype=torch.int32)  # each expert's rows, then its row of zeros
@@ -204,10 +206,18 @@ def routed_grads(mlp: MLPSpec, x: torch.Tensor, gy: torch.Tensor, w1: torch.Tens
         del dys, h_weighted, d
         gw1 = torch._grouped_mm(dpre.t(), xs, offs=offs).to(w1.dtype)
     del xs
-    rows = None
-    if want_x:
-        rows = (torch._grouped_mm(dpre, w1, offs=offs), row_token.index_fill_(0, zero_rows, T))
-    return dw, gw1, gw2, db1, db2, rows
+    if gx is not None:
+        rows = torch._grouped_mm(dpre, w1, offs=offs)
+        if routed_pairs == P:  # every pair has a row (top-k): each token sums its rows, as the forward's combine
+            row_of_pair = torch.empty(P, device=device, dtype=torch.int32).scatter_(0, order, dest.to(torch.int32))
+            BT, BCC = (16, 128) if device.type == "cuda" else (16, 32)
+            # gx is read and written in place, tile by tile, by the same program: no fp32 copy of the rows, no atomics
+            _combine_kernel[(triton.cdiv(T, BT), triton.cdiv(x.shape[1], BCC))](
+                rows, row_of_pair, pw, gx, gx, gx, T, x.shape[1], rows.stride(0), S=slots, APPLY_WEIGHT=False,
+                HAS_SHARED=True, HAS_BIAS=False, BT=BT, BC=BCC, num_warps=4)
+        else:  # ReLU routing: a token's rows vary in number
+            add_rows(gx, rows, row_token.index_fill_(0, zero_rows, T))
+    return dw, gw1, gw2, db1, db2
 
 
 def refused(exc: RuntimeError) -> None:
