@@ -60,6 +60,8 @@ def run(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None
         # eager inference: the same launches without the op's dispatch overhead (tens of microseconds per call)
         outputs = launch.launch(spec, spec_json, weights, x, seq_len, copy_out=3 if need_routing else 1)
         return outputs if need_routing else (outputs[0], None, None)
+    if needs_grad and not through_op and not torch.compiler.is_compiling():
+        return op.EagerMoE.apply(*op.op_args(spec_json, weights, x, seq_len))
     if need_routing or needs_grad:
         return torch.ops.moecompile.moe_forward(*op.op_args(spec_json, weights, x, seq_len))
     if traceable(spec, weights, x):

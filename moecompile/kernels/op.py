@@ -83,14 +83,11 @@ def _(*args):
             x.new_empty(T, slots_of(spec), dtype=torch.float32))
 
 
-@torch.library.custom_op("moecompile::moe_backward", mutates_args=())
-def moe_backward_op(grad_y: torch.Tensor, grad_logits: torch.Tensor | None, grad_weight: torch.Tensor | None,
-                    inputs: list[torch.Tensor | None], wanted: list[bool], spec_json: str,
-                    seq_len: int) -> list[torch.Tensor]:
+def backward_impl(grad_y: torch.Tensor | None, grad_logits: torch.Tensor | None, grad_weight: torch.Tensor | None,
+                  inputs: list[torch.Tensor | None], wanted: list[bool], spec_json: str,
+                  seq_len: int) -> list[torch.Tensor]:
     """The gradients of moe_forward's tensor inputs marked in `wanted` (in TENSOR_ARGS order): the Triton backward
-    (kernels/backward.py) where the kernels run, else the PyTorch reference recomputed under autograd. An op of its
-    own so that AOTAutograd (torch.compile training) traces one opaque call: both have data-dependent sizes inside
-    that tracing cannot take."""
+    (kernels/backward.py) where the kernels run, else the PyTorch reference recomputed under autograd."""
     spec = spec_of(spec_json)
     x, weights = inputs[0], MoEWeights(**dict(zip(TENSOR_ARGS[1:], inputs[1:])))
     if unsupported_reason(spec, weights, x) is None and backward.reason(spec) is None:
@@ -109,6 +106,15 @@ def moe_backward_op(grad_y: torch.Tensor, grad_logits: torch.Tensor | None, grad
                                     [grad_y, grad_logits, grad_weight], allow_unused=True)
     return [torch.zeros_like(t) if g is None else g
             for g, t in zip(grads, [t for t, needs in zip(targets, wanted) if needs])]
+
+
+@torch.library.custom_op("moecompile::moe_backward", mutates_args=())
+def moe_backward_op(grad_y: torch.Tensor, grad_logits: torch.Tensor | None, grad_weight: torch.Tensor | None,
+                    inputs: list[torch.Tensor | None], wanted: list[bool], spec_json: str,
+                    seq_len: int) -> list[torch.Tensor]:
+    """backward_impl as an op of its own, so that AOTAutograd (torch.compile training) traces one opaque call: both
+    of its paths have data-dependent sizes inside that tracing cannot take."""
+    return backward_impl(grad_y, grad_logits, grad_weight, inputs, wanted, spec_json, seq_len)
 
 
 @moe_backward_op.register_fake
@@ -131,3 +137,24 @@ def _backward(ctx, grad_y, grad_logits, grad_weight):
 
 
 moe_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class EagerMoE(torch.autograd.Function):
+    """moe_forward with the same autograd formula for eager calls that need gradients, without the dispatcher:
+    the op's way in (schema defaults filled, redispatch below autograd, its dynamo guard) costs more host time
+    per call than the launches themselves at a few thousand tokens, twice a training step. Compiled graphs keep
+    the ops (kernels/moe.py's run chooses)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        ctx.set_materialize_grads(False)  # unread outputs' gradients stay None, as the op's formula gets them
+        outputs = _op_impl(*_unpack(args), copy_out=3)
+        _setup_context(ctx, args, outputs)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_logits, grad_weight):
+        inputs = [t if present else None for t, present in zip(ctx.saved_tensors, ctx.present)]
+        wanted = [present and needs for present, needs in zip(ctx.present, ctx.needs_input_grad)]
+        grads = iter(backward_impl(grad_y, grad_logits, grad_weight, inputs, wanted, ctx.spec_json, ctx.seq_len))
+        return (*[next(grads) if needs else None for needs in wanted], None, None)

@@ -64,6 +64,31 @@ def test_gradients_match_reference():
         assert g is not None and cases.relative_error(g, r) < 1e-5
 
 
+def test_eager_gradients_skip_the_dispatcher_and_equal_the_op():
+    """Eager calls that need gradients take op.EagerMoE (the op's formula without the dispatcher's host cost); the
+    gradients of every input, with gradients flowing into the logits and slot weights too (ReMoE's L1 term reads
+    them) and without, are bit-identical to those of the registered op."""
+    spec = cases.make_spec("softmax_topk_renorm", 8, 2, 24, 16, "shared_gated")
+    w = cases.make_weights(spec, torch.float32, "cpu", torch.Generator().manual_seed(9))
+    x = torch.randn(13, 24)
+    probe = torch.randn(13, 24)
+
+    def grads(through_op: bool, use_routing: bool):
+        leaves = {n: t.detach().clone().requires_grad_(True) for n, t in w.items() if t is not None}
+        xl = x.clone().requires_grad_(True)
+        y, logits, slot_weights = kernel_moe.run(spec, type(w)(**leaves), xl, through_op=through_op)
+        loss = (y * probe).sum() + ((logits.square().sum() + slot_weights.sum()) if use_routing else 0)
+        loss.backward()
+        return y.grad_fn, [xl.grad] + [t.grad for t in leaves.values()]
+
+    for use_routing in (True, False):
+        eager_fn, eager = grads(False, use_routing)
+        op_fn, through = grads(True, use_routing)
+        assert "EagerMoE" in type(eager_fn).__name__ and "EagerMoE" not in type(op_fn).__name__
+        for a, b in zip(eager, through):
+            assert a is not None and torch.equal(a, b)
+
+
 def test_opcheck_and_tracing():
     """The op's schema, fake implementation and autograd registration (torch.library.opcheck), torch.compile with
     fullgraph (aot_eager: the op stays one node) and torch.export."""
