@@ -33,7 +33,7 @@ import triton
 
 from ..reference import route
 from ..spec import MLPSpec, MoESpec, MoEWeights
-from . import configs, grouped_backward
+from . import configs, grouped_backward, router_grad
 from .experts import ACTIVATION_CODES, _expert_down_kernel
 from .grad_kernels import _expert_grad_rows_kernel, _expert_wgrad_kernel
 from .launch import (
@@ -129,15 +129,16 @@ def pair_table(expert_of_pair: torch.Tensor, num_experts: int, BM: int, max_bloc
 
 
 def _routing(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int):
-    """The forward's routing again: (slot weights [T, S] fp32, expert ids [T, k] int64 or None for ReLU routing)."""
+    """The forward's routing again: (logits [T, E] fp32, slot weights [T, S] fp32, expert ids [T, k] int64 or None
+    for ReLU routing)."""
     if gating_fallback_reason(spec) is None:
-        _, weight, ids, *_ = gate(spec, x, weights.router_weight, weights.router_bias, weights.correction_bias,
-                                   None, 1, None)
+        logits, weight, ids, *_ = gate(spec, x, weights.router_weight, weights.router_bias, weights.correction_bias,
+                                        None, 1, None)
     else:
-        _, weight, ids, *_ = gate_with_torch(spec, weights, x, seq_len)
+        logits, weight, ids, *_ = gate_with_torch(spec, weights, x, seq_len)
     if spec.router.is_variable_k:
-        return weight, None
-    return weight, ids.view(x.shape[0], -1).long()
+        return logits, weight, None
+    return logits, weight, ids.view(x.shape[0], -1).long()
 
 
 @dataclass
@@ -265,7 +266,7 @@ def backward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int, 
     gx_spare = torch.zeros(T + 1, H, device=x.device, dtype=torch.float32)
     gx = gx_spare[:T]
 
-    slot_weight, ids = _routing(spec, weights, x, seq_len)
+    logits, slot_weight, ids = _routing(spec, weights, x, seq_len)
     pair_weight = slot_weight.reshape(-1).contiguous()
     if ids is None:  # ReLU routing: pair t*E + e runs when its gate is positive (or NaN, as the forward)
         active = (pair_weight > 0) | pair_weight.isnan()
@@ -316,8 +317,8 @@ def backward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int, 
         if d_shared_gate is not None and weights.shared_b2 is not None:
             d_shared_gate = d_shared_gate + gy.float() @ weights.shared_b2.float()
 
-    _router_grads(spec, weights, x, seq_len, ids, grad_logits, grad_weight, dw.view(T, S), d_shared_gate, wanted,
-                  grads, gx)
+    _router_grads(spec, weights, x, seq_len, ids, logits, grad_logits, grad_weight, dw.view(T, S), d_shared_gate,
+                  wanted, grads, gx)
     if wanted.get("output_bias"):
         grads["output_bias"] = gy.float().sum(dim=0).to(weights.output_bias.dtype)
     if wanted.get("correction_bias"):  # counts for choice only
@@ -327,12 +328,24 @@ def backward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int, 
     return grads
 
 
-def _router_grads(spec: MoESpec, weights: MoEWeights, x, seq_len, ids, grad_logits, grad_weight, dw,
+def _router_grads(spec: MoESpec, weights: MoEWeights, x, seq_len, ids, logits, grad_logits, grad_weight, dw,
                   d_shared_gate, wanted, grads, gx) -> None:
-    """Router weight and bias, shared gate, and the input's share through them (added into gx): autograd through
-    the reference's routing of the chosen experts, a [T, E] computation."""
+    """Router weight and bias, shared gate, and the input's share through them (added into gx): in closed form
+    (kernels/router_grad.py) for the common top-k forms without a shared gate, else autograd through the
+    reference's routing of the chosen experts; a [T, E] computation either way."""
     names = [n for n in ("router_weight", "router_bias", "shared_gate") if wanted.get(n)]
     if not names and not wanted.get("x"):
+        return
+    if ids is not None and d_shared_gate is None and router_grad.closed_form_reason(spec.router) is None:
+        dz = router_grad.logits_grad(spec.router, logits, ids, dw if grad_weight is None else dw + grad_weight,
+                                     grad_logits)
+        wr = weights.router_weight
+        if wanted.get("x"):
+            gx += dz @ wr.float()
+        if wanted.get("router_weight"):
+            grads["router_weight"] = (dz.t() @ x.float()).to(wr.dtype)
+        if wanted.get("router_bias"):
+            grads["router_bias"] = dz.sum(dim=0).to(weights.router_bias.dtype)
         return
     with autograd_inside_op(), torch.enable_grad():
         xl = x.detach().requires_grad_(bool(wanted.get("x")))
