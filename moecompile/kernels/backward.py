@@ -341,7 +341,7 @@ def _router_grads(spec: MoESpec, weights: MoEWeights, x, seq_len, ids, logits, g
                                      grad_logits)
         wr = weights.router_weight
         if wanted.get("x"):
-            gx += dz @ wr.float()
+            gx.addmm_(dz, wr.float())  # in place: no [T, H] fp32 temporary
         if wanted.get("router_weight"):
             grads["router_weight"] = (dz.t() @ x.float()).to(wr.dtype)
         if wanted.get("router_bias"):
