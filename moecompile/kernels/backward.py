@@ -336,9 +336,9 @@ def _router_grads(spec: MoESpec, weights: MoEWeights, x, seq_len, ids, logits, g
     names = [n for n in ("router_weight", "router_bias", "shared_gate") if wanted.get(n)]
     if not names and not wanted.get("x"):
         return
+    grad_slots = dw if grad_weight is None else dw + grad_weight
     if ids is not None and d_shared_gate is None and router_grad.closed_form_reason(spec.router) is None:
-        dz = router_grad.logits_grad(spec.router, logits, ids, dw if grad_weight is None else dw + grad_weight,
-                                     grad_logits)
+        dz = router_grad.logits_grad(spec.router, logits, ids, grad_slots, grad_logits)
         wr = weights.router_weight
         if wanted.get("x"):
             gx.addmm_(dz, wr.float())  # in place: no [T, H] fp32 temporary
@@ -355,7 +355,7 @@ def _router_grads(spec: MoESpec, weights: MoEWeights, x, seq_len, ids, logits, g
                                                 router_bias=leaves["router_bias"],
                                                 correction_bias=weights.correction_bias), xl, seq_len, chosen=ids)
         outputs = [routing.slot_weights(spec.router.scaling_factor)]
-        incoming = [dw if grad_weight is None else dw + grad_weight]
+        incoming = [grad_slots]
         if grad_logits is not None:
             outputs.append(routing.logits)
             incoming.append(grad_logits)

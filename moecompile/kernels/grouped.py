@@ -147,13 +147,22 @@ def combine(spec: MoESpec, out: torch.Tensor, row_of_pair: torch.Tensor, weight:
     """The block's output [T, H] in out's dtype from expert_rows' rows: each token's rows times their routing
     weights, plus the shared experts' fp32 sum [T, H] (None: no shared experts) and the output bias."""
     T, S = weight.shape
-    H = out.shape[1]
-    y = torch.empty(T, H, device=out.device, dtype=out.dtype)
+    y = torch.empty(T, out.shape[1], device=out.device, dtype=out.dtype)
+    launch_combine(out, row_of_pair, weight if not spec.router.weight_on_input else None, shared, output_bias, y, S,
+                   kernel)
+    return y
+
+
+def launch_combine(out: torch.Tensor, row_of_pair: torch.Tensor, weight: torch.Tensor | None,
+                   shared: torch.Tensor | None, bias: torch.Tensor | None, y: torch.Tensor, S: int,
+                   kernel: Callable = lambda k: k) -> None:
+    """y [T, H] = for each token, the sum of its S rows of `out` (times `weight` [T*S] unless None) plus `shared`
+    [T, H] fp32 and `bias`. y may be `shared` itself: each tile is read, then written, by one program."""
+    T, H = y.shape
     BT, BC = 16, 128
     kernel(_combine_kernel)[(triton.cdiv(T, BT), triton.cdiv(H, BC))](
-        out, row_of_pair, weight, shared if shared is not None else out,
-        output_bias if output_bias is not None else out, y, T, H, out.stride(0),
-        S=S, APPLY_WEIGHT=not spec.router.weight_on_input, HAS_SHARED=shared is not None,
-        HAS_BIAS=output_bias is not None, BT=BT, BC=BC, num_warps=4,
+        out, row_of_pair, weight if weight is not None else out, shared if shared is not None else out,
+        bias if bias is not None else out, y, T, H, out.stride(0),
+        S=S, APPLY_WEIGHT=weight is not None, HAS_SHARED=shared is not None,
+        HAS_BIAS=bias is not None, BT=BT, BC=BC, num_warps=4,
     )
-    return y

@@ -34,7 +34,7 @@ import triton.language as tl
 from ..spec import MLPSpec, MoESpec, MoEWeights
 from .experts import ACTIVATION_CODES, mlp_activation
 from .grad_kernels import pair_grads
-from .grouped import _combine_kernel, _layout_ok
+from .grouped import _layout_ok, launch_combine
 from .launch import pairs_per_expert
 from .settings import settings
 
@@ -216,11 +216,8 @@ def routed_grads(mlp: MLPSpec, x: torch.Tensor, gy: torch.Tensor, w1: torch.Tens
         rows = torch._grouped_mm(dpre, w1, offs=offs)
         if routed_pairs == P:  # every pair has a row (top-k): each token sums its rows, as the forward's combine
             row_of_pair = torch.empty(P, device=device, dtype=torch.int32).scatter_(0, order, dest.to(torch.int32))
-            BT, BCC = (16, 128) if device.type == "cuda" else (16, 32)
-            # gx is read and written in place, tile by tile, by the same program: no fp32 copy of the rows, no atomics
-            _combine_kernel[(triton.cdiv(T, BT), triton.cdiv(x.shape[1], BCC))](
-                rows, row_of_pair, pw, gx, gx, gx, T, x.shape[1], rows.stride(0), S=slots, APPLY_WEIGHT=False,
-                HAS_SHARED=True, HAS_BIAS=False, BT=BT, BC=BCC, num_warps=4)
+            # into gx in place (rows :T): no fp32 copy of the rows, no atomics
+            launch_combine(rows, row_of_pair, None, gx[:T], None, gx[:T], slots)
         else:  # ReLU routing: a token's rows vary in number
             add_rows(gx, rows, row_token.index_fill_(0, zero_rows, T))
     return dw, gw1, gw2, db1, db2

@@ -56,12 +56,11 @@ def run(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int | None
     spec_json = spec_json or spec.to_json()
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
         t is not None and t.requires_grad for _, t in weights.items()))
-    if not through_op and not torch.compiler.is_compiling() and not needs_grad:
-        # eager inference: the same launches without the op's dispatch overhead (tens of microseconds per call)
+    if not through_op and not torch.compiler.is_compiling():  # eager: no op dispatch (tens of microseconds a call)
+        if needs_grad:
+            return op.EagerMoE.apply(*op.op_args(spec_json, weights, x, seq_len))
         outputs = launch.launch(spec, spec_json, weights, x, seq_len, copy_out=3 if need_routing else 1)
         return outputs if need_routing else (outputs[0], None, None)
-    if needs_grad and not through_op and not torch.compiler.is_compiling():
-        return op.EagerMoE.apply(*op.op_args(spec_json, weights, x, seq_len))
     if need_routing or needs_grad:
         return torch.ops.moecompile.moe_forward(*op.op_args(spec_json, weights, x, seq_len))
     if traceable(spec, weights, x):

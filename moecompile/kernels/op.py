@@ -128,12 +128,17 @@ def _setup_context(ctx, inputs, output):
     ctx.present = [t is not None for t in inputs[:-2]]
 
 
-def _backward(ctx, grad_y, grad_logits, grad_weight):
+def _input_grads(ctx, grad_y, grad_logits, grad_weight, compute) -> tuple:
+    """moe_forward's autograd formula: the saved inputs and the wanted gradients handed to `compute` (the backward
+    op, or backward_impl itself), its results placed at their inputs, None elsewhere."""
     inputs = [t if present else None for t, present in zip(ctx.saved_tensors, ctx.present)]
     wanted = [present and needs for present, needs in zip(ctx.present, ctx.needs_input_grad)]
-    grads = iter(torch.ops.moecompile.moe_backward(grad_y, grad_logits, grad_weight, inputs, wanted,
-                                                   ctx.spec_json, ctx.seq_len))
+    grads = iter(compute(grad_y, grad_logits, grad_weight, inputs, wanted, ctx.spec_json, ctx.seq_len))
     return (*[next(grads) if needs else None for needs in wanted], None, None)
+
+
+def _backward(ctx, grad_y, grad_logits, grad_weight):
+    return _input_grads(ctx, grad_y, grad_logits, grad_weight, torch.ops.moecompile.moe_backward)
 
 
 moe_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -154,7 +159,4 @@ class EagerMoE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_logits, grad_weight):
-        inputs = [t if present else None for t, present in zip(ctx.saved_tensors, ctx.present)]
-        wanted = [present and needs for present, needs in zip(ctx.present, ctx.needs_input_grad)]
-        grads = iter(backward_impl(grad_y, grad_logits, grad_weight, inputs, wanted, ctx.spec_json, ctx.seq_len))
-        return (*[next(grads) if needs else None for needs in wanted], None, None)
+        return _input_grads(ctx, grad_y, grad_logits, grad_weight, backward_impl)
