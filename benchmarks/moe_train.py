@@ -78,7 +78,12 @@ def run_shape(name: str, cfg: dict, tokens, ceilings: dict, quick: bool, rows: l
         floor, info = train_floor_ms(fused, x[0].detach(), ceilings)
         # moecompile as shipped ("auto": the experts' gradients through grouped_mm on Hopper), and with the
         # Triton backward for the routed experts, the path other GPUs and deterministic mode take
+        # "recompute": the forward keeps nothing and the backward recomputes the up projection (the memory-saving
+        # option); "keep_all": the up projection kept at every size, where the default keeps it from 128 rows an
+        # expert (kernels/keep.py)
         impls = {"moecompile": step_fn(fused, x, gy),
+                 "moecompile_recompute": step_fn(fused, x, gy, keep_up_projection_min_rows=None),
+                 "moecompile_keep_all": step_fn(fused, x, gy, keep_up_projection_min_rows=0.0),
                  "moecompile_triton_backward": step_fn(fused, x, gy, grouped_backward="never")}
         if not relu:
             impls["hf_grouped_mm_compile"] = step_fn(compiled, x, gy)
@@ -119,9 +124,11 @@ def markdown(result: dict) -> str:
              f"same run: copy {c['copy_GBps']:.0f} GB/s, bf16 matmul {c['bf16_TFLOPs']:.0f} TFLOP/s. `x HF` = HF "
              "grouped_mm compiled / moecompile; `% floor` = floor / moecompile. `Triton bwd ms`: moecompile with "
              "the routed experts' gradients on the Triton kernels (settings.grouped_backward='never'), the path "
-             "of GPUs other than Hopper and of deterministic mode.", "",
-             "| shape | tokens | active pairs | HF compiled ms | moecompile ms | x HF | Triton bwd ms | floor ms "
-             "| % floor | peak MB HF / ours |", "|---" * 10 + "|"]
+             "of GPUs other than Hopper and of deterministic mode. `recompute`: the forward keeps nothing and the "
+             "backward recomputes the up projection (settings.keep_up_projection_min_rows=None); `keep all`: the "
+             "up projection kept at every size (the default keeps it from 128 rows an expert).", "",
+             "| shape | tokens | active pairs | HF compiled ms | moecompile ms | x HF | recompute ms | keep all ms "
+             "| Triton bwd ms | floor ms | % floor | peak MB HF / ours / recompute |", "|---" * 12 + "|"]
 
     def f(v, fmt=".2f"):
         return "—" if v is None else format(v, fmt)
@@ -129,12 +136,14 @@ def markdown(result: dict) -> str:
                            key=lambda st: (list(SHAPES).index(st[0]), st[1])):
         ours, hf = by.get((shape, T, "moecompile"), {}), by.get((shape, T, "hf_grouped_mm_compile"), {})
         triton_bwd = by.get((shape, T, "moecompile_triton_backward"), {})
+        recompute = by.get((shape, T, "moecompile_recompute"), {})
+        keep_all = by.get((shape, T, "moecompile_keep_all"), {})
         speed = hf["ms"] / ours["ms"] if hf.get("ms") and ours.get("ms") else None
         pct = 100 * ours["floor_ms"] / ours["ms"] if ours.get("ms") else None
         lines.append(f"| {shape} | {T} | {ours.get('active_pairs', '—')} | {f(hf.get('ms'))} | {f(ours.get('ms'))} "
-                     f"| {f(speed)} | {f(triton_bwd.get('ms'))} | {f(ours.get('floor_ms'))} | {f(pct, '.0f')} "
-                     f"| {f(hf.get('peak_mb'), '.0f')} / "
-                     f"{f(ours.get('peak_mb'), '.0f')} |")
+                     f"| {f(speed)} | {f(recompute.get('ms'))} | {f(keep_all.get('ms'))} | {f(triton_bwd.get('ms'))} "
+                     f"| {f(ours.get('floor_ms'))} | {f(pct, '.0f')} | {f(hf.get('peak_mb'), '.0f')} / "
+                     f"{f(ours.get('peak_mb'), '.0f')} / {f(recompute.get('peak_mb'), '.0f')} |")
     return "\n".join(lines) + "\n"
 
 

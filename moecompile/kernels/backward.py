@@ -36,6 +36,7 @@ from ..spec import MLPSpec, MoESpec, MoEWeights
 from . import configs, grouped_backward, router_grad
 from .experts import ACTIVATION_CODES, _expert_down_kernel
 from .grad_kernels import _expert_grad_rows_kernel, _expert_wgrad_kernel
+from .keep import Kept
 from .launch import (
     DOTS_IN_FP32,
     gate,
@@ -248,9 +249,10 @@ def _weight_grad(a, b, E, M, N, db, pair_weight, table: PairTable | None, S, T, 
 
 def backward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int, grad_y: torch.Tensor | None,
              grad_logits: torch.Tensor | None, grad_weight: torch.Tensor | None,
-             wanted: dict[str, bool]) -> dict[str, torch.Tensor]:
+             wanted: dict[str, bool], kept: Kept | None = None) -> dict[str, torch.Tensor]:
     """The gradients named in `wanted` (the op's tensor arguments: "x" and MoEWeights' fields) of
-    sum(y * grad_y) + sum(logits * grad_logits) + sum(slot_weights * grad_weight)."""
+    sum(y * grad_y) + sum(logits * grad_logits) + sum(slot_weights * grad_weight). kept: the forward's routing and
+    up projection (kernels/keep.py), used instead of recomputing them; its up projection is overwritten."""
     T, H = x.shape
     E, S, r = spec.num_experts, slots_of(spec), spec.router
     grads: dict[str, torch.Tensor] = {}
@@ -266,7 +268,10 @@ def backward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int, 
     gx_spare = torch.zeros(T + 1, H, device=x.device, dtype=torch.float32)
     gx = gx_spare[:T]
 
-    logits, slot_weight, ids = _routing(spec, weights, x, seq_len)
+    if kept is not None:
+        logits, slot_weight, ids = kept.logits, kept.weight, kept.ids.view(T, -1).long()
+    else:
+        logits, slot_weight, ids = _routing(spec, weights, x, seq_len)
     pair_weight = slot_weight.reshape(-1).contiguous()
     if ids is None:  # ReLU routing: pair t*E + e runs when its gate is positive (or NaN, as the forward)
         active = (pair_weight > 0) | pair_weight.isnan()
@@ -283,7 +288,8 @@ def backward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int, 
             dw_pairs, gw1, gw2, db1, db2 = grouped_backward.routed_grads(
                 spec.experts, x, gy, weights.w1, weights.w2, weights.b1, weights.b2, pair_weight, expert_of_pair,
                 E, S, T * S if ids is not None else n_active, want_experts,
-                gx_spare if wanted.get("x", False) else None, r.weight_on_input)
+                gx_spare if wanted.get("x", False) else None, r.weight_on_input,
+                None if kept is None else (kept.layout, kept.gu))
         except RuntimeError as exc:  # nothing was changed yet: the Triton backward takes over, with a warning
             grouped_backward.refused(exc)
         else:

@@ -18,6 +18,7 @@ The row count from which it pays, settings.grouped_mm_min_rows (kernels/settings
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -27,6 +28,47 @@ from ..spec import MoESpec, MoEWeights
 from . import configs
 from .experts import ACTIVATION_CODES, mlp_activation
 from .settings import settings
+
+
+@dataclass
+class RowLayout:
+    """Routed pairs grouped by expert in pair order (a stable sort), each expert's rows followed by one row of zeros:
+    the layout of the training forward that keeps its up projection and of the backward (kernels/grouped_backward.py).
+    The zero row gives every expert a row, so grouped_mm's weight-gradient GEMMs (offsets along K) write every
+    expert's gradient, 0 for an expert with no pairs."""
+
+    order: torch.Tensor  # [R] int64: the pair (t * slots + s) of each routed row, in expert order
+    expert: torch.Tensor  # [R] int64: that pair's expert
+    dest: torch.Tensor  # [R] int64: its row in the layout (the zero rows of the experts before it skipped)
+    offs: torch.Tensor  # [E] int32: where each expert's rows end, its zero row included
+    zero_rows: torch.Tensor  # [E] int64
+    row_token: torch.Tensor  # [n] int64: each row's token (0 for the zero rows)
+    row_of_pair: torch.Tensor | None  # [P] int32: each pair's row, when every pair is routed (top-k), else None
+    rows: int  # n = R + E
+
+    def gathered(self, t: torch.Tensor) -> torch.Tensor:
+        """t's rows [T, C] placed at their pairs' rows [n, C], the zero rows zero."""
+        return t.index_select(0, self.row_token).index_fill_(0, self.zero_rows, 0)
+
+
+def row_layout(expert_of_pair: torch.Tensor, num_experts: int, slots: int, routed_pairs: int) -> RowLayout:
+    """RowLayout for pairs whose expert is expert_of_pair [P = T * slots] (num_experts: not routed), routed_pairs
+    of them (a host int: the layout's size). No host sync."""
+    from .launch import pairs_per_expert  # here: launch.py imports this module
+
+
+    E, P, device = num_experts, expert_of_pair.numel(), expert_of_pair.device
+    order = torch.argsort(expert_of_pair, stable=True)[:routed_pairs]
+    counts = pairs_per_expert(expert_of_pair, E + 1)[:E]
+    offs = torch.cumsum(counts + 1, 0, dtype=torch.int32)
+    n = routed_pairs + E
+    expert = expert_of_pair.index_select(0, order)
+    dest = torch.arange(routed_pairs, device=device) + expert
+    row_token = torch.zeros(n, device=device, dtype=torch.long).index_copy_(0, dest, order // slots)
+    row_of_pair = None
+    if routed_pairs == P:
+        row_of_pair = torch.empty(P, device=device, dtype=torch.int32).scatter_(0, order, dest.to(torch.int32))
+    return RowLayout(order, expert, dest, offs, offs.long() - 1, row_token, row_of_pair, n)
 
 
 def _layout_ok(w: torch.Tensor) -> bool:
@@ -127,19 +169,40 @@ def expert_rows(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, weight: tor
     if spec.router.weight_on_input:
         rows_x = (rows_x.float() * weight.view(-1).index_select(0, pairs.long())[:, None]).to(x.dtype)
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    mlp = spec.experts
     gu = torch._grouped_mm(rows_x, weights.w1.transpose(-2, -1), offs=offs)
-    I = mlp.intermediate_size
-    h = torch.empty(P, I, device=x.device, dtype=x.dtype)
+    h = _activation(spec, gu, kernel)
+    del gu
+    out = torch._grouped_mm(h, weights.w2.transpose(-2, -1), offs=offs)
+    row_of_pair = torch.empty(P, device=x.device, dtype=torch.int32).scatter_(
+        0, pairs.long(), torch.arange(P, device=x.device, dtype=torch.int32))
+    return out, row_of_pair
+
+
+def expert_rows_kept(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
+                     kernel: Callable) -> tuple[torch.Tensor, torch.Tensor, RowLayout, torch.Tensor]:
+    """expert_rows for a forward that records gradients (kernels/op.py's EagerMoE): the rows in RowLayout's order,
+    the backward's, so that its up projection gu [n, F] can be kept and the backward skips recomputing it. Returns
+    (rows [n, H], row of each pair [P] int32, the layout, gu). Top-k routing with the weight on the output only
+    (kernels/keep.py checks)."""
+    T, S = weight.shape
+    layout = row_layout(ids.reshape(-1).long(), spec.num_experts, S, T * S)
+    gu = torch._grouped_mm(layout.gathered(x), weights.w1.transpose(-2, -1), offs=layout.offs)
+    h = _activation(spec, gu, kernel)
+    rows = torch._grouped_mm(h, weights.w2.transpose(-2, -1), offs=layout.offs)
+    return rows, layout.row_of_pair, layout, gu
+
+
+def _activation(spec: MoESpec, gu: torch.Tensor, kernel: Callable) -> torch.Tensor:
+    """h [rows, I] = the activation of the gate/up GEMM's output gu [rows, F] (_glu_kernel)."""
+    mlp = spec.experts
+    P, I = gu.shape[0], mlp.intermediate_size
+    h = torch.empty(P, I, device=gu.device, dtype=gu.dtype)
     BR, BC = 32, 128
     kernel(_glu_kernel)[(triton.cdiv(P, BR), triton.cdiv(I, BC))](
         gu, h, P, I, gu.stride(0), h.stride(0), float(mlp.activation_alpha), float(mlp.activation_limit),
         GATED=mlp.gated, ACT=ACTIVATION_CODES[mlp.activation], BR=BR, BC=BC, num_warps=4,
     )
-    out = torch._grouped_mm(h, weights.w2.transpose(-2, -1), offs=offs)
-    row_of_pair = torch.empty(P, device=x.device, dtype=torch.int32).scatter_(
-        0, pairs.long(), torch.arange(P, device=x.device, dtype=torch.int32))
-    return out, row_of_pair
+    return h
 
 
 def combine(spec: MoESpec, out: torch.Tensor, row_of_pair: torch.Tensor, weight: torch.Tensor,

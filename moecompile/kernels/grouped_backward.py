@@ -7,7 +7,7 @@ stable sort (rows contiguous: the layout grouped_mm's offsets describe), each ex
 zeros:
 
     xs, dys = x and dy gathered by each row's token (x's again for dW1)      [n, H]
-    gu      = grouped_mm(xs, W1^T)            the up GEMM recomputed        [n, F]   (the forward saved nothing)
+    gu      = grouped_mm(xs, W1^T)            the up GEMM recomputed        [n, F]   (or the forward's: keep.py)
     d       = grouped_mm(dys, W2)             dy_t W2_e                     [n, I]
     _glu_backward_kernel, in place:  gu <- dpre = act'(g, u) (w_p d),  d <- w_p act(g, u),  dw_p = sum(act(g, u) d)
     dW2     = grouped_mm(dys^T, w act)        per expert, summed over its rows (offsets along K)
@@ -16,8 +16,9 @@ zeros:
 
 Why: the Triton expert-gradient kernels (64 x 64 tiles, gathered rows) ran a training step at 0.4-0.6x of HF's
 grouped_mm under torch.compile on the H100 (benchmarks/results/moe_train_triton_backward.md); these GEMMs are the
-ones HF's autograd runs. The recompute of the up GEMM replaces the activations HF saves, so the memory a step
-holds between forward and backward stays x and the weights. The zero row per expert gives every expert at least one
+ones HF's autograd runs. Unless the forward kept its up projection (kernels/keep.py: a forward on grouped_mm
+with enough rows an expert), the up GEMM is recomputed here, and the memory a step holds between forward and
+backward stays x and the weights. The zero row per expert gives every expert at least one
 row, so the weight-gradient GEMMs (offsets along K) write every expert's gradient, 0 for an expert with no pairs:
 grouped_mm leaves an empty group's output unwritten, and zeroing those afterwards read and wrote the whole weight
 gradient again (2.4 GB a step on a Qwen3-30B-A3B layer).
@@ -34,8 +35,7 @@ import triton.language as tl
 from ..spec import MLPSpec, MoESpec, MoEWeights
 from .experts import ACTIVATION_CODES, mlp_activation
 from .grad_kernels import pair_grads
-from .grouped import _layout_ok, launch_combine
-from .launch import pairs_per_expert
+from .grouped import RowLayout, _layout_ok, launch_combine, row_layout
 from .settings import settings
 
 
@@ -143,7 +143,8 @@ def add_rows(gx: torch.Tensor, rows: torch.Tensor, token: torch.Tensor, scale: t
 def routed_grads(mlp: MLPSpec, x: torch.Tensor, gy: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                  b1: torch.Tensor | None, b2: torch.Tensor | None, pair_weight: torch.Tensor,
                  expert_of_pair: torch.Tensor, num_experts: int, slots: int, routed_pairs: int,
-                 want_weights: bool, gx: torch.Tensor | None, weight_on_input: bool = False) -> tuple:
+                 want_weights: bool, gx: torch.Tensor | None, weight_on_input: bool = False,
+                 kept: tuple[RowLayout, torch.Tensor] | None = None) -> tuple:
     """The routed experts' gradients (module docstring) as (dw, dW1, dW2, db1, db2), and the input's gradient
     added into gx:
     - dw [P] fp32: each pair's combine-weight gradient, 0 for pairs not routed (b2's share, dy . b2_e, is the
@@ -153,7 +154,8 @@ def routed_grads(mlp: MLPSpec, x: torch.Tensor, gy: torch.Tensor, w1: torch.Tens
       is NaN where W1 is); the caller reads rows :T.
     expert_of_pair [P = T * slots]: each pair's expert, or num_experts for a pair not routed; routed_pairs: how many
     are routed (a host int: grouped_mm's output sizes); weight_on_input: the combine weight scaled the expert's
-    input (Llama 4) rather than its output.
+    input (Llama 4) rather than its output; kept: the forward's (layout, up projection) when it kept them
+    (kernels/keep.py), whose up projection is then overwritten here with its gradient.
     Nothing outside is changed until every grouped_mm has run, so a caller that catches a refusal can run another
     path."""
     E, P, T = num_experts, expert_of_pair.numel(), x.shape[0]
@@ -162,41 +164,33 @@ def routed_grads(mlp: MLPSpec, x: torch.Tensor, gy: torch.Tensor, w1: torch.Tens
     if routed_pairs == 0:  # ReLU routing with every gate shut: nothing reached an expert
         zeros = [torch.zeros_like(t) if want_weights and t is not None else None for t in (w1, w2, b1, b2)]
         return (dw, *zeros)
-    order = torch.argsort(expert_of_pair, stable=True)[:routed_pairs]
-    counts = pairs_per_expert(expert_of_pair, E + 1)[:E]
-    offs = torch.cumsum(counts + 1, 0, dtype=torch.int32)  # each expert's rows, then its row of zeros
-    n = routed_pairs + E
-    expert = expert_of_pair.index_select(0, order)
-    dest = torch.arange(routed_pairs, device=device) + expert  # a pair's row: the zero rows of experts before it
-    zero_rows = offs.long() - 1
-    token = order // slots
-    row_token = torch.zeros(n, device=device, dtype=torch.long).index_copy_(0, dest, token)
-
-    def gathered(t: torch.Tensor) -> torch.Tensor:
-        return t.index_select(0, row_token).index_fill_(0, zero_rows, 0)
-
-    # x's rows are gathered again for dW1 rather than held beside dy's rows and both GEMM outputs: the step's peak
-    # memory is then three [n, *] buffers, not four (below HF's at 4096 tokens on Qwen3-30B-A3B), for one more
-    # gather (about 2% of the step at 16384 tokens)
-    gu = torch._grouped_mm(gathered(x), w1.transpose(-2, -1), offs=offs)
-    dys = gathered(gy)
+    if kept is None:
+        layout = row_layout(expert_of_pair, E, slots, routed_pairs)
+        # x's rows are gathered again for dW1 rather than held beside dy's rows and both GEMM outputs: the step's
+        # peak memory is then three [n, *] buffers, not four, for one more gather (about 2% of the step at 16384
+        # tokens on Qwen3-30B-A3B)
+        gu = torch._grouped_mm(layout.gathered(x), w1.transpose(-2, -1), offs=layout.offs)
+    else:  # the forward's up projection, in this layout (kernels/keep.py); overwritten below
+        layout, gu = kept
+    offs, n, dest, zero_rows = layout.offs, layout.rows, layout.dest, layout.zero_rows
+    dys = layout.gathered(gy)
     d = torch._grouped_mm(dys, w2, offs=offs)
-    pw = torch.zeros(n, device=device, dtype=torch.float32).index_copy_(0, dest, pair_weight.index_select(0, order)
-                                                                        .float())
+    pw = torch.zeros(n, device=device, dtype=torch.float32).index_copy_(
+        0, dest, pair_weight.index_select(0, layout.order).float())
     live = torch.ones(n, device=device, dtype=torch.int8).index_fill_(0, zero_rows, 0)
     dw_rows = torch.empty(n, device=device, dtype=torch.float32)
     I = mlp.intermediate_size
     BR, BC = (32, 128) if device.type == "cuda" else (16, 32)
     # a zero row's expert is left at 0: its outputs are zeroed whatever its bias
-    row_expert = (torch.zeros(n, device=device, dtype=torch.long).index_copy_(0, dest, expert)
+    row_expert = (torch.zeros(n, device=device, dtype=torch.long).index_copy_(0, dest, layout.expert)
                   if b1 is not None or b2 is not None else None)
     _glu_backward_kernel[(triton.cdiv(n, BR),)](
-        gu, d, pw, dw_rows, b1 if b1 is not None else gu, row_expert if row_expert is not None else row_token, live,
-        n, I, gu.stride(0), d.stride(0), 0 if b1 is None else b1.stride(0), float(mlp.activation_alpha),
+        gu, d, pw, dw_rows, b1 if b1 is not None else gu, row_expert if row_expert is not None else layout.row_token,
+        live, n, I, gu.stride(0), d.stride(0), 0 if b1 is None else b1.stride(0), float(mlp.activation_alpha),
         float(mlp.activation_limit), GATED=mlp.gated, ACT=ACTIVATION_CODES[mlp.activation], HAS_B1=b1 is not None,
         WEIGHT_ON_INPUT=weight_on_input, BR=BR, BC=BC, num_warps=4)
     dpre, h_weighted = gu, d
-    dw.index_copy_(0, order, dw_rows.index_select(0, dest))
+    dw.index_copy_(0, layout.order, dw_rows.index_select(0, dest))
     gw1 = gw2 = db1 = db2 = None
     if want_weights:
         if b2 is not None:  # per expert, the sum of its rows' w dy (the zero rows add 0)
@@ -211,15 +205,14 @@ def routed_grads(mlp: MLPSpec, x: torch.Tensor, gy: torch.Tensor, w1: torch.Tens
         gw2 = torch._grouped_mm(dys.t(), h_weighted, offs=offs).to(w2.dtype)
     del dys, h_weighted, d
     if want_weights:
-        gw1 = torch._grouped_mm(dpre.t(), gathered(x), offs=offs).to(w1.dtype)
+        gw1 = torch._grouped_mm(dpre.t(), layout.gathered(x), offs=offs).to(w1.dtype)
     if gx is not None:
         rows = torch._grouped_mm(dpre, w1, offs=offs)
-        if routed_pairs == P:  # every pair has a row (top-k): each token sums its rows, as the forward's combine
-            row_of_pair = torch.empty(P, device=device, dtype=torch.int32).scatter_(0, order, dest.to(torch.int32))
-            # into gx in place (rows :T): no fp32 copy of the rows, no atomics
-            launch_combine(rows, row_of_pair, None, gx[:T], None, gx[:T], slots)
+        if layout.row_of_pair is not None:  # every pair has a row (top-k): each token sums its rows, as the
+            # forward's combine does, into gx in place (rows :T): no fp32 copy of the rows, no atomics
+            launch_combine(rows, layout.row_of_pair, None, gx[:T], None, gx[:T], slots)
         else:  # ReLU routing: a token's rows vary in number
-            add_rows(gx, rows, row_token.index_fill_(0, zero_rows, T))
+            add_rows(gx, rows, layout.row_token.index_fill_(0, zero_rows, T))
     return dw, gw1, gw2, db1, db2
 
 

@@ -24,6 +24,7 @@ from ..reference import reference_forward, route
 from ..spec import MoESpec, MoEWeights
 from ..state import kept
 from . import configs, graphs, grouped
+from .keep import Kept
 from .dispatch import _dispatch_kernel
 from .experts import ACTIVATION_CODES, _expert_down_kernel, _expert_up_kernel
 from .gating import SCORING_CODES, _gating_kernel
@@ -311,9 +312,12 @@ def reference_outputs(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_l
     return y.to(x.dtype), routing.logits.float(), routing.slot_weights(spec.router.scaling_factor).float()
 
 
-def forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int
+def forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int, keep: list | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The block's launches on x [T, H]: (y [T, H] in x's dtype, logits [T, E] fp32, slot weights [T, S] fp32)."""
+    """The block's launches on x [T, H]: (y [T, H] in x's dtype, logits [T, E] fp32, slot weights [T, S] fp32).
+    keep: a list for a forward whose backward will want its up projection (the caller checked
+    kernels/keep.keep_reason): the routed experts then run on grouped_mm in the backward's row layout, and a
+    keep.Kept is appended to it."""
     T, H = x.shape
     E, S = spec.num_experts, slots_of(spec)
     if T == 0:
@@ -321,7 +325,8 @@ def forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int
     x = x.contiguous()
     I = spec.experts.intermediate_size
     cfg = _deterministic(configs.choose(T, H, I, E, min(S, 8), x.device))
-    on_grouped_mm = grouped.applies(spec, weights, x, cfg.grouped_mm)  # many rows an expert: CUTLASS's grouped GEMM
+    # many rows an expert: CUTLASS's grouped GEMM
+    on_grouped_mm = keep is not None or grouped.applies(spec, weights, x, cfg.grouped_mm)
     BM = 1 if on_grouped_mm else cfg.up.BM  # grouped_mm reads unpadded rows
     # grouped_mm's combine writes y from the expert rows: an accumulator only for the shared experts' sum
     acc = None if on_grouped_mm and spec.shared is None else _empty(T, H, device=x.device, dtype=torch.float32)
@@ -343,7 +348,11 @@ def forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int
             _run_experts(shared_mlp, x, weights.shared_w1, weights.shared_w2, weights.shared_b1, weights.shared_b2,
                          acc, shared_cfg, dense=True, row_scale=sg)
 
-    y = _routed(spec, weights, x, cfg, on_grouped_mm, acc, ids, weight, counts_cursor, table, side)
+    kept_rows = [] if keep is not None else None
+    y = _routed(spec, weights, x, cfg, on_grouped_mm, acc, ids, weight, counts_cursor, table, side,
+                kept_rows=kept_rows)
+    if kept_rows:
+        keep.append(Kept(logits, weight, ids, *kept_rows))
     return y, logits, weight
 
 
@@ -362,12 +371,18 @@ CANONICAL = GateUpLayout()
 def _routed(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, cfg: configs.MoEConfig, on_grouped_mm: bool,
             acc: torch.Tensor | None, ids: torch.Tensor, weight: torch.Tensor, counts_cursor: torch.Tensor,
             table: tuple | None, side: torch.cuda.Stream | None,
-            layout: GateUpLayout = CANONICAL) -> torch.Tensor:
-    """Dispatch (unless gating built the table), the routed experts and the combine: y [T, H] in x's dtype."""
+            layout: GateUpLayout = CANONICAL, kept_rows: list | None = None) -> torch.Tensor:
+    """Dispatch (unless gating built the table), the routed experts and the combine: y [T, H] in x's dtype.
+    kept_rows (on grouped_mm only): the rows run in the backward's layout, and (layout, up projection) appended."""
     T, H = x.shape
     E, S = spec.num_experts, weight.shape[1]
     BM = 1 if on_grouped_mm else cfg.up.BM
     implicit = spec.router.is_variable_k
+    if kept_rows is not None:  # the backward's row layout (a stable sort), not dispatch's table
+        rows, row_of_pair, row_layout, gu = grouped.expert_rows_kept(spec, weights, x, weight, ids, _kernel)
+        kept_rows.extend((row_layout, gu))
+        _join(side, x.device)
+        return grouped.combine(spec, rows, row_of_pair, weight, acc, weights.output_bias, _kernel)
     if table is None:
         table, max_blocks = _dispatch(ids, weight, counts_cursor, E, BM, implicit=implicit,
                                       skip_nonpositive=implicit)
@@ -434,12 +449,12 @@ def _finish(weights: MoEWeights, x: torch.Tensor, acc: torch.Tensor, side: torch
 
 
 def launch(spec: MoESpec, spec_json: str, weights: MoEWeights, x: torch.Tensor, seq_len: int,
-           copy_out: int) -> tuple[torch.Tensor, ...]:
+           copy_out: int, keep: list | None = None) -> tuple[torch.Tensor, ...]:
     """The block's launches (y, logits, slot weights); few tokens: replayed from a CUDA graph (kernels/graphs.py),
     since launching them from Python costs more than running them. Both the eager shortcut and the op (compiled
-    graphs) come here. A replay copies out the first `copy_out` outputs only."""
+    graphs) come here. A replay copies out the first `copy_out` outputs only, and keeps nothing (`keep`: forward's)."""
     if not graphs.applies(x):
-        return forward(spec, weights, x, seq_len)
+        return forward(spec, weights, x, seq_len, keep)
     key = (spec_json, seq_len, *[(t.data_ptr(), t.dtype, t.shape, t.stride()) for _, t in weights.items()
                                  if t is not None])
     return graphs.call(key, lambda static_x: forward(spec, weights, static_x, seq_len), x, copy_out=copy_out)

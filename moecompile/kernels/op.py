@@ -21,6 +21,7 @@ from ..reference import reference_forward
 from ..spec import MoESpec, MoEWeights
 from . import backward
 from .backward import autograd_inside_op
+from .keep import Kept, keep_reason
 from .launch import launch, reference_outputs, slots_of, unsupported_reason
 
 # the ops' tensor arguments, in schema order (MoEWeights' names after x); the first four are always present
@@ -47,11 +48,12 @@ def _unpack(args: tuple) -> tuple[torch.Tensor, MoEWeights, str, int]:
     return args[0], MoEWeights(**dict(zip(TENSOR_ARGS[1:], args[1:n]))), args[n], args[n + 1]
 
 
-def _op_impl(x: torch.Tensor, weights: MoEWeights, spec_json: str, seq_len: int, copy_out: int):
+def _op_impl(x: torch.Tensor, weights: MoEWeights, spec_json: str, seq_len: int, copy_out: int,
+             keep: list | None = None):
     spec = spec_of(spec_json)
     if unsupported_reason(spec, weights, x) is not None:  # torch.compile graphs call the op on any device
         return reference_outputs(spec, weights, x, seq_len)[:copy_out]
-    return launch(spec, spec_json, weights, x, seq_len, copy_out=copy_out)
+    return launch(spec, spec_json, weights, x, seq_len, copy_out=copy_out, keep=keep)
 
 
 @torch.library.custom_op("moecompile::moe_forward", mutates_args=(),
@@ -85,14 +87,15 @@ def _(*args):
 
 def backward_impl(grad_y: torch.Tensor | None, grad_logits: torch.Tensor | None, grad_weight: torch.Tensor | None,
                   inputs: list[torch.Tensor | None], wanted: list[bool], spec_json: str,
-                  seq_len: int) -> list[torch.Tensor]:
+                  seq_len: int, kept: Kept | None = None) -> list[torch.Tensor]:
     """The gradients of moe_forward's tensor inputs marked in `wanted` (in TENSOR_ARGS order): the Triton backward
-    (kernels/backward.py) where the kernels run, else the PyTorch reference recomputed under autograd."""
+    (kernels/backward.py) where the kernels run, else the PyTorch reference recomputed under autograd. kept: what
+    the forward kept for this backward (kernels/keep.py), consumed here."""
     spec = spec_of(spec_json)
     x, weights = inputs[0], MoEWeights(**dict(zip(TENSOR_ARGS[1:], inputs[1:])))
-    if unsupported_reason(spec, weights, x) is None and backward.reason(spec) is None:
+    if _kernel_backward(spec, weights, x):
         grads = backward.backward(spec, weights, x, seq_len, grad_y, grad_logits, grad_weight,
-                                  dict(zip(TENSOR_ARGS, wanted)))
+                                  dict(zip(TENSOR_ARGS, wanted)), kept)
         return [grads[name] for name, needs in zip(TENSOR_ARGS, wanted) if needs]
     with autograd_inside_op(), torch.enable_grad():
         leaves = {name: None if t is None else t.detach().requires_grad_(needs)
@@ -120,6 +123,11 @@ def moe_backward_op(grad_y: torch.Tensor, grad_logits: torch.Tensor | None, grad
 @moe_backward_op.register_fake
 def _(grad_y, grad_logits, grad_weight, inputs, wanted, spec_json, seq_len):
     return [torch.empty_like(t) for t, needs in zip(inputs, wanted) if needs]
+
+
+def _kernel_backward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> bool:
+    """Whether a call's backward runs on the kernels (kernels/backward.py) rather than the reference."""
+    return unsupported_reason(spec, weights, x) is None and backward.reason(spec) is None
 
 
 def _setup_context(ctx, inputs, output):
@@ -153,10 +161,20 @@ class EagerMoE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args):
         ctx.set_materialize_grads(False)  # unread outputs' gradients stay None, as the op's formula gets them
-        outputs = _op_impl(*_unpack(args), copy_out=3)
+        x, weights, spec_json, seq_len = _unpack(args)
+        spec = spec_of(spec_json)
+        keep = [] if _kernel_backward(spec, weights, x) and keep_reason(spec, weights, x) is None else None
+        outputs = _op_impl(x, weights, spec_json, seq_len, copy_out=3, keep=keep)
         _setup_context(ctx, args, outputs)
+        # a plain attribute, not save_for_backward: the backward overwrites it (one use), and saved-tensor hooks,
+        # which save_for_backward would call, are never active here (keep_reason)
+        ctx.kept = keep[0] if keep else None
         return outputs
 
     @staticmethod
     def backward(ctx, grad_y, grad_logits, grad_weight):
-        return _input_grads(ctx, grad_y, grad_logits, grad_weight, backward_impl)
+        kept, ctx.kept = ctx.kept, None  # one backward uses it up; a second (retain_graph) recomputes
+
+        def compute(*args):
+            return backward_impl(*args, kept=kept)
+        return _input_grads(ctx, grad_y, grad_logits, grad_weight, compute)

@@ -28,6 +28,10 @@ class KernelSettings:
     # the routed experts' gradients through torch._grouped_mm (kernels/grouped_backward.py): "auto" (bf16 on Hopper),
     # "always" (wherever torch._grouped_mm runs, the CPU included: the tests), "never" (the Triton backward)
     grouped_backward: str = "auto"
+    # from this many rows an active expert, an eager forward that records gradients runs the routed experts on
+    # grouped_mm and keeps their up projection for the backward (kernels/keep.py), which then skips recomputing it;
+    # None: never (the recompute option: a step holds only x and the weights between forward and backward)
+    keep_up_projection_min_rows: float | None = 128.0
     # tiles every call uses instead of configs.choose()'s (a configs.MoEConfig; the tuner times candidates this way)
     moe_config: object | None = None
 
