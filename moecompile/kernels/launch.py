@@ -24,10 +24,10 @@ from ..reference import reference_forward, route
 from ..spec import MoESpec, MoEWeights
 from ..state import kept
 from . import configs, graphs, grouped
-from .keep import Kept
 from .dispatch import _dispatch_kernel
 from .experts import ACTIVATION_CODES, _expert_down_kernel, _expert_up_kernel
 from .gating import SCORING_CODES, _gating_kernel
+from .keep import Kept
 from .settings import settings
 
 INTERPRETED = type(_gating_kernel).__name__ == "InterpretedFunction"
