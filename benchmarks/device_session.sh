@@ -8,7 +8,8 @@
 #                                              the ONNX tests with onnxruntime-gpu's CUDA provider: export_onnx's
 #                                              verify runs every file there (every core family, both lowerings).
 #                                              Needs onnxruntime-gpu unpacked at /tmp/ortsite first (the pieces of
-#                                              ../shared/tools/ort-gpu-pieces.sh, carried call by call)
+#                                              ../shared/tools/ort-gpu-pieces.sh, carried call by call);
+#                                              ONNX_CUDA_TIMEOUT (560 s) bounds each of its four parts
 set -uo pipefail
 export PYTHONPATH=$PWD
 OUT=${OUT:-/tmp}
@@ -25,7 +26,7 @@ if [ "${1:-}" = onnx_cuda ]; then
         | tee -a "$OUT/versions.txt" || { echo "no CUDA provider: unpack onnxruntime-gpu at /tmp/ortsite first"; exit 3; }
     for part in "core_family" "whole_model and auto" "whole_model and standard" "not core_family and not whole_model"; do
         name=$(echo "$part" | tr -c 'a-z\n' '_')
-        (OMP_NUM_THREADS=3 timeout 560 python -m pytest -q -p no:cacheprovider tests/backends/test_onnx.py -k "$part" \
+        (OMP_NUM_THREADS=3 timeout "${ONNX_CUDA_TIMEOUT:-560}" python -m pytest -q -p no:cacheprovider tests/backends/test_onnx.py -k "$part" \
             > "$OUT/onnx_cuda_$name.log" 2>&1; echo "onnx_cuda $part rc=$?" >> "$OUT/onnx_cuda_$name.log") &
     done
     wait
