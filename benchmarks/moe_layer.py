@@ -9,7 +9,9 @@ Both ceilings are measured at the start of the run: a 2 GiB device-to-device cop
 same input against the reference (reference.py: routing in fp32, experts in bf16), beside the HF block's own
 error against it (normwise relative). `peak_mb` is the peak memory one call adds; `held_mb` is what an
 implementation keeps allocated between calls (moecompile eager at <= 64 tokens: the pool of its decode graphs). The
-HF block scores in bf16, so near-tied experts flip; the reference does not.
+HF block scores in bf16, so near-tied experts flip; the reference does not. Top-k shapes also get FP8 rows
+(`moecompile_fp8`, `moecompile_fp8_cudagraph`): the same block with its experts in FP8 with 128 x 128 block scales
+(moecompile/fp8.py), against its own floor (one byte a weight) and the reference on the same dequantized weights.
 
 Run on the device: `python benchmarks/moe_layer.py --out benchmarks/results` (writes moe_layer.json and moe_layer.md).
 `--shapes` / `--tokens` pick a subset; `--quick` times fewer repeats.
@@ -17,6 +19,7 @@ Run on the device: `python benchmarks/moe_layer.py --out benchmarks/results` (wr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -27,7 +30,7 @@ import torch
 import triton
 import triton.testing
 
-from moecompile import FusedMoE, MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
+from moecompile import FusedMoE, MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec, fp8
 
 TOKENS = (1, 16, 128, 1024, 4096, 16384)
 SHAPES = {
@@ -180,7 +183,7 @@ def floor_ms(fused: FusedMoE, x: torch.Tensor, ceilings: dict) -> tuple[float, d
     routing = route(spec.router, w, x)
     active_pairs = int(routing.expert_index.numel())
     distinct = int(torch.unique(routing.expert_index).numel())
-    expert_bytes = 3 * H * I * 2
+    expert_bytes = 3 * H * I * w.w1.element_size()  # FP8 experts: one byte a weight (their scales are 1/16384)
     shared_I = spec.shared.mlp.intermediate_size if spec.shared else 0
     weight_bytes = distinct * expert_bytes + 3 * H * shared_I * 2 + E * H * 2
     io_bytes = 2 * T * H * 2
@@ -202,6 +205,7 @@ def run_shape(name: str, cfg: dict, tokens, ceilings: dict, quick: bool, rows: l
     fused = twin(block, cfg["family"], H, I, E, k, cfg.get("relu", False))
     compiled = torch.compile(block)  # the default: static first, then dynamic token counts
     hf_ours = torch.compile(hf_moecompile_experts(block, config))
+    fused_fp8 = fp8_twin(fused) if not cfg.get("relu") else None
     for T in tokens:
         x = torch.randn(1, T, H, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
@@ -236,9 +240,38 @@ def run_shape(name: str, cfg: dict, tokens, ceilings: dict, quick: bool, rows: l
             rows.append(dict(common, impl="moecompile_cudagraph", ms=ms, peak_mb=graph_mb))
             print(json.dumps(rows[-1]), flush=True)
             del graph
-    del block, fused, compiled, hf_ours
+            if fused_fp8 is not None:
+                rows.extend(fp8_rows(fused_fp8, x, name, T, ceilings, quick))
+    del block, fused, compiled, hf_ours, fused_fp8
     torch.compiler.reset()
     torch.cuda.empty_cache()
+
+
+def fp8_twin(fused: FusedMoE) -> FusedMoE:
+    """The same block with its routed experts' weights in FP8 with 128 x 128 block scales (moecompile/fp8.py), as
+    DeepSeek-V3's and Qwen3's FP8 checkpoints ship them."""
+    w = fused.weights()
+    (q1, s1), (q2, s2) = fp8.quantize(w.w1.detach()), fp8.quantize(w.w2.detach())
+    weights = MoEWeights(**{n: None if t is None else t.detach() for n, t in w.items()})
+    return FusedMoE(fused.spec, dataclasses.replace(weights, w1=q1, w2=q2, w1_scale=s1, w2_scale=s2))
+
+
+def fp8_rows(fused_fp8: FusedMoE, x: torch.Tensor, name: str, T: int, ceilings: dict, quick: bool) -> list[dict]:
+    """moecompile with FP8 experts, eager and in a CUDA graph, against its own floor (one byte a weight), and its
+    error against the reference on the same (dequantized) weights."""
+    from moecompile.reference import reference_forward as reference
+    with torch.no_grad():
+        floor, info = floor_ms(fused_fp8, x[0], ceilings)
+        ref, _ = reference(fused_fp8.spec, fused_fp8.weights(), x[0])
+        got = fused_fp8(x)
+        common = dict(shape=name, tokens=T, floor_ms=floor, **info)
+        rows = [dict(common, impl="moecompile_fp8", ms=bench(lambda: fused_fp8(x), quick),
+                     peak_mb=peak_extra_mb(lambda: fused_fp8(x)), rel_err_vs_reference=rel_err(got[0], ref))]
+        graph, _, graph_mb = graphed(fused_fp8, x)
+        rows.append(dict(common, impl="moecompile_fp8_cudagraph", ms=bench(graph.replay, quick), peak_mb=graph_mb))
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def geomean(values) -> float:
@@ -280,6 +313,18 @@ def markdown(result: dict) -> str:
             f"{f(g('moecompile').get('hf_rel_err_vs_reference'), '.1e')} |")
     lines += ["", f"Geometric-mean speedup of moecompile eager over HF grouped_mm under torch.compile: "
                   f"{geomean(speedups):.2f}x over {len(speedups)} rows."]
+    fp8_seen = [st for st in seen if by.get((*st, "moecompile_fp8"))]
+    if fp8_seen:
+        lines += ["", "FP8 experts (float8_e4m3fn, 128 x 128 block scales; weight-only: activations in bf16), beside "
+                  "the bf16 weights, both in a CUDA graph; the FP8 floor counts one byte a weight.", "",
+                  "| shape | tokens | bf16 graph ms | FP8 graph ms | FP8 eager ms | FP8 floor | FP8 % floor "
+                  "| FP8 err vs reference |", "|---" * 8 + "|"]
+        for shape, T in fp8_seen:
+            g = lambda impl: by.get((shape, T, impl), {})  # noqa: E731
+            q, qg = g("moecompile_fp8"), g("moecompile_fp8_cudagraph").get("ms")
+            lines.append(f"| {shape} | {T} | {f(g('moecompile_cudagraph').get('ms'))} | {f(qg)} | {f(q.get('ms'))} "
+                         f"| {f(q.get('floor_ms'))} | {f(100 * q['floor_ms'] / qg if qg else None, '.0f')} "
+                         f"| {f(q.get('rel_err_vs_reference'), '.1e')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from . import fp8
 from .errors import MoECompileError
 from .kernels import moe as kernel_moe
 from .outputs import block_outputs
@@ -183,8 +184,8 @@ def _cast_for_autocast(x: torch.Tensor, weights: MoEWeights, dtype: torch.dtype)
     """Under autocast the block's matmuls run in the autocast dtype, as the original block's nn.Linear and matmul
     calls would: the input and the expert weights are cast (differentiably: gradients reach the fp32 parameters);
     the router keeps its own dtype, and the kernels route in fp32 as they always do."""
-    cast = {name: t.to(dtype) if name in EXPERT_MATMUL_WEIGHTS and t is not None and t.is_floating_point() else t
-            for name, t in weights.items()}
+    cast = {name: t.to(dtype) if name in EXPERT_MATMUL_WEIGHTS and t is not None and t.is_floating_point()
+            and not fp8.is_fp8(t) else t for name, t in weights.items()}  # FP8 weights stay (with their scales)
     return x.to(dtype), MoEWeights(**cast)
 
 

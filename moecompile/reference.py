@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import fp8
 from .spec import MLPSpec, MoESpec, MoEWeights, NormSpec, RouterSpec
 
 
@@ -301,7 +302,9 @@ def apply_norm(norm: NormSpec, weight: torch.Tensor, bias: torch.Tensor | None, 
 def reference_forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor,
                 seq_len: int | None = None) -> tuple[torch.Tensor, Routing]:
     """The block on x [T, H]: output [T, H] in x's dtype, and the routing it used. `seq_len` splits the T tokens
-    into sequences for an expert capacity (None: one sequence)."""
+    into sequences for an expert capacity (None: one sequence). FP8 expert weights compute dequantized to x's
+    dtype, as the kernels' tiles are (fp8.py)."""
+    weights = fp8.dequantized(weights, x.dtype)
     if spec.input_norm is not None or spec.residual:
         core = dataclasses.replace(spec, input_norm=None, residual=False)
         x_in = input_norm(spec, weights, x) if spec.input_norm is not None else x

@@ -45,6 +45,8 @@ from typing import Literal
 
 import torch
 
+from . import fp8
+
 Scoring = Literal["softmax", "sigmoid", "sqrtsoftplus", "relu", "none"]
 Selection = Literal["topk", "grouped_topk", "all_positive", "sparsemixer"]
 ScoreOrder = Literal["score_then_select", "select_then_score"]
@@ -366,6 +368,9 @@ class MoEWeights:
     output_bias: torch.Tensor | None = None  # [H]
     norm_weight: torch.Tensor | None = None  # [H], the input norm's
     norm_bias: torch.Tensor | None = None  # [H]
+    # w1 / w2 in float8_e4m3fn: their block scales (moecompile/fp8.py), [E, ceil(rows/128), ceil(cols/128)] fp32
+    w1_scale: torch.Tensor | None = None
+    w2_scale: torch.Tensor | None = None
 
     def check(self, spec: MoESpec) -> None:
         """Raise ValueError if a tensor's presence or shape disagrees with the spec."""
@@ -390,6 +395,17 @@ class MoEWeights:
             "norm_weight": (H,) if spec.input_norm is not None else None,
             "norm_bias": (H,) if spec.input_norm is not None and spec.input_norm.has_bias else None,
         })
+        for name in ("w1", "w2"):
+            weight, scale = getattr(self, name), getattr(self, name + "_scale")
+            if weight is None:
+                continue
+            if fp8.is_fp8(weight):
+                want[name + "_scale"] = fp8.scale_shape(tuple(weight.shape))
+            elif weight.dtype.is_floating_point and weight.element_size() == 1:
+                raise ValueError(f"weights.{name} is {weight.dtype}; the FP8 format taken is float8_e4m3fn with "
+                                 "128 x 128 block scales (moecompile/fp8.py)")
+            elif scale is not None:
+                raise ValueError(f"weights.{name}_scale is set but weights.{name} is {weight.dtype}, not FP8")
         for name, shape in want.items():
             tensor = getattr(self, name)
             if shape is None and tensor is not None:

@@ -197,6 +197,13 @@ def _lowered_copy(model: nn.Module, moe_op: str) -> tuple[nn.Module, Report]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             exported = optimize(exported, inplace=True)  # a new module when the root itself is the block
+    fp8_blocks = [m.source_path or "<block>" for m in exported.modules()
+                  if isinstance(m, FusedMoE) and m.weights().w1_scale is not None]
+    if fp8_blocks:
+        raise MoECompileError(
+            f"export_onnx: {', '.join(fp8_blocks)} hold FP8 expert weights with block scales, which neither ONNX "
+            "lowering takes; export a copy whose experts hold dequantized weights (moecompile.fp8.dequantize: "
+            "the 16-bit weights the checkpoint was quantized from)")
     known = _report_or_none(exported) or _report_or_none(model)
     rep = copy.deepcopy(known) if known is not None else Report(model_type=type(model).__name__)
     for path_, kind in _choose_lowerings(exported, moe_op, rep).items():

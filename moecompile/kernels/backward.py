@@ -219,7 +219,7 @@ def _input_grad(x, dpre, w1e, pair_weight, gx, table_args, T, H, F, S, max_block
     _expert_down_kernel[(programs,)](
         dpre, w1e, gx, out, pair_weight if apply_weight else gx, gx, *table_args,
         T, H, F, S, 0, max_blocks,
-        dpre.stride(0), w1e.stride(0), w1e.stride(2), w1e.stride(1), 0, out.stride(0), programs,
+        dpre.stride(0), w1e.stride(0), w1e.stride(2), w1e.stride(1), 0, out.stride(0), programs, gx, 0, 0, 0,
         DENSE=dense, HAS_B2=False, APPLY_WEIGHT=apply_weight, HAS_ROW_SCALE=False, DOT_FP32=dot_fp32,
         BM=tiles.BM, BN=tiles.BN, BK=tiles.BK, SPLIT_K=1, GROUP_M=8, PAIR_ROWS=deterministic,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,

@@ -13,6 +13,11 @@ PAIR_ROWS for its deterministic mode.
 In DENSE mode the rows are the tokens themselves and there is one expert (the shared experts take this path, with
 the same kernels). The down kernel adds with fp32 atomics into a [T, H] fp32 accumulator, so a token's k expert
 outputs are summed without a [T*k, H] buffer or a combine pass; a K split (decode) adds its partial sums the same way.
+
+With FP8_BLOCK (routed experts in float8_e4m3fn with one scale per FP8_BLOCK x FP8_BLOCK block, moecompile/fp8.py)
+each weight tile is loaded in FP8 (half the bytes of bf16), multiplied by its elements' block scales in fp32 and
+rounded to the activations' dtype before the dot: weight-only FP8, the same products as the reference computes
+with fp8.dequantize'd weights.
 """
 
 from __future__ import annotations
@@ -120,10 +125,10 @@ def _expert_up_kernel(
     sorted_pair_ptr, block_expert_ptr, block_end_ptr, num_blocks_ptr,
     T, H, I, S, block_lo, round_blocks,
     stride_xt, stride_w1e, stride_w1f, stride_w1h, stride_w1u, stride_b1e, stride_b1f, stride_b1u, stride_ht,
-    alpha, limit, NUM_PROGS,
+    alpha, limit, NUM_PROGS, s1_ptr, stride_s1e, stride_s1f, stride_s1h,
     DENSE: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_B1: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr, DOT_FP32: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, FP8_BLOCK: tl.constexpr = 0,
 ):
     num_m = _round_blocks(num_blocks_ptr, block_lo, round_blocks, T, BM, DENSE)
     num_n = tl.cdiv(I, BN)
@@ -142,15 +147,26 @@ def _expert_up_kernel(
             in_scale = tl.load(pair_weight_ptr + pair, mask=row_ok, other=0.0)
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        if FP8_BLOCK:  # each weight element's block scale: rows f (gate) and I + f (up) of w1, columns k
+            s_base = s1_ptr + expert.to(tl.int64) * stride_s1e
+            sg_ptrs = s_base + (cols // FP8_BLOCK)[None, :] * stride_s1f
+            su_ptrs = s_base + ((cols + I) // FP8_BLOCK)[None, :] * stride_s1f
         for k0 in range(0, H, BK):
             k_ok = ks < H - k0
+            w_ok = k_ok[:, None] & col_ok[None, :]
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             if WEIGHT_ON_INPUT:
                 a = (a.to(tl.float32) * in_scale[:, None]).to(x_ptr.dtype.element_ty)
-            wg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            wg = tl.load(g_ptrs, mask=w_ok, other=0.0)
+            if FP8_BLOCK:  # dequantized in registers, rounded to x's dtype as the reference's weights are
+                k_step = ((k0 + ks) // FP8_BLOCK)[:, None] * stride_s1h
+                wg = (wg.to(tl.float32) * tl.load(sg_ptrs + k_step, mask=w_ok, other=0.0)).to(x_ptr.dtype.element_ty)
             acc_g = mma(a, wg, acc_g, DOT_FP32)
             if GATED:
-                wu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                wu = tl.load(u_ptrs, mask=w_ok, other=0.0)
+                if FP8_BLOCK:
+                    wu = (wu.to(tl.float32) * tl.load(su_ptrs + k_step, mask=w_ok, other=0.0)).to(
+                        x_ptr.dtype.element_ty)
                 acc_u = mma(a, wu, acc_u, DOT_FP32)
             a_ptrs += BK
             g_ptrs += BK * stride_w1h
@@ -172,10 +188,11 @@ def _expert_down_kernel(
     sorted_pair_ptr, block_expert_ptr, block_end_ptr, num_blocks_ptr,
     T, H, I, S, block_lo, round_blocks,
     stride_ht, stride_w2e, stride_w2h, stride_w2i, stride_b2e, stride_ot, NUM_PROGS,
+    s2_ptr, stride_s2e, stride_s2h, stride_s2i,
     DENSE: tl.constexpr, HAS_B2: tl.constexpr, APPLY_WEIGHT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PAIR_ROWS: tl.constexpr = False,
+    PAIR_ROWS: tl.constexpr = False, FP8_BLOCK: tl.constexpr = 0,
 ):
     num_m = _round_blocks(num_blocks_ptr, block_lo, round_blocks, T, BM, DENSE)
     num_n = tl.cdiv(H, BN)
@@ -193,10 +210,17 @@ def _expert_down_kernel(
         w_ptrs = (w2_ptr + expert.to(tl.int64) * stride_w2e + cols.to(tl.int64)[None, :] * stride_w2h
                   + (k_begin + ks)[:, None] * stride_w2i)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if FP8_BLOCK:  # each weight element's block scale: rows (output columns) and k of w2
+            s_ptrs = s2_ptr + expert.to(tl.int64) * stride_s2e + (cols // FP8_BLOCK)[None, :] * stride_s2h
         for kt in range(0, k_tiles):
             k_ok = ks < I - (k_begin + kt * BK)
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if FP8_BLOCK:
+                kk = k_begin + kt * BK + ks
+                scale = tl.load(s_ptrs + (kk // FP8_BLOCK)[:, None] * stride_s2i, mask=k_ok[:, None] & col_ok[None, :],
+                                other=0.0)
+                w = (w.to(tl.float32) * scale).to(h_ptr.dtype.element_ty)
             acc = mma(a, w, acc, DOT_FP32)
             a_ptrs += BK
             w_ptrs += BK * stride_w2i

@@ -96,6 +96,8 @@ def unsupported_reason(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> s
         return "ReLU routing (its rows are bounded per round, not by k)"
     if weights.b1 is not None or weights.b2 is not None:
         return "expert biases"
+    if weights.w1_scale is not None or weights.w2_scale is not None:
+        return "FP8 expert weights (the Triton kernels dequantize them per tile)"
     if e.hidden_size % 8 or e.intermediate_size % 8:
         return "hidden or intermediate size not a multiple of 8 (16-byte rows)"
     if not (_layout_ok(weights.w1) and _layout_ok(weights.w2)):

@@ -59,6 +59,8 @@ def unsupported_reason(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> s
         # sums, and a value rounded onto the bound (1.5 and 7.0 are exact in bf16) would take a gradient that the
         # forward's value, just past it, did not (measured: 10x the Triton backward's error at limit 1.5)
         return "clamped activation in 16-bit (the rounded up projection decides the clamp differently)"
+    if weights.w1_scale is not None or weights.w2_scale is not None:
+        return "FP8 expert weights (not trained: the reference gives the input's gradient)"
     if spec.router.weight_on_input and weights.b1 is not None:
         return "routing weight on the input with an up-projection bias"
     e = spec.experts

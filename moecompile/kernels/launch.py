@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .. import fp8
 from ..reference import reference_forward, route
 from ..spec import MoESpec, MoEWeights
 from ..state import kept
@@ -71,8 +72,19 @@ def unsupported_reason(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> s
         return f"input dtype {x.dtype}"
     for name in ("w1", "w2", "shared_w1", "shared_w2"):
         w = getattr(weights, name)
-        if w is not None and w.dtype != x.dtype:
+        if w is not None and w.dtype != x.dtype and not (name in ("w1", "w2") and fp8.is_fp8(w)):
             return f"{name} is {w.dtype}, input is {x.dtype}"
+    if fp8.is_fp8(weights.w1) or fp8.is_fp8(weights.w2):
+        return _fp8_reason(weights, x)
+    return None
+
+
+def _fp8_reason(weights: MoEWeights, x: torch.Tensor) -> str | None:
+    """Why FP8 expert weights cannot run on the kernels here, or None."""
+    if not (fp8.is_fp8(weights.w1) and fp8.is_fp8(weights.w2)):
+        return "FP8 for one of w1 and w2 only (the kernels take both or neither)"
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 9):
+        return "FP8 weights need a GPU of compute capability 8.9 or later (Ada, Hopper)"
     return None
 
 
@@ -222,10 +234,12 @@ def _programs(tiles: int, device: torch.device, cfg: configs.GemmConfig, b_tiles
 
 def _run_experts(mlp, x, w1, w2, b1, b2, acc, cfg: configs.MoEConfig, *, dense: bool, S: int = 1,
                  table=None, pair_weight=None, row_scale=None, weight_on_input=False, rounds=1, round_blocks=0,
-                 w1_up: int | None = None, b1_up: int | None = None, pair_rows: bool = False):
+                 w1_up: int | None = None, b1_up: int | None = None, pair_rows: bool = False,
+                 w1_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None):
     """Up then down GEMM for one expert set; routed rows come from `table` (dispatch's output), dense rows are the
     tokens. Adds into acc [T, H] fp32, or with pair_rows stores each (token, slot) pair's row into acc [T*S, H]
-    (deterministic mode; cfg.down must not split K). w1 and w2 may be strided views ([E, F, H] and [E, H, I])."""
+    (deterministic mode; cfg.down must not split K). w1 and w2 may be strided views ([E, F, H] and [E, H, I]);
+    w1_scale / w2_scale: their block scales when they are FP8 (fp8.py; the canonical [gate; up] layout only)."""
     T, H = x.shape
     I = mlp.intermediate_size
     dot_fp32 = x.dtype == torch.float32 or DOTS_IN_FP32
@@ -252,6 +266,9 @@ def _run_experts(mlp, x, w1, w2, b1, b2, acc, cfg: configs.MoEConfig, *, dense: 
     elem = 4 if dot_fp32 else x.element_size()
     up_programs = _programs(m_blocks * triton.cdiv(I, up.BN), x.device, up, 2 if mlp.gated else 1, elem)
     down_programs = _programs(m_blocks * triton.cdiv(H, down.BN) * down.split_k, x.device, down, 1, elem)
+    fp8_block = fp8.BLOCK if w1_scale is not None else 0
+    s1 = (w1_scale, *w1_scale.stride()) if w1_scale is not None else (acc, 0, 0, 0)
+    s2 = (w2_scale, *w2_scale.stride()) if w2_scale is not None else (acc, 0, 0, 0)
     for r in range(rounds):
         block_lo = r * round_blocks
         _kernel(_expert_up_kernel)[(up_programs,)](
@@ -259,21 +276,21 @@ def _run_experts(mlp, x, w1, w2, b1, b2, acc, cfg: configs.MoEConfig, *, dense: 
             sorted_pair, block_expert, block_end, num_blocks,
             T, H, I, S, block_lo, round_blocks,
             x.stride(0), w1s[0], w1s[1], w1s[2], w1_up, b1s, b1_col, b1_up, h.stride(0),
-            float(mlp.activation_alpha), float(mlp.activation_limit), up_programs,
+            float(mlp.activation_alpha), float(mlp.activation_limit), up_programs, *s1,
             DENSE=dense, GATED=mlp.gated, ACT=ACTIVATION_CODES[mlp.activation], HAS_B1=b1 is not None,
             WEIGHT_ON_INPUT=weight_on_input, DOT_FP32=dot_fp32,
-            BM=up.BM, BN=up.BN, BK=up.BK, GROUP_M=up.GROUP_M,
+            BM=up.BM, BN=up.BN, BK=up.BK, GROUP_M=up.GROUP_M, FP8_BLOCK=fp8_block,
             num_warps=up.num_warps, num_stages=up.num_stages,
         )
         _kernel(_expert_down_kernel)[(down_programs,)](
             h, w2, b2 if b2 is not None else acc, acc, pw, rs,
             sorted_pair, block_expert, block_end, num_blocks,
             T, H, I, S, block_lo, round_blocks,
-            h.stride(0), w2s[0], w2s[1], w2s[2], b2s, acc.stride(0), down_programs,
+            h.stride(0), w2s[0], w2s[1], w2s[2], b2s, acc.stride(0), down_programs, *s2,
             DENSE=dense, HAS_B2=b2 is not None, APPLY_WEIGHT=pair_weight is not None and not weight_on_input,
             HAS_ROW_SCALE=row_scale is not None, DOT_FP32=dot_fp32,
             BM=down.BM, BN=down.BN, BK=down.BK, SPLIT_K=down.split_k, GROUP_M=down.GROUP_M, PAIR_ROWS=pair_rows,
-            num_warps=down.num_warps, num_stages=down.num_stages,
+            FP8_BLOCK=fp8_block, num_warps=down.num_warps, num_stages=down.num_stages,
         )
 
 
@@ -402,7 +419,8 @@ def _routed(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, cfg: configs.Mo
     _run_experts(spec.experts, x, weights.w1, weights.w2, weights.b1, weights.b2, out, cfg, dense=False, S=S,
                  table=table, pair_weight=weight, weight_on_input=spec.router.weight_on_input,
                  rounds=triton.cdiv(max_blocks, round_blocks), round_blocks=round_blocks,
-                 w1_up=layout.w1_up, b1_up=layout.b1_up, pair_rows=deterministic)
+                 w1_up=layout.w1_up, b1_up=layout.b1_up, pair_rows=deterministic,
+                 w1_scale=weights.w1_scale, w2_scale=weights.w2_scale)
     if deterministic:
         acc += out.view(T, S, H).sum(dim=1)
     return _finish(weights, x, acc, side)

@@ -26,7 +26,7 @@ from .launch import launch, reference_outputs, slots_of, unsupported_reason
 
 # the ops' tensor arguments, in schema order (MoEWeights' names after x); the first four are always present
 TENSOR_ARGS = ("x", "router_weight", "w1", "w2", "router_bias", "correction_bias", "b1", "b2", "shared_w1",
-               "shared_w2", "shared_b1", "shared_b2", "shared_gate", "output_bias")
+               "shared_w2", "shared_b1", "shared_b2", "shared_gate", "output_bias", "w1_scale", "w2_scale")
 _INPUTS = ", ".join(f"Tensor{'?' if i >= 4 else ''} {name}" for i, name in enumerate(TENSOR_ARGS))
 # the forward ops' one argument list: the tensors, the block's spec as JSON, and the sequence length
 FORWARD_ARGS = f"({_INPUTS}, str spec_json, SymInt seq_len)"
@@ -127,7 +127,10 @@ def _(grad_y, grad_logits, grad_weight, inputs, wanted, spec_json, seq_len):
 
 def _kernel_backward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> bool:
     """Whether a call's backward runs on the kernels (kernels/backward.py) rather than the reference."""
-    return unsupported_reason(spec, weights, x) is None and backward.reason(spec) is None
+    # FP8 expert weights are not trained: the input's and the router's gradients come from the reference, which
+    # dequantizes them
+    return (unsupported_reason(spec, weights, x) is None and backward.reason(spec) is None
+            and weights.w1_scale is None and weights.w2_scale is None)
 
 
 def _setup_context(ctx, inputs, output):
