@@ -104,9 +104,11 @@ def backward_impl(grad_y: torch.Tensor | None, grad_logits: torch.Tensor | None,
         y, routing = reference_forward(spec, MoEWeights(**leaves), x, seq_len)
         slot_weights = routing.slot_weights(spec.router.scaling_factor)
         targets = [x, *leaves.values()]
-        grads = torch.autograd.grad([y, routing.logits, slot_weights],
-                                    [t for t, needs in zip(targets, wanted) if needs],
-                                    [grad_y, grad_logits, grad_weight], allow_unused=True)
+        # outputs whose gradient is None (eager calls do not materialise unread outputs' gradients) are left out
+        outputs = [(o, g) for o, g in zip([y, routing.logits, slot_weights], [grad_y, grad_logits, grad_weight])
+                   if g is not None]
+        grads = torch.autograd.grad([o for o, _ in outputs], [t for t, needs in zip(targets, wanted) if needs],
+                                    [g for _, g in outputs], allow_unused=True)
     return [torch.zeros_like(t) if g is None else g
             for g, t in zip(grads, [t for t, needs in zip(targets, wanted) if needs])]
 
