@@ -70,6 +70,23 @@ class FusedMoE(nn.Module):
     def weights(self) -> MoEWeights:
         return MoEWeights(**{name: getattr(self, name) for name in self._weight_names})
 
+    def replace_weights(self, **tensors: torch.Tensor | None) -> None:
+        """Replace, add or (None) drop weight tensors by MoEWeights name, checked against the spec first (nothing
+        changes if the check fails). Parameters stay parameters; plain tensors become buffers."""
+        dataclasses.replace(self.weights(), **tensors).check(self.spec)
+        for name, tensor in tensors.items():
+            self._parameters.pop(name, None)
+            self._buffers.pop(name, None)
+            if name in self._weight_names:
+                self._weight_names.remove(name)
+            if tensor is None:
+                continue
+            if isinstance(tensor, nn.Parameter):
+                self.register_parameter(name, tensor)
+            else:
+                self.register_buffer(name, tensor)
+            self._weight_names.append(name)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple:
         if self.training and self.eval_only_reason is not None:
             raise MoECompileError(

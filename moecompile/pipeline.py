@@ -26,6 +26,7 @@ from .errors import MoECompileError
 from .expert_parallel import check_group, shard_experts, unshardable_reason
 from .passes.log import PassRun, Report
 from .passes.manager import ANALYSIS_PASSES, FusePass, PassContext, PassManager
+from .passes.quantize import check_expert_weights, quantize_experts
 from .passes.routing import DEFAULT_COVERAGE, RoutingChange
 from .passes.routing import check_options as check_routing_options
 from .passes.routing import rewrite_routing as passes_rewrite_routing
@@ -35,7 +36,7 @@ from .state import kept
 _REPORTS: weakref.WeakKeyDictionary[nn.Module, Report] = kept("pipeline: optimize's report by model",
                                                                weakref.WeakKeyDictionary())
 _OPTIONS = MappingProxyType({"seed": int, "routing": str, "k": (int, str), "calibration": object, "coverage": float,
-                             "progress": object, "expert_parallel": object})
+                             "progress": object, "expert_parallel": object, "expert_weights": str})
 
 
 def _structural_copy(model: nn.Module) -> nn.Module:
@@ -71,7 +72,9 @@ def optimize(model: nn.Module, *, verify: bool = True, strict: bool = False, inp
         calibrate on; coverage (float, default 0.99): the share of active pairs k="auto" keeps; progress: a
         callable called after each block's rewrite. expert_parallel: a torch.distributed ProcessGroup (or
         torch.distributed.group.WORLD): split each fused block's experts over its ranks (expert_parallel.py); every
-        block must be fused and splittable, else nothing is changed.
+        block must be fused and splittable, else nothing is changed. expert_weights ("fp8"): store each fused
+        block's routed experts in FP8 with 128 x 128 block scales (passes/quantize.py); this changes what the model
+        computes, and the pass log reports each block's output error.
 
     Returns the optimized model; `moecompile.report(model)` gives the pass log.
     """
@@ -88,6 +91,9 @@ def optimize(model: nn.Module, *, verify: bool = True, strict: bool = False, inp
     PassManager([FusePass]).run(ctx)
     if "routing" in options:
         ctx.model = _rewrite_routing(ctx, model, options)
+    if "expert_weights" in options:
+        _undo_on_failure(ctx, model, lambda: quantize_experts(ctx.model, report, options["expert_weights"],
+                                                              options.get("seed", 0)))
     target = ctx.model  # the FusedMoE itself when the whole model was one block
     _REPORTS[target] = report
     _REPORTS[model] = report
@@ -132,7 +138,12 @@ def _check_before_changes(report: Report, strict: bool, options: dict) -> None:
         raise MoECompileError(f"optimize(strict=True): {len(left)} MoE block(s) left alone: {lines}. "
                               "Pass strict=False to keep them as they are")
     if options.get("expert_parallel") is not None:
+        if "expert_weights" in options:
+            raise MoECompileError("optimize: expert_parallel and expert_weights together are not supported yet "
+                                  "(the shards would split the FP8 block scales); pass one of them")
         _check_shardable(report, options["expert_parallel"])
+    if "expert_weights" in options:
+        check_expert_weights(options["expert_weights"])
     if "routing" in options:
         try:
             check_routing_options(options["routing"], options.get("k"), options.get("coverage", DEFAULT_COVERAGE))
@@ -155,10 +166,16 @@ def _check_shardable(report: Report, group) -> None:
 
 def _rewrite_routing(ctx: PassContext, model: nn.Module, options: dict) -> nn.Module:
     """The routing pass after the fuse pass; on failure the fused copy is dropped (inplace: the swap is undone)."""
+    return _undo_on_failure(ctx, model, lambda: _routing_pass(
+        ctx.model, ctx.report, options["routing"], k=options.get("k"), calibration=options.get("calibration"),
+        coverage=options.get("coverage", DEFAULT_COVERAGE), progress=options.get("progress"))[0])
+
+
+def _undo_on_failure(ctx: PassContext, model: nn.Module, run: Callable):
+    """run() for a pass after the fuse pass; if it raises, the fused copy is dropped (inplace: the original blocks
+    are put back) and the error goes on."""
     try:
-        return _routing_pass(ctx.model, ctx.report, options["routing"], k=options.get("k"),
-                             calibration=options.get("calibration"),
-                             coverage=options.get("coverage", DEFAULT_COVERAGE), progress=options.get("progress"))[0]
+        return run()
     except BaseException:
         if ctx.model is model:  # inplace: put the original blocks back
             for record in ctx.report.fused:

@@ -50,6 +50,7 @@ class BlockRecord:
     routing_change: dict | None = None  # a routing rewrite's measured effect (passes/routing.py RoutingChange)
     routing_summary: str = ""
     export: str = ""  # the ONNX form export_onnx gave the block (backends/onnx.py), and why
+    expert_weights: str = ""  # optimize(expert_weights=...): the format the experts took and its measured error
 
     def leave(self, reason: str) -> None:
         self.decision, self.reason = "left", reason
@@ -136,6 +137,10 @@ class Report:
         if rewrites:
             lines.append("routing rewrites (they change what the model computes; measured on the calibration tokens):")
             lines.extend(f"  {b.path or '<root>'}: {b.routing_summary}" for b in rewrites)
+        quantized = [b for b in self.blocks if b.expert_weights]
+        if quantized:
+            lines.append("expert weights (they change what the model computes; measured against the block before):")
+            lines.extend(f"  {b.path or '<root>'}: {b.expert_weights}" for b in quantized)
         exported = [b for b in self.blocks if b.export]
         if exported:
             lines.append("ONNX export:")
