@@ -3,8 +3,10 @@
 # repository root; logs and results under ${OUT:-/tmp}:
 #   kernels    the CUDA kernel cases for groups, masked groups at 0.0 and NaN tokens (about 2 minutes on an H100),
 #              then the fuzz campaign's descriptions through the Triton kernels for FUZZ_S seconds (300)
-#   backward   the Triton backward's CUDA tests and the compiled-training tests (test_backward.py, test_training.py)
+#   backward   the backward's CUDA tests (test_keep.py, test_grouped_backward.py, test_backward.py) and the
+#              compiled-training tests (test_training.py)
 #   training   the one-layer training benchmark, benchmarks/moe_train.py (TRAIN_ARGS, e.g. --quick)
+#   fp8        FP8 experts: tests/kernels/test_fp8.py on CUDA, then moe_layer.py's FP8 rows (FP8_SHAPES, FP8_TOKENS)
 #   hf_experts experts_implementation="moecompile" on CUDA (tests/test_hf_experts.py), then the layer benchmark's
 #              rows for it on Qwen3-30B-A3B when LAYER_TOKENS is set (e.g. "1 4096")
 #   tune       the tile tuner on the GPU (python -m moecompile.tune), Qwen3-30B-A3B at 1 and 1024 tokens, TUNE_S s
@@ -38,7 +40,7 @@ kernels() {
 
 backward() {
     # BACKWARD_K: a -k expression for a shorter run, e.g. "cuda and bfloat16"
-    timeout ${BACKWARD_TIMEOUT:-300} python -m pytest -q -rf -p no:cacheprovider tests/kernels/test_grouped_backward.py tests/kernels/test_backward.py tests/test_training.py \
+    timeout ${BACKWARD_TIMEOUT:-300} python -m pytest -q -rf -p no:cacheprovider tests/kernels/test_keep.py tests/kernels/test_grouped_backward.py tests/kernels/test_backward.py tests/test_training.py \
         ${BACKWARD_K:+-k "$BACKWARD_K"} > "$OUT/gpu_backward.log" 2>&1
     echo "backward rc=$?" | tee -a "$OUT/gpu_backward.log"; tail -n 12 "$OUT/gpu_backward.log"
 }
@@ -47,6 +49,16 @@ training() {
     # shellcheck disable=SC2086
     timeout 400 python benchmarks/moe_train.py --out "$OUT/results" ${TRAIN_ARGS:-} > "$OUT/moe_train.log" 2>&1
     echo "training rc=$?" | tee -a "$OUT/moe_train.log"; tail -n 22 "$OUT/moe_train.log"
+}
+
+fp8() {
+    # FP8 experts: the CUDA tests, then the layer benchmark's FP8 rows beside bf16 (FP8_TOKENS, FP8_SHAPES)
+    timeout 150 python -m pytest -q -rf -p no:cacheprovider tests/kernels/test_fp8.py > "$OUT/gpu_fp8.log" 2>&1
+    echo "fp8 tests rc=$?" | tee -a "$OUT/gpu_fp8.log"; tail -n 4 "$OUT/gpu_fp8.log"
+    # shellcheck disable=SC2086
+    timeout 300 python benchmarks/moe_layer.py --quick --shapes ${FP8_SHAPES:-qwen3_30b_a3b deepseek_v3} \
+        --tokens ${FP8_TOKENS:-1 128 4096} --out "$OUT/results_fp8" > "$OUT/moe_layer_fp8.log" 2>&1
+    echo "moe_layer fp8 rc=$?" | tee -a "$OUT/moe_layer_fp8.log"; tail -n 12 "$OUT/moe_layer_fp8.log"
 }
 
 hf_experts() {
@@ -109,7 +121,7 @@ diag() {
 
 for part in "$@"; do
     case "$part" in
-        kernels | backward | training | hf_experts | tune | memory | remoe | conversion | diag | profile) "$part" ;;
+        kernels | backward | training | fp8 | hf_experts | tune | memory | remoe | conversion | diag | profile) "$part" ;;
         *) echo "unknown part $part (kernels, backward, training, hf_experts, tune, memory, remoe, conversion, diag, profile)"; exit 2 ;;
     esac
 done
