@@ -1,8 +1,9 @@
 """FP8 expert weights with one scale per 128 x 128 block, the format DeepSeek-V3 and Qwen3's FP8 checkpoints ship
 (transformers' fine-grained FP8: `weight` float8_e4m3fn with `weight_scale_inv`, the value being weight * scale).
 
-Place in the pipeline: MoEWeights holds the routed experts' w1 / w2 in this format with `w1_scale` / `w2_scale`
-([E, ceil(rows / 128), ceil(cols / 128)] fp32); the Triton expert kernels (kernels/experts.py) dequantize each
+Place in the pipeline: MoEWeights holds the routed experts' w1 / w2 (and the shared experts' shared_w1 / shared_w2)
+in this format with `w1_scale` / `w2_scale` ([E, ceil(rows / 128), ceil(cols / 128)] fp32; the shared experts'
+without the E); the Triton expert kernels (kernels/experts.py) dequantize each
 weight tile in registers before the tile's dot (weight-only FP8: activations stay in x's dtype), and the reference
 (reference.py) computes with `dequantize`, which rounds as the kernels do (fp32 product, then x's dtype).
 `quantize` makes such weights from 16-bit or fp32 ones (for tests and benchmarks; checkpoints bring their own).
@@ -15,10 +16,17 @@ import torch
 BLOCK = 128
 FP8_DTYPES = (torch.float8_e4m3fn,)
 _E4M3_MAX = 448.0
+# the MoEWeights that may be FP8, each with its scale `<name>_scale`: the routed and the shared experts' GEMMs
+QUANTIZABLE = ("w1", "w2", "shared_w1", "shared_w2")
 
 
 def is_fp8(t: torch.Tensor | None) -> bool:
     return t is not None and t.dtype in FP8_DTYPES
+
+
+def has_fp8(weights) -> bool:
+    """Whether any of a MoEWeights' GEMM weights is FP8 (has a scale)."""
+    return any(getattr(weights, name + "_scale") is not None for name in QUANTIZABLE)
 
 
 def scale_shape(weight_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -58,10 +66,10 @@ def dequantized(weights, dtype: torch.dtype):
     object when there are none."""
     import dataclasses
 
-    if weights.w1_scale is None and weights.w2_scale is None:
+    if not has_fp8(weights):
         return weights
     changes = {}
-    for name in ("w1", "w2"):
+    for name in QUANTIZABLE:
         scale = getattr(weights, name + "_scale")
         if scale is not None:
             changes[name] = dequantize(getattr(weights, name), scale, dtype)

@@ -368,9 +368,12 @@ class MoEWeights:
     output_bias: torch.Tensor | None = None  # [H]
     norm_weight: torch.Tensor | None = None  # [H], the input norm's
     norm_bias: torch.Tensor | None = None  # [H]
-    # w1 / w2 in float8_e4m3fn: their block scales (moecompile/fp8.py), [E, ceil(rows/128), ceil(cols/128)] fp32
+    # w1 / w2 (shared_w1 / shared_w2) in float8_e4m3fn: their block scales (moecompile/fp8.py),
+    # [E, ceil(rows/128), ceil(cols/128)] fp32 ([ceil(rows/128), ceil(cols/128)] for the shared experts')
     w1_scale: torch.Tensor | None = None
     w2_scale: torch.Tensor | None = None
+    shared_w1_scale: torch.Tensor | None = None
+    shared_w2_scale: torch.Tensor | None = None
 
     def check(self, spec: MoESpec) -> None:
         """Raise ValueError if a tensor's presence or shape disagrees with the spec."""
@@ -395,7 +398,7 @@ class MoEWeights:
             "norm_weight": (H,) if spec.input_norm is not None else None,
             "norm_bias": (H,) if spec.input_norm is not None and spec.input_norm.has_bias else None,
         })
-        for name in ("w1", "w2"):
+        for name in fp8.QUANTIZABLE:
             weight, scale = getattr(self, name), getattr(self, name + "_scale")
             if weight is None:
                 continue

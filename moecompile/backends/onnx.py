@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import fp8
 from ..errors import MoECompileError
 from ..fused import FusedMoE
 from ..passes.log import BlockRecord, PassRun, Report
@@ -198,7 +199,7 @@ def _lowered_copy(model: nn.Module, moe_op: str) -> tuple[nn.Module, Report]:
             warnings.simplefilter("ignore")
             exported = optimize(exported, inplace=True)  # a new module when the root itself is the block
     fp8_blocks = [m.source_path or "<block>" for m in exported.modules()
-                  if isinstance(m, FusedMoE) and m.weights().w1_scale is not None]
+                  if isinstance(m, FusedMoE) and fp8.has_fp8(m.weights())]
     if fp8_blocks:
         raise MoECompileError(
             f"export_onnx: {', '.join(fp8_blocks)} hold FP8 expert weights with block scales, which neither ONNX "

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import fp8
 from ..spec import MLPSpec, MoESpec, MoEWeights
 from .experts import ACTIVATION_CODES, mlp_activation
 from .grad_kernels import pair_grads
@@ -59,7 +60,7 @@ def unsupported_reason(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> s
         # sums, and a value rounded onto the bound (1.5 and 7.0 are exact in bf16) would take a gradient that the
         # forward's value, just past it, did not (measured: 10x the Triton backward's error at limit 1.5)
         return "clamped activation in 16-bit (the rounded up projection decides the clamp differently)"
-    if weights.w1_scale is not None or weights.w2_scale is not None:
+    if fp8.has_fp8(weights):
         return "FP8 expert weights (not trained: the reference gives the input's gradient)"
     if spec.router.weight_on_input and weights.b1 is not None:
         return "routing weight on the input with an up-projection bias"

@@ -72,17 +72,18 @@ def unsupported_reason(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> s
         return f"input dtype {x.dtype}"
     for name in ("w1", "w2", "shared_w1", "shared_w2"):
         w = getattr(weights, name)
-        if w is not None and w.dtype != x.dtype and not (name in ("w1", "w2") and fp8.is_fp8(w)):
+        if w is not None and w.dtype != x.dtype and not fp8.is_fp8(w):
             return f"{name} is {w.dtype}, input is {x.dtype}"
-    if fp8.is_fp8(weights.w1) or fp8.is_fp8(weights.w2):
+    if fp8.has_fp8(weights):
         return _fp8_reason(weights, x)
     return None
 
 
 def _fp8_reason(weights: MoEWeights, x: torch.Tensor) -> str | None:
     """Why FP8 expert weights cannot run on the kernels here, or None."""
-    if not (fp8.is_fp8(weights.w1) and fp8.is_fp8(weights.w2)):
-        return "FP8 for one of w1 and w2 only (the kernels take both or neither)"
+    for up, down in (("w1", "w2"), ("shared_w1", "shared_w2")):
+        if fp8.is_fp8(getattr(weights, up)) != fp8.is_fp8(getattr(weights, down)):
+            return f"FP8 for one of {up} and {down} only (the kernels take both or neither)"
     if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 9):
         return "FP8 weights need a GPU of compute capability 8.9 or later (Ada, Hopper)"
     return None
@@ -267,8 +268,7 @@ def _run_experts(mlp, x, w1, w2, b1, b2, acc, cfg: configs.MoEConfig, *, dense: 
     up_programs = _programs(m_blocks * triton.cdiv(I, up.BN), x.device, up, 2 if mlp.gated else 1, elem)
     down_programs = _programs(m_blocks * triton.cdiv(H, down.BN) * down.split_k, x.device, down, 1, elem)
     fp8_block = fp8.BLOCK if w1_scale is not None else 0
-    s1 = (w1_scale, *w1_scale.stride()) if w1_scale is not None else (acc, 0, 0, 0)
-    s2 = (w2_scale, *w2_scale.stride()) if w2_scale is not None else (acc, 0, 0, 0)
+    s1, s2 = _scale_args(w1_scale, acc), _scale_args(w2_scale, acc)
     for r in range(rounds):
         block_lo = r * round_blocks
         _kernel(_expert_up_kernel)[(up_programs,)](
@@ -292,6 +292,14 @@ def _run_experts(mlp, x, w1, w2, b1, b2, acc, cfg: configs.MoEConfig, *, dense: 
             BM=down.BM, BN=down.BN, BK=down.BK, SPLIT_K=down.split_k, GROUP_M=down.GROUP_M, PAIR_ROWS=pair_rows,
             FP8_BLOCK=fp8_block, num_warps=down.num_warps, num_stages=down.num_stages,
         )
+
+
+def _scale_args(scale: torch.Tensor | None, dummy: torch.Tensor) -> tuple:
+    """A block-scale tensor and its (expert, row, column) strides for the expert kernels; the shared experts' 2-D
+    scale gets expert stride 0, and no scale a dummy pointer (FP8_BLOCK 0: never read)."""
+    if scale is None:
+        return dummy, 0, 0, 0
+    return (scale, *scale.stride()) if scale.dim() == 3 else (scale, 0, *scale.stride())
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
@@ -363,7 +371,8 @@ def forward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor, seq_len: int, k
         side = None if torch.are_deterministic_algorithms_enabled() else _side_stream(x.device)
         with _on_stream(side):
             _run_experts(shared_mlp, x, weights.shared_w1, weights.shared_w2, weights.shared_b1, weights.shared_b2,
-                         acc, shared_cfg, dense=True, row_scale=sg)
+                         acc, shared_cfg, dense=True, row_scale=sg, w1_scale=weights.shared_w1_scale,
+                         w2_scale=weights.shared_w2_scale)
 
     kept_rows = [] if keep is not None else None
     y = _routed(spec, weights, x, cfg, on_grouped_mm, acc, ids, weight, counts_cursor, table, side,

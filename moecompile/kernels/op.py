@@ -17,6 +17,7 @@ from functools import lru_cache
 
 import torch
 
+from .. import fp8
 from ..reference import reference_forward
 from ..spec import MoESpec, MoEWeights
 from . import backward
@@ -26,7 +27,8 @@ from .launch import launch, reference_outputs, slots_of, unsupported_reason
 
 # the ops' tensor arguments, in schema order (MoEWeights' names after x); the first four are always present
 TENSOR_ARGS = ("x", "router_weight", "w1", "w2", "router_bias", "correction_bias", "b1", "b2", "shared_w1",
-               "shared_w2", "shared_b1", "shared_b2", "shared_gate", "output_bias", "w1_scale", "w2_scale")
+               "shared_w2", "shared_b1", "shared_b2", "shared_gate", "output_bias", "w1_scale", "w2_scale",
+               "shared_w1_scale", "shared_w2_scale")
 _INPUTS = ", ".join(f"Tensor{'?' if i >= 4 else ''} {name}" for i, name in enumerate(TENSOR_ARGS))
 # the forward ops' one argument list: the tensors, the block's spec as JSON, and the sequence length
 FORWARD_ARGS = f"({_INPUTS}, str spec_json, SymInt seq_len)"
@@ -132,7 +134,7 @@ def _kernel_backward(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> boo
     # FP8 expert weights are not trained: the input's and the router's gradients come from the reference, which
     # dequantizes them
     return (unsupported_reason(spec, weights, x) is None and backward.reason(spec) is None
-            and weights.w1_scale is None and weights.w2_scale is None)
+            and not fp8.has_fp8(weights))
 
 
 def _setup_context(ctx, inputs, output):

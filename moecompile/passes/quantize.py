@@ -1,10 +1,10 @@
 """Expert weights in FP8: `optimize(model, expert_weights="fp8")`.
 
 Place in the pipeline: after the fuse pass (and a routing rewrite, if one was asked for), each fused block's routed
-experts are quantized to float8_e4m3fn with one scale per 128 x 128 block (moecompile/fp8.py), the format
-DeepSeek-V3's and Qwen3's FP8 checkpoints ship, as serving engines quantize a 16-bit checkpoint on load. The
-kernels then read half the expert bytes (kernels/experts.py's FP8 path); the router, the shared experts and the
-activations stay as they were.
+experts (and its shared experts) are quantized to float8_e4m3fn with one scale per 128 x 128 block
+(moecompile/fp8.py), the format DeepSeek-V3's and Qwen3's FP8 checkpoints ship, as serving engines quantize a 16-bit
+checkpoint on load. The kernels then read half the expert bytes (kernels/experts.py's FP8 path); the router, the
+shared expert's gate and the activations stay as they were.
 
 This changes what the model computes, so it is opt-in and measured: each block's output on probe inputs is compared
 with its own output before quantization, and the normwise relative error goes to the block's record (and the pass
@@ -55,7 +55,7 @@ def quantize_experts(model: nn.Module, report: Report, fmt: str, seed: int = 0) 
 def _quantize_block(block: FusedMoE, seed: int) -> str:
     """Swap one block's w1 / w2 for FP8 and block scales; returns the note for its record."""
     w = block.weights()
-    if fp8.is_fp8(w.w1):
+    if fp8.has_fp8(w):
         return "already FP8"
     if w.w1.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"left in {w.w1.dtype} (FP8 is made from fp32, bf16 or fp16 weights)"
@@ -63,8 +63,12 @@ def _quantize_block(block: FusedMoE, seed: int) -> str:
     x = torch.randn(PROBE_TOKENS, block.spec.hidden_size, generator=gen).to(w.w1.device, w.w1.dtype)
     with torch.no_grad():
         before = _output(block(x)).double()
-        (q1, s1), (q2, s2) = fp8.quantize(w.w1.detach()), fp8.quantize(w.w2.detach())
-        block.replace_weights(w1=q1, w2=q2, w1_scale=s1, w2_scale=s2)
+        changes = {}
+        for name in fp8.QUANTIZABLE:  # the routed experts, and the shared experts where there are
+            weight = getattr(w, name)
+            if weight is not None:
+                changes[name], changes[name + "_scale"] = fp8.quantize(weight.detach())
+        block.replace_weights(**changes)
         after = _output(block(x)).double()
     error = ((after - before).norm() / before.norm().clamp_min(1e-30)).item()
     return f"fp8 (float8_e4m3fn, 128 x 128 block scales): output error on {PROBE_TOKENS} probe tokens {error:.3e}"

@@ -39,17 +39,19 @@ def block_scaled(weight: torch.Tensor, gen: torch.Generator, spread: int) -> tor
     return (weight.float() * fp8._blocks(2.0 ** exps, rows, cols)).to(weight.dtype)
 
 
-def fp8_block(router: str, E: int, k: int, H: int, I: int, dtype, device="cpu", seed=0):
-    """(spec, FP8 weights, the same weights dequantized to dtype, generator)."""
-    spec = cases.make_spec(router, E, k, H, I)
+def fp8_block(router: str, E: int, k: int, H: int, I: int, dtype, device="cpu", seed=0, mlp="swiglu"):
+    """(spec, FP8 weights (the routed experts', and the shared experts' where there are), the same weights
+    dequantized to dtype, generator)."""
+    spec = cases.make_spec(router, E, k, H, I, mlp)
     gen = torch.Generator().manual_seed(seed)
     w = cases.make_weights(spec, torch.float32, "cpu", gen)
     spread = 6 if dtype == torch.float32 else 3  # fp16's range holds outputs of weights 2^3 apart
-    q1, s1 = fp8.quantize(block_scaled(w.w1, gen, spread))
-    q2, s2 = fp8.quantize(block_scaled(w.w2, gen, spread))
-    on = {n: None if t is None else t.to(device, dtype) for n, t in w.items()}
-    quantized = MoEWeights(**{**on, "w1": q1.to(device), "w2": q2.to(device), "w1_scale": s1.to(device),
-                              "w2_scale": s2.to(device)})
+    tensors = {n: None if t is None else t.to(device, dtype) for n, t in w.items()}
+    for name in fp8.QUANTIZABLE:
+        if tensors[name] is not None:
+            q, scale = fp8.quantize(block_scaled(getattr(w, name), gen, spread))
+            tensors[name], tensors[name + "_scale"] = q.to(device), scale.to(device)
+    quantized = MoEWeights(**tensors)
     return spec, quantized, fp8.dequantized(quantized, dtype), gen
 
 
@@ -84,6 +86,20 @@ def test_16bit_against_reference_cpu(dtype, router):
     spec, quantized, dequantized, gen = fp8_block(router, 16, 4, 256, 160, dtype, seed=3)
     x = torch.randn(61, 256, generator=gen).to(dtype)
     y = FusedMoE(spec, quantized, backend="triton")(x)
+    assert reference_error(spec, dequantized, x, y) <= TOL[dtype]
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_experts_in_fp8_cpu(dtype):
+    """The shared experts' FP8 weights (2-D scales) through the dense path of the same kernels, beside FP8 routed
+    experts, with a sigmoid shared gate: fp32 exactly the kernels on the dequantized weights, bf16 within tolerance."""
+    spec, quantized, dequantized, gen = fp8_block("softmax_topk", 8, 2, 256, 160, dtype, seed=5, mlp="shared_gated")
+    assert quantized.shared_w1_scale is not None and quantized.shared_w1_scale.dim() == 2
+    x = torch.randn(29, 256, generator=gen).to(dtype)
+    y = FusedMoE(spec, quantized, backend="triton")(x)
+    if dtype == torch.float32:
+        assert torch.equal(y, FusedMoE(spec, dequantized, backend="triton")(x))
     assert reference_error(spec, dequantized, x, y) <= TOL[dtype]
 
 
@@ -123,6 +139,9 @@ def test_refusals_cpu(tmp_path):
     x = torch.randn(4, 256)
     half = dataclasses.replace(quantized, w2=dequantized.w2, w2_scale=None)
     assert "one of w1 and w2" in launch.unsupported_reason(spec, half, x)
+    spec_s, quantized_s, dequantized_s, _ = fp8_block("softmax_topk", 8, 2, 256, 160, torch.float32, mlp="shared_gated")
+    half_shared = dataclasses.replace(quantized_s, shared_w2=dequantized_s.shared_w2, shared_w2_scale=None)
+    assert "one of shared_w1 and shared_w2" in launch.unsupported_reason(spec_s, half_shared, x)
     with pytest.raises(ValueError, match="w1_scale should have shape"):
         dataclasses.replace(quantized, w1_scale=None).check(spec)
     with pytest.raises(ValueError, match="w1_scale should have shape"):

@@ -22,7 +22,7 @@ def state(model):
     return {n: t.clone() for n, t in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_fp8_experts_recorded_error_is_the_blocks_own(family):
     model = hf_zoo.build(family).eval()
     inputs = hf_zoo.example_inputs(model)
@@ -36,6 +36,8 @@ def test_fp8_experts_recorded_error_is_the_blocks_own(family):
         w = block.weights()
         assert fp8.is_fp8(w.w1) and fp8.is_fp8(w.w2)
         assert w.w1_scale.shape == fp8.scale_shape(tuple(w.w1.shape))
+        if block.spec.shared is not None:  # Qwen2-MoE's shared expert (with its sigmoid gate) too
+            assert fp8.is_fp8(w.shared_w1) and fp8.is_fp8(w.shared_w2) and w.shared_w1_scale.dim() == 2
         x = torch.randn(quantize.PROBE_TOKENS, block.spec.hidden_size,
                         generator=torch.Generator().manual_seed(0)).to(w.router_weight.dtype)
         with torch.no_grad():
