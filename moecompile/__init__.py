@@ -16,14 +16,15 @@ from .fused import FusedMoE
 from .hf_experts import register_transformers
 from .passes.log import BlockRecord, Report
 from .passes.routing import RoutingChange
-from .pipeline import optimize, report, rewrite_routing
+from .pipeline import optimize, quantize_experts, report, rewrite_routing
 from .remoe import ReMoERegularizer
 from .spec import AuxLossSpec, MLPSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
 from .state import kept_state, reset
 from .stats import LayerStats, routing_stats
 
 __all__ = ["optimize", "report", "FusedMoE", "MoECompileError", "MoESpec", "RouterSpec", "MLPSpec",
-           "SharedExpertSpec", "AuxLossSpec", "MoEWeights", "Report", "BlockRecord", "rewrite_routing", "RoutingChange",
+           "SharedExpertSpec", "AuxLossSpec", "MoEWeights", "Report", "BlockRecord", "rewrite_routing",
+           "quantize_experts", "RoutingChange",
            "routing_stats", "LayerStats", "ReMoERegularizer", "convert", "from_pretrained", "backend",
            "export_onnx", "export_report", "reset", "kept_state", "register_transformers", "shard_experts",
            "ExpertParallelMoE", "save_for_expert_parallel", "load_expert_parallel"]

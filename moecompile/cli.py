@@ -62,12 +62,14 @@ def load_model(source: str, verify: bool = True) -> nn.Module:
 
 
 def _cmd_optimize(args) -> int:
-    from .pipeline import optimize, report
+    from .pipeline import optimize, quantize_experts, report
 
     model = load_model(args.model, verify=not args.no_verify)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         optimized = model if _is_optimized(model) else optimize(model, verify=not args.no_verify, strict=args.strict)
+        if args.expert_weights:
+            quantize_experts(optimized, args.expert_weights)
     rep = report(optimized)
     if args.strict and rep.left:
         raise MoECompileError(f"--strict: {len(rep.left)} MoE block(s) left alone; see the log above")
@@ -224,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write the pass log (JSON) to this file")
     p.add_argument("--strict", action="store_true", help="fail if any MoE block is left alone")
     p.add_argument("--no-verify", action="store_true", help="skip confirming replacements against the originals")
+    p.add_argument("--expert-weights", choices=["fp8"], help="store the fused blocks' experts in FP8 (128 x 128 block "
+                   "scales); this changes what the model computes, and the log gives each block's output error")
     p.set_defaults(func=_cmd_optimize)
     p = sub.add_parser("inspect", help="print a pass log written by `optimize --report` (or `stats --report`)")
     p.add_argument("report", help="a report JSON file")

@@ -51,13 +51,7 @@ class FusedMoE(nn.Module):
         self.eval_only_reason: str | None = None
         self._weight_names: list[str] = []
         for name, tensor in weights.items():
-            if tensor is None:
-                continue
-            if isinstance(tensor, nn.Parameter):
-                self.register_parameter(name, tensor)
-            else:
-                self.register_buffer(name, tensor)
-            self._weight_names.append(name)
+            self._set_weight(name, tensor)
 
     def register_logits_hook(self, hook: Callable[[torch.Tensor], None]) -> RemovableHandle:
         """Call `hook(logits)` with the router logits [T, E] (fp32) of every forward. The logits are the op's own
@@ -75,17 +69,21 @@ class FusedMoE(nn.Module):
         changes if the check fails). Parameters stay parameters; plain tensors become buffers."""
         dataclasses.replace(self.weights(), **tensors).check(self.spec)
         for name, tensor in tensors.items():
-            self._parameters.pop(name, None)
-            self._buffers.pop(name, None)
-            if name in self._weight_names:
-                self._weight_names.remove(name)
-            if tensor is None:
-                continue
-            if isinstance(tensor, nn.Parameter):
-                self.register_parameter(name, tensor)
-            else:
-                self.register_buffer(name, tensor)
-            self._weight_names.append(name)
+            self._set_weight(name, tensor)
+
+    def _set_weight(self, name: str, tensor: torch.Tensor | None) -> None:
+        """Register one weight under its MoEWeights name (replacing one of that name; None: none)."""
+        self._parameters.pop(name, None)
+        self._buffers.pop(name, None)
+        if name in self._weight_names:
+            self._weight_names.remove(name)
+        if tensor is None:
+            return
+        if isinstance(tensor, nn.Parameter):
+            self.register_parameter(name, tensor)
+        else:
+            self.register_buffer(name, tensor)
+        self._weight_names.append(name)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple:
         if self.training and self.eval_only_reason is not None:

@@ -24,9 +24,11 @@ from torch import nn
 
 from .errors import MoECompileError
 from .expert_parallel import check_group, shard_experts, unshardable_reason
+from .fused import FusedMoE
 from .passes.log import PassRun, Report
 from .passes.manager import ANALYSIS_PASSES, FusePass, PassContext, PassManager
-from .passes.quantize import check_expert_weights, quantize_experts
+from .passes.quantize import check_expert_weights
+from .passes.quantize import quantize_experts as quantize_pass
 from .passes.routing import DEFAULT_COVERAGE, RoutingChange
 from .passes.routing import check_options as check_routing_options
 from .passes.routing import rewrite_routing as passes_rewrite_routing
@@ -92,8 +94,8 @@ def optimize(model: nn.Module, *, verify: bool = True, strict: bool = False, inp
     if "routing" in options:
         ctx.model = _rewrite_routing(ctx, model, options)
     if "expert_weights" in options:
-        _undo_on_failure(ctx, model, lambda: quantize_experts(ctx.model, report, options["expert_weights"],
-                                                              options.get("seed", 0)))
+        _undo_on_failure(ctx, model, lambda: quantize_pass(ctx.model, report, options["expert_weights"],
+                                                           options.get("seed", 0)))
     target = ctx.model  # the FusedMoE itself when the whole model was one block
     _REPORTS[target] = report
     _REPORTS[model] = report
@@ -224,6 +226,17 @@ def rewrite_routing(model: nn.Module, routing: str, *, k: int | str | None = Non
     if rep is not None:
         _REPORTS[target] = rep
     return target, changes
+
+
+def quantize_experts(model: nn.Module, expert_weights: str = "fp8", *, seed: int = 0) -> nn.Module:
+    """Store an optimized model's fused experts in `expert_weights` ("fp8": float8_e4m3fn with 128 x 128 block
+    scales), in place, as optimize(..., expert_weights=...) does; the pass log (`moecompile.report(model)`) gets
+    each block's output error against the block before. On error the model is unchanged. Returns the model."""
+    rep = _REPORTS.get(model)
+    if rep is None and not any(isinstance(m, FusedMoE) for m in model.modules()):
+        raise MoECompileError("quantize_experts: the model has no fused MoE blocks; run moecompile.optimize first")
+    quantize_pass(model, rep, expert_weights, seed)
+    return model
 
 
 def report(model: nn.Module) -> Report:

@@ -27,6 +27,20 @@ def test_optimize_hf_dir_writes_report_and_inspect_reads_it(tmp_path):
     assert shown.returncode == 0 and "model.layers.1.mlp" in shown.stdout
 
 
+def test_optimize_with_fp8_experts_logs_each_blocks_error(tmp_path, capsys):
+    model = hf_zoo.build("mixtral")
+    model.save_pretrained(tmp_path / "ckpt")
+    report = tmp_path / "report.json"
+    assert main(["optimize", str(tmp_path / "ckpt"), "--expert-weights", "fp8", "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "expert weights (they change what the model computes" in out and "output error" in out
+    blocks = json.loads(report.read_text())["blocks"]
+    assert len(blocks) == 2 and all(b["expert_weights"].startswith("fp8") for b in blocks)
+    with pytest.raises(SystemExit):
+        main(["optimize", str(tmp_path / "ckpt"), "--expert-weights", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
 def test_optimize_script(tmp_path, capsys):
     script = tmp_path / "model.py"
     script.write_text("import sys\nsys.path.insert(0, {!r})\nimport handwritten\n"

@@ -14,6 +14,7 @@ makes new tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -34,44 +35,47 @@ def check_expert_weights(value: str) -> None:
                               "leave it out to keep the experts' weights as they are")
 
 
-def quantize_experts(model: nn.Module, report: Report, fmt: str, seed: int = 0) -> None:
-    """Quantize every fused block's routed experts in place (model is the optimized copy) and record the effect."""
+def quantize_experts(model: nn.Module, report: Report | None, fmt: str, seed: int = 0) -> None:
+    """Quantize every fused block's experts in place and record the effect in `report` (when there is one). All
+    blocks are quantized and measured before any is changed, so an error leaves the model as it was."""
     check_expert_weights(fmt)
     start = time.perf_counter()
-    records = {r.path: r for r in report.fused}
-    errors = []
-    for path, block in model.named_modules():
-        if not isinstance(block, FusedMoE) or path not in records:
-            continue
-        note = _quantize_block(block, seed)
-        records[path].expert_weights = note
-        errors.append(note)
-    worst = max((float(n.rsplit(" ", 1)[-1]) for n in errors if n.startswith("fp8")), default=None)
-    report.passes.append(PassRun(name="expert_weights", seconds=time.perf_counter() - start, modified=bool(errors),
-                                 note=f"{fmt}: {len(errors)} blocks"
-                                      + ("" if worst is None else f", worst output error {worst:.1e}")))
+    records = {r.path: r for r in report.fused} if report is not None else {}
+    planned = [(path, block, *_quantized(block, seed)) for path, block in model.named_modules()
+               if isinstance(block, FusedMoE) and (report is None or path in records)]
+    for path, block, changes, note in planned:
+        if changes:
+            block.replace_weights(**changes)
+        if path in records:
+            records[path].expert_weights = note
+    if report is not None:
+        errors = [float(note.rsplit(" ", 1)[-1]) for *_, changes, note in planned if changes]
+        report.passes.append(PassRun(
+            name="expert_weights", seconds=time.perf_counter() - start, modified=bool(errors),
+            note=f"{fmt}: {len(errors)} blocks" + (f", worst output error {max(errors):.1e}" if errors else "")))
 
 
-def _quantize_block(block: FusedMoE, seed: int) -> str:
-    """Swap one block's w1 / w2 for FP8 and block scales; returns the note for its record."""
+def _quantized(block: FusedMoE, seed: int) -> tuple[dict, str]:
+    """(the block's FP8 tensors by MoEWeights name, or {} to leave it; the note for its record), measured on a
+    twin of the block that shares its other weights: the block itself is not changed here."""
     w = block.weights()
     if fp8.has_fp8(w):
-        return "already FP8"
+        return {}, "already FP8"
     if w.w1.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"left in {w.w1.dtype} (FP8 is made from fp32, bf16 or fp16 weights)"
+        return {}, f"left in {w.w1.dtype} (FP8 is made from fp32, bf16 or fp16 weights)"
+    changes = {}
+    for name in fp8.QUANTIZABLE:  # the routed experts, and the shared experts where there are
+        weight = getattr(w, name)
+        if weight is not None:
+            changes[name], changes[name + "_scale"] = fp8.quantize(weight.detach())
+    twin = FusedMoE(block.spec, dataclasses.replace(w, **changes), backend=block.backend)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(PROBE_TOKENS, block.spec.hidden_size, generator=gen).to(w.w1.device, w.w1.dtype)
     with torch.no_grad():
-        before = _output(block(x)).double()
-        changes = {}
-        for name in fp8.QUANTIZABLE:  # the routed experts, and the shared experts where there are
-            weight = getattr(w, name)
-            if weight is not None:
-                changes[name], changes[name + "_scale"] = fp8.quantize(weight.detach())
-        block.replace_weights(**changes)
-        after = _output(block(x)).double()
+        before, after = _output(block(x)).double(), _output(twin(x)).double()
     error = ((after - before).norm() / before.norm().clamp_min(1e-30)).item()
-    return f"fp8 (float8_e4m3fn, 128 x 128 block scales): output error on {PROBE_TOKENS} probe tokens {error:.3e}"
+    return changes, (f"fp8 (float8_e4m3fn, 128 x 128 block scales): output error on {PROBE_TOKENS} probe tokens "
+                     f"{error:.3e}")
 
 
 def _output(out) -> torch.Tensor:

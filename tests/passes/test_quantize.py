@@ -85,3 +85,21 @@ def test_failure_midway_puts_the_original_blocks_back_inplace(monkeypatch):
         moecompile.optimize(model, expert_weights="fp8", inplace=True)
     assert {p: m for p, m in model.named_modules() if p.endswith("mlp")} == originals
     assert not any(isinstance(m, FusedMoE) for m in model.modules())
+
+
+def test_quantize_an_optimized_model_in_place():
+    """moecompile.quantize_experts on a model optimized earlier gives what optimize(expert_weights="fp8") gives:
+    the same FP8 tensors and recorded errors; a model with no fused block is refused, unchanged."""
+    model = hf_zoo.build("mixtral").eval()
+    at_once = moecompile.optimize(model, expert_weights="fp8")
+    later = moecompile.quantize_experts(moecompile.optimize(model))
+    pairs = list(zip([m for m in at_once.modules() if isinstance(m, FusedMoE)],
+                     [m for m in later.modules() if isinstance(m, FusedMoE)]))
+    assert len(pairs) == 2
+    for a, b in pairs:
+        assert torch.equal(a.weights().w1.view(torch.uint8), b.weights().w1.view(torch.uint8))
+        assert torch.equal(a.weights().w2_scale, b.weights().w2_scale)
+    assert [r.expert_weights for r in moecompile.report(at_once).fused] == \
+        [r.expert_weights for r in moecompile.report(later).fused]
+    with pytest.raises(MoECompileError, match="no fused MoE blocks"):
+        moecompile.quantize_experts(hf_zoo.build("mixtral"))
