@@ -116,6 +116,14 @@ def for_fp32(cfg: GemmConfig) -> GemmConfig:
     return GemmConfig(**{**cfg.to_dict(), "BK": min(cfg.BK, 32), "num_stages": 2})
 
 
+def for_scale_blocks(cfg: GemmConfig, block: int) -> GemmConfig:
+    """cfg with a reduction step that divides `block` (a power of two): the largest power of two up to both, so
+    that each K step of a block-scaled weight reads one block's scale."""
+    bk = min(cfg.BK, block)
+    bk = 1 << (bk.bit_length() - 1)
+    return cfg if bk == cfg.BK else GemmConfig(**{**cfg.to_dict(), "BK": bk})
+
+
 class TileTable:
     """Tuned tiles by layer shape and token count (`table_key`), as written by `python -m moecompile.tune`.
 

@@ -81,6 +81,14 @@ def mlp_activation(g, u, alpha, limit, GATED: tl.constexpr, ACT: tl.constexpr):
 
 
 @triton.jit
+def _tile_scales(col_ptrs, k0, col_ok, stride_k, FP8_BLOCK: tl.constexpr):
+    """The block scales of an FP8 weight tile whose K rows start at k0, as one [1, BN] row broadcast over K; col_ptrs
+    [1, BN]: its columns' scale rows. The tile's K rows sit in one block: launch.py makes BK a power of two up to
+    FP8_BLOCK (configs.for_scale_blocks), and k0 is a multiple of BK."""
+    return tl.load(col_ptrs + (k0 // FP8_BLOCK) * stride_k, mask=col_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
     """Grouped ordering: GROUP_M consecutive row blocks sweep the column tiles together, so an expert's weight tile
     is read by its row blocks while it is still in L2."""
@@ -159,14 +167,14 @@ def _expert_up_kernel(
                 a = (a.to(tl.float32) * in_scale[:, None]).to(x_ptr.dtype.element_ty)
             wg = tl.load(g_ptrs, mask=w_ok, other=0.0)
             if FP8_BLOCK:  # dequantized in registers, rounded to x's dtype as the reference's weights are
-                k_step = ((k0 + ks) // FP8_BLOCK)[:, None] * stride_s1h
-                wg = (wg.to(tl.float32) * tl.load(sg_ptrs + k_step, mask=w_ok, other=0.0)).to(x_ptr.dtype.element_ty)
+                sg = _tile_scales(sg_ptrs, k0, col_ok, stride_s1h, FP8_BLOCK)
+                wg = (wg.to(tl.float32) * sg).to(x_ptr.dtype.element_ty)
             acc_g = mma(a, wg, acc_g, DOT_FP32)
             if GATED:
                 wu = tl.load(u_ptrs, mask=w_ok, other=0.0)
                 if FP8_BLOCK:
-                    wu = (wu.to(tl.float32) * tl.load(su_ptrs + k_step, mask=w_ok, other=0.0)).to(
-                        x_ptr.dtype.element_ty)
+                    su = _tile_scales(su_ptrs, k0, col_ok, stride_s1h, FP8_BLOCK)
+                    wu = (wu.to(tl.float32) * su).to(x_ptr.dtype.element_ty)
                 acc_u = mma(a, wu, acc_u, DOT_FP32)
             a_ptrs += BK
             g_ptrs += BK * stride_w1h
@@ -217,9 +225,7 @@ def _expert_down_kernel(
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             if FP8_BLOCK:
-                kk = k_begin + kt * BK + ks
-                scale = tl.load(s_ptrs + (kk // FP8_BLOCK)[:, None] * stride_s2i, mask=k_ok[:, None] & col_ok[None, :],
-                                other=0.0)
+                scale = _tile_scales(s_ptrs, k_begin + kt * BK, col_ok, stride_s2i, FP8_BLOCK)
                 w = (w.to(tl.float32) * scale).to(h_ptr.dtype.element_ty)
             acc = mma(a, w, acc, DOT_FP32)
             a_ptrs += BK

@@ -245,6 +245,8 @@ def _run_experts(mlp, x, w1, w2, b1, b2, acc, cfg: configs.MoEConfig, *, dense: 
     I = mlp.intermediate_size
     dot_fp32 = x.dtype == torch.float32 or DOTS_IN_FP32
     up, down = (configs.for_fp32(cfg.up), configs.for_fp32(cfg.down)) if dot_fp32 else (cfg.up, cfg.down)
+    if w1_scale is not None:  # an FP8 tile's K rows in one scale block (experts._tile_scales)
+        up, down = configs.for_scale_blocks(up, fp8.BLOCK), configs.for_scale_blocks(down, fp8.BLOCK)
     if dense:
         m_blocks = triton.cdiv(T, up.BM)
         round_blocks = m_blocks

@@ -106,3 +106,12 @@ def test_a_tables_experts_path_overrides_the_row_threshold(tuned):
     with configured(grouped_mm_min_rows=None):
         assert grouped.applies(spec, w, x, True) is False
     assert grouped.applies(spec, w, x.float(), True) is False  # fp32: grouped_mm cannot run it
+
+
+def test_fp8_tiles_read_one_scale_block_per_k_step():
+    """FP8 weights' tiles (kernels/experts.py _tile_scales) need a K step that divides the 128-wide scale block:
+    the largest power of two up to both, whatever the table gave (a tuned BK of 256 on a GPU, or 48)."""
+    from moecompile.kernels.configs import GemmConfig, for_scale_blocks
+    assert [for_scale_blocks(GemmConfig(64, 64, bk), 128).BK for bk in (16, 32, 48, 128, 256)] == [16, 32, 32, 128, 128]
+    kept = GemmConfig(64, 128, 64, GROUP_M=4, num_warps=8, num_stages=4, split_k=2)
+    assert for_scale_blocks(kept, 128) is kept
