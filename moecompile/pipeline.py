@@ -75,8 +75,8 @@ def optimize(model: nn.Module, *, verify: bool = True, strict: bool = False, inp
         callable called after each block's rewrite. expert_parallel: a torch.distributed ProcessGroup (or
         torch.distributed.group.WORLD): split each fused block's experts over its ranks (expert_parallel.py); every
         block must be fused and splittable, else nothing is changed. expert_weights ("fp8"): store each fused
-        block's routed experts in FP8 with 128 x 128 block scales (passes/quantize.py); this changes what the model
-        computes, and the pass log reports each block's output error.
+        block's routed and shared experts in FP8 with 128 x 128 block scales (passes/quantize.py); this changes
+        what the model computes, and the pass log reports each block's output error.
 
     Returns the optimized model; `moecompile.report(model)` gives the pass log.
     """

@@ -349,10 +349,9 @@ def _router_grads(spec: MoESpec, weights: MoEWeights, x, seq_len, ids, logits, g
         if wanted.get("x"):
             gx.addmm_(dz, wr.float())  # in place: no [T, H] fp32 temporary
         if wanted.get("router_weight"):
-            # 16-bit x: one 16-bit GEMM accumulating in fp32 (HF's router GEMMs are bf16), not an fp32 copy of x
-            # and a SIMT sgemm; dz rounded to x's dtype
-            grads["router_weight"] = ((dz.t().to(x.dtype) @ x).to(wr.dtype) if x.dtype != torch.float32
-                                      else (dz.t() @ x).to(wr.dtype))
+            # in x's dtype (16-bit: one GEMM accumulating in fp32, as HF's bf16 router), not an fp32 copy of x and a
+            # SIMT sgemm; dz rounded to x's dtype
+            grads["router_weight"] = (dz.t().to(x.dtype) @ x).to(wr.dtype)
         if wanted.get("router_bias"):
             grads["router_bias"] = dz.sum(dim=0).to(weights.router_bias.dtype)
         return

@@ -56,7 +56,6 @@ def row_layout(expert_of_pair: torch.Tensor, num_experts: int, slots: int, route
     of them (a host int: the layout's size). No host sync."""
     from .launch import pairs_per_expert  # here: launch.py imports this module
 
-
     E, P, device = num_experts, expert_of_pair.numel(), expert_of_pair.device
     order = torch.argsort(expert_of_pair, stable=True)[:routed_pairs]
     counts = pairs_per_expert(expert_of_pair, E + 1)[:E]

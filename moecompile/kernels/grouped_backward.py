@@ -215,7 +215,7 @@ def routed_grads(mlp: MLPSpec, x: torch.Tensor, gy: torch.Tensor, w1: torch.Tens
             # forward's combine does, into gx in place (rows :T): no fp32 copy of the rows, no atomics
             launch_combine(rows, layout.row_of_pair, None, gx[:T], None, gx[:T], slots)
         else:  # ReLU routing: a token's rows vary in number
-            add_rows(gx, rows, layout.row_token.index_fill_(0, zero_rows, T))
+            add_rows(gx, rows, layout.row_token.index_fill(0, zero_rows, T))  # zero rows into the spare row T
     return dw, gw1, gw2, db1, db2
 
 

@@ -56,6 +56,10 @@ def keep_reason(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> str | No
     threshold = settings.keep_up_projection_min_rows
     if threshold is None:
         return "settings.keep_up_projection_min_rows is None (recompute)"
+    if spec.router.is_variable_k:
+        return "ReLU routing (its rows vary in number per token)"
+    if configs.rows_per_expert(x.shape[0], spec.router.top_k, spec.num_experts) < threshold:
+        return f"fewer than {threshold:g} rows an expert (the Triton forward is faster there)"
     if saved_tensor_hooks_active():
         return "saved-tensor hooks are active (activation checkpointing decides what is held)"
     reason = grouped_backward.unsupported_reason(spec, weights, x)
@@ -63,12 +67,8 @@ def keep_reason(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> str | No
         return reason
     if x.device.type == "cuda" and x.dtype != torch.bfloat16:  # settings.grouped_backward="always"
         return f"grouped_mm takes bfloat16 only on the GPU, input is {x.dtype}"
-    if spec.router.is_variable_k:
-        return "ReLU routing (its rows vary in number per token)"
     if weights.b1 is not None or weights.b2 is not None:
         return "expert biases"
     if spec.router.weight_on_input:
         return "the routing weight on the expert's input"
-    if configs.rows_per_expert(x.shape[0], spec.router.top_k, spec.num_experts) < threshold:
-        return f"fewer than {threshold:g} rows an expert (the Triton forward is faster there)"
     return None

@@ -170,7 +170,7 @@ class EagerMoE(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # unread outputs' gradients stay None, as the op's formula gets them
         x, weights, spec_json, seq_len = _unpack(args)
         spec = spec_of(spec_json)
-        keep = [] if _kernel_backward(spec, weights, x) and keep_reason(spec, weights, x) is None else None
+        keep = [] if keep_reason(spec, weights, x) is None and _kernel_backward(spec, weights, x) else None
         outputs = _op_impl(x, weights, spec_json, seq_len, copy_out=3, keep=keep)
         _setup_context(ctx, args, outputs)
         # a plain attribute, not save_for_backward: the backward overwrites it (one use), and saved-tensor hooks,

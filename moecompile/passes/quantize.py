@@ -43,26 +43,26 @@ def quantize_experts(model: nn.Module, report: Report | None, fmt: str, seed: in
     records = {r.path: r for r in report.fused} if report is not None else {}
     planned = [(path, block, *_quantized(block, seed)) for path, block in model.named_modules()
                if isinstance(block, FusedMoE) and (report is None or path in records)]
-    for path, block, changes, note in planned:
+    for path, block, changes, note, _ in planned:
         if changes:
             block.replace_weights(**changes)
         if path in records:
             records[path].expert_weights = note
     if report is not None:
-        errors = [float(note.rsplit(" ", 1)[-1]) for *_, changes, note in planned if changes]
+        errors = [error for *_, error in planned if error is not None]
         report.passes.append(PassRun(
             name="expert_weights", seconds=time.perf_counter() - start, modified=bool(errors),
             note=f"{fmt}: {len(errors)} blocks" + (f", worst output error {max(errors):.1e}" if errors else "")))
 
 
-def _quantized(block: FusedMoE, seed: int) -> tuple[dict, str]:
-    """(the block's FP8 tensors by MoEWeights name, or {} to leave it; the note for its record), measured on a
-    twin of the block that shares its other weights: the block itself is not changed here."""
+def _quantized(block: FusedMoE, seed: int) -> tuple[dict, str, float | None]:
+    """(the block's FP8 tensors by MoEWeights name, or {} to leave it; the note for its record; its output error,
+    None when left), measured on a twin of the block that shares its other weights: the block is not changed here."""
     w = block.weights()
     if fp8.has_fp8(w):
-        return {}, "already FP8"
+        return {}, "already FP8", None
     if w.w1.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return {}, f"left in {w.w1.dtype} (FP8 is made from fp32, bf16 or fp16 weights)"
+        return {}, f"left in {w.w1.dtype} (FP8 is made from fp32, bf16 or fp16 weights)", None
     changes = {}
     for name in fp8.QUANTIZABLE:  # the routed experts, and the shared experts where there are
         weight = getattr(w, name)
@@ -75,7 +75,7 @@ def _quantized(block: FusedMoE, seed: int) -> tuple[dict, str]:
         before, after = _output(block(x)).double(), _output(twin(x)).double()
     error = ((after - before).norm() / before.norm().clamp_min(1e-30)).item()
     return changes, (f"fp8 (float8_e4m3fn, 128 x 128 block scales): output error on {PROBE_TOKENS} probe tokens "
-                     f"{error:.3e}")
+                     f"{error:.3e}"), error
 
 
 def _output(out) -> torch.Tensor:
